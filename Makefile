@@ -1,0 +1,56 @@
+# ratepilot: `make demo` runs the closed loop locally, `make test` runs the checks. Both set up what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SYSTEM_PACKAGES := redis-server prometheus faketime
+SYSTEM_BINARIES := redis-server prometheus promtool faketime
+
+.PHONY: setup system-deps test lint unit demo train evaluate bench clean
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@missing=""; for b in $(SYSTEM_BINARIES); do command -v $$b >/dev/null 2>&1 || [ -x /usr/bin/$$b ] || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages for:$$missing"; \
+		if [ "$$(id -u)" = 0 ]; then \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+		elif command -v sudo >/dev/null 2>&1; then \
+			sudo DEBIAN_FRONTEND=noninteractive apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+		else \
+			echo "error: missing$$missing; install the Debian packages '$(SYSTEM_PACKAGES)' as root" >&2; exit 1; \
+		fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q
+
+test: lint unit
+
+demo: setup
+	$(BIN)/ratepilot demo $(ARGS)
+
+train: setup
+	$(BIN)/ratepilot train $(ARGS)
+
+evaluate: setup
+	$(BIN)/ratepilot evaluate --suite default --policies rl,static,threshold,aimd,gradient,pid,oracle --seeds 5 --json benchmarks/results/evaluate.json $(ARGS)
+
+bench: setup
+	$(BIN)/ratepilot bench limiter --json benchmarks/results/limiter.json
+	$(BIN)/ratepilot bench sim --json benchmarks/results/sim.json
+	$(BIN)/ratepilot bench controller --json benchmarks/results/controller.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

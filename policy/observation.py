@@ -1,0 +1,157 @@
+"""The observation builder: one function turns interval metrics into what every policy sees.
+
+The simulator and the controller both call `ObservationBuilder.build`, so a policy is trained on
+exactly what it gets in production. All arrays have one entry per tier.
+
+Feature vector (`Observation.vector[:, i]`, float64, schema `OBS_SCHEMA`):
+
+| i  | name                  | meaning                                          | bounds     |
+|----|-----------------------|--------------------------------------------------|------------|
+| 0  | p99_over_slo          | p99 latency / latency SLO                        | [0, 10]    |
+| 1  | error_rate            | errored / finished requests                      | [0, 1]     |
+| 2  | cpu                   | backend CPU utilisation                          | [0, 2]     |
+| 3  | admitted_over_rate    | admitted tokens/s / refill rate                  | [0, 5]     |
+| 4  | throttled_over_rate   | throttled tokens/s / refill rate                 | [0, 20]    |
+| 5  | log_rate_over_ref     | ln(refill rate / reference rate)                 | [-5, 5]    |
+| 6  | d_p99_over_slo        | change of feature 0 since the last interval      | [-10, 10]  |
+| 7  | d_error_rate          | change of feature 1                              | [-1, 1]    |
+| 8  | d_throttled_over_rate | change of feature 4                              | [-20, 20]  |
+| 9  | d_log_rate            | change of feature 5 (the last action's effect)   | [-5, 5]    |
+| 10 | missing               | 1 when any metric of the interval was missing    | {0, 1}     |
+| 11 | bias                  | constant 1                                       | {1}        |
+
+A missing metric (None, NaN, inf) enters the vector as 0 with `missing` = 1; the raw fields keep NaN
+so that the safety engine can see it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+OBS_FIELDS = (
+    "p99_over_slo",
+    "error_rate",
+    "cpu",
+    "admitted_over_rate",
+    "throttled_over_rate",
+    "log_rate_over_ref",
+    "d_p99_over_slo",
+    "d_error_rate",
+    "d_throttled_over_rate",
+    "d_log_rate",
+    "missing",
+    "bias",
+)
+OBS_DIM = len(OBS_FIELDS)
+OBS_SCHEMA = "ratepilot-obs-v1:" + ",".join(OBS_FIELDS)
+_LOW = np.array([0, 0, 0, 0, 0, -5, -10, -1, -20, -5, 0, 1], dtype=np.float64)
+_HIGH = np.array([10, 1, 2, 5, 20, 5, 10, 1, 20, 5, 1, 1], dtype=np.float64)
+OBS_LOW, OBS_HIGH = _LOW, _HIGH
+
+
+@dataclass(frozen=True)
+class IntervalMetrics:
+    """What Prometheus reports over one control interval, one entry per tier (NaN where missing)."""
+
+    p99_latency_ms: np.ndarray
+    error_rate: np.ndarray
+    cpu: np.ndarray
+    admitted_rps: np.ndarray  # admitted tokens/s
+    throttled_rps: np.ndarray  # throttled tokens/s
+    rate: np.ndarray  # the refill rate in force, tokens/s
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Raw interval metrics plus the normalised feature vector; `capacity_rps` only in simulation."""
+
+    metrics: IntervalMetrics
+    slo_ms: np.ndarray
+    reference_rate: np.ndarray
+    vector: np.ndarray  # shape (n_tiers, OBS_DIM)
+    capacity_tokens: np.ndarray | None = None  # true capacity in tokens/s; known only to the simulator
+
+    @property
+    def n_tiers(self) -> int:
+        """Number of tiers."""
+        return int(self.vector.shape[0])
+
+    @property
+    def rate(self) -> np.ndarray:
+        """The refill rate in force, tokens/s."""
+        return self.metrics.rate
+
+
+def _as_array(values: object, n: int) -> np.ndarray:
+    array = np.array(values, dtype=np.float64).reshape(-1)
+    if array.size == 1 and n > 1:
+        array = np.repeat(array, n)
+    if array.size != n:
+        raise ValueError(f"expected {n} values (one per tier), got {array.size}")
+    return array
+
+
+@dataclass
+class ObservationBuilder:
+    """Builds observations interval after interval; it remembers the last features for the deltas."""
+
+    slo_ms: np.ndarray
+    reference_rate: np.ndarray
+    _previous: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.slo_ms = np.asarray(self.slo_ms, dtype=np.float64).reshape(-1)
+        self.reference_rate = np.asarray(self.reference_rate, dtype=np.float64).reshape(-1)
+        if self.slo_ms.size != self.reference_rate.size and self.slo_ms.size != 1:
+            raise ValueError("slo_ms needs one value or one per tier")
+        if np.any(~np.isfinite(self.slo_ms)) or np.any(self.slo_ms <= 0):
+            raise ValueError("slo_ms must be finite and positive")
+        if np.any(~np.isfinite(self.reference_rate)) or np.any(self.reference_rate <= 0):
+            raise ValueError("reference_rate must be finite and positive")
+        self.slo_ms = _as_array(self.slo_ms, self.reference_rate.size)
+
+    @property
+    def n_tiers(self) -> int:
+        """Number of tiers."""
+        return int(self.reference_rate.size)
+
+    def reset(self) -> None:
+        """Forget the last interval (a new episode, or a restarted controller)."""
+        self._previous = None
+
+    def build(self, metrics: IntervalMetrics, capacity_tokens: np.ndarray | None = None) -> Observation:
+        """Normalise one interval's metrics into an Observation."""
+        n = self.n_tiers
+        m = IntervalMetrics(
+            p99_latency_ms=_as_array(metrics.p99_latency_ms, n),
+            error_rate=_as_array(metrics.error_rate, n),
+            cpu=_as_array(metrics.cpu, n),
+            admitted_rps=_as_array(metrics.admitted_rps, n),
+            throttled_rps=_as_array(metrics.throttled_rps, n),
+            rate=_as_array(metrics.rate, n),
+        )
+        raw = np.stack([m.p99_latency_ms, m.error_rate, m.cpu, m.admitted_rps, m.throttled_rps, m.rate], axis=1)
+        missing = ~np.isfinite(raw).all(axis=1)
+        rate = np.where(np.isfinite(m.rate) & (m.rate > 0), m.rate, self.reference_rate)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            base = np.stack(
+                [
+                    m.p99_latency_ms / self.slo_ms,
+                    m.error_rate,
+                    m.cpu,
+                    m.admitted_rps / rate,
+                    m.throttled_rps / rate,
+                    np.log(rate / self.reference_rate),
+                ],
+                axis=1,
+            )
+        base = np.where(np.isfinite(base), base, 0.0)
+        base = np.clip(base, _LOW[:6], _HIGH[:6])
+        previous = base if self._previous is None else self._previous
+        deltas = base[:, [0, 1, 4, 5]] - previous[:, [0, 1, 4, 5]]
+        self._previous = base
+        vector = np.concatenate([base, deltas, missing[:, None].astype(np.float64), np.ones((n, 1))], axis=1)
+        vector = np.clip(vector, _LOW, _HIGH)
+        return Observation(m, self.slo_ms, self.reference_rate, vector, capacity_tokens)

@@ -1,0 +1,1 @@
+"""The `ratepilot` command: dispatches subcommands to the packages that own them."""

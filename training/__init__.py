@@ -1,0 +1,1 @@
+"""Traffic simulator, offline RL training, evaluation harness and the MLflow registry."""
