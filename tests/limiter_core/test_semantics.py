@@ -1,0 +1,207 @@
+"""The Lua script decides exactly as the in-process reference, on one Redis and on a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import replace
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from limiter.bucket import MICRO, BucketError, BucketSpec, check_and_consume, validate_cost
+from limiter.local_bucket import LocalBucket
+from limiter.redis_bucket import SCRIPT_SHA, CheckRequest, RedisBucket, SyncRedisBucket, to_decisions
+
+from .conftest import Backend
+
+specs_strategy = st.lists(
+    st.builds(
+        BucketSpec,
+        rate=st.floats(min_value=0.01, max_value=2e6, allow_nan=False, allow_infinity=False),
+        capacity=st.floats(min_value=0.001, max_value=5e4, allow_nan=False, allow_infinity=False),
+    ),
+    min_size=1,
+    max_size=3,
+)
+# each step: the cost as a fraction of the smallest capacity
+steps_strategy = st.lists(st.floats(min_value=1e-6, max_value=1.0), min_size=1, max_size=25)
+
+
+@pytest.fixture(scope="module")
+def module_bucket(module_backend: Backend) -> SyncRedisBucket:
+    """One SyncRedisBucket for all hypothesis examples of a backend."""
+    return module_backend.sync_bucket()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=specs_strategy, cost_fractions=steps_strategy)
+def test_script_matches_reference_and_local_bucket(
+    module_backend: Backend, module_bucket: SyncRedisBucket, specs: list[BucketSpec], cost_fractions: list[float]
+) -> None:
+    """Same (time, cost) sequence: the script, check_and_consume and LocalBucket agree bit for bit.
+
+    Redis decides on its own clock; the reference and LocalBucket are fed the server time the
+    script reports, so any difference is a difference in arithmetic.
+    """
+    bucket = module_bucket
+    tag = module_backend.tag()
+    keys = [f"rp:{{{tag}}}:c:{i}" for i in range(len(specs))]
+    server_now = [0]
+    local = LocalBucket(clock_us=lambda: server_now[0])
+    states: list[tuple[int, int] | None] = [None] * len(specs)
+    smallest = min(spec.capacity for spec in specs)
+    for fraction in cost_fractions:
+        cost = max(smallest * fraction, 1e-6)
+        if any(math.floor(cost * MICRO) > spec.capacity_ut for spec in specs):
+            cost = smallest
+        reply = bucket.check_raw(keys, specs, cost)
+        costs_ut = [validate_cost(cost, spec) for spec in specs]
+        allowed, states, results = check_and_consume(states, specs, costs_ut, reply.now_us)
+        assert (reply.allowed, reply.buckets) == (allowed, results)
+        server_now[0] = reply.now_us
+        local_allowed, local_decisions = local.check(keys, specs, cost)
+        redis_allowed, redis_decisions = to_decisions([int(reply.allowed), reply.now_us, *sum(reply.buckets, ())], specs)
+        assert local_allowed == redis_allowed
+        assert [replace(d, source="redis") for d in local_decisions] == redis_decisions
+
+
+def test_all_or_nothing_across_client_and_tier(backend: Backend) -> None:
+    """A request passes only when every bucket holds its cost; a refusal charges no bucket."""
+    bucket = backend.sync_bucket()
+    tag = backend.tag()
+    tier = f"rp:{{{tag}}}:tier"
+    slow = 1e-3  # tokens/s: no refill worth a token during the test
+    client_spec, tier_spec = BucketSpec(slow, 5), BucketSpec(slow, 3)
+    outcomes = [bucket.check([f"rp:{{{tag}}}:c:a", tier], [client_spec, tier_spec], 1)[0] for _ in range(4)]
+    assert outcomes == [True, True, True, False]  # the tier bucket (3) ran out first
+    allowed, decisions = bucket.check([f"rp:{{{tag}}}:c:a", tier], [client_spec, tier_spec], 1)
+    assert not allowed
+    assert math.floor(decisions[0].remaining) == 2  # the client bucket was not charged for refusals
+    assert decisions[0].retry_after_s == 0.0 and decisions[1].retry_after_s > 0
+
+
+def test_clock_going_back_refills_nothing(backend: Backend) -> None:
+    """A stored timestamp ahead of the server clock (a failed-over server, say) refills nothing."""
+    bucket = backend.sync_bucket()
+    key = f"rp:{{{backend.tag()}}}:c:a"
+    spec = BucketSpec(1000.0, 10)
+    future_us = backend.server_time_us(key) + 60_000_000
+    backend.admin.hset(key, mapping={"t": 2 * MICRO, "ts": future_us})
+    reply = bucket.check_raw([key], [spec], 1)
+    assert reply.allowed and reply.buckets[0][0] == 1 * MICRO  # 2 - 1, no refill for negative elapsed
+    allowed, states, results = check_and_consume([(2 * MICRO, future_us)], [spec], [MICRO], reply.now_us)
+    assert (allowed, results) == (reply.allowed, reply.buckets)
+
+
+def test_state_key_expires_once_full_and_full_bucket_is_deleted(backend: Backend) -> None:
+    """The key lives about as long as the bucket needs to refill, and no key is kept for a full bucket."""
+    bucket = backend.sync_bucket()
+    tag = backend.tag()
+    client_key, tier_key = f"rp:{{{tag}}}:c:a", f"rp:{{{tag}}}:tier"
+    spec = BucketSpec(2.0, 10)  # 1 token costs 0.5 s of refill
+    reply = bucket.check_raw([client_key], [spec], 1)
+    reset_ms = reply.buckets[0][2] / 1000
+    ttl_ms = backend.admin.pttl(client_key)
+    assert reset_ms <= ttl_ms <= reset_ms + 1000 / spec.rate + 2
+    # refused because the tier is empty: the client bucket was full and stays without a key
+    backend.admin.hset(tier_key, mapping={"t": 0, "ts": backend.server_time_us(tier_key)})
+    other = f"rp:{{{tag}}}:c:b"
+    reply = bucket.check_raw([other, tier_key], [spec, BucketSpec(1e-3, 10)], 1)
+    assert not reply.allowed and reply.buckets[0][2] == 0
+    assert backend.admin.exists(other) == 0
+
+
+def test_cost_above_capacity_is_refused_before_any_call(backend: Backend) -> None:
+    """BucketError from every API, and nothing reaches Redis (the client is closed: a call would fail)."""
+    sync_bucket = SyncRedisBucket.from_url("redis://127.0.0.1:1/0", cluster=False)  # nobody listens there
+    spec = BucketSpec(10, 5)
+    with pytest.raises(BucketError, match="exceeds the bucket capacity"):
+        sync_bucket.check(["rp:{t}:c:a"], [spec], 6)
+    with pytest.raises(BucketError, match="exceeds the bucket capacity"):
+        sync_bucket.check_many([CheckRequest(["rp:{t}:c:a"], [spec], 1), CheckRequest(["rp:{t}:c:b"], [spec], 5.5)])
+    for bad_cost in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(BucketError):
+            sync_bucket.check(["rp:{t}:c:a"], [spec], bad_cost)
+    with pytest.raises(BucketError, match="one spec per key"):
+        sync_bucket.check(["rp:{t}:c:a", "rp:{t}:tier"], [spec], 1)
+    assert sync_bucket.backoff.failures == 0  # no call was attempted
+
+    async def async_refusal() -> None:
+        bucket = backend.async_bucket()
+        with pytest.raises(BucketError, match="exceeds the bucket capacity"):
+            await bucket.check(["rp:{t}:c:a"], [spec], 6)
+        assert bucket.round_trips == 0
+        await bucket.aclose()
+
+    asyncio.run(async_refusal())
+
+
+def test_batch_equals_calls_in_order(backend: Backend) -> None:
+    """check_many gives the decisions one call per check would, in order, in one round trip."""
+    bucket = backend.sync_bucket()
+    tags = [backend.tag() for _ in range(3)]  # different slots in the cluster
+    spec = BucketSpec(1e-3, 4)
+    requests = [CheckRequest([f"rp:{{{tags[i % 3]}}}:c:a"], [spec], 1) for i in range(18)]
+    outcomes = [allowed for allowed, _ in bucket.check_many(requests)]
+    assert outcomes == [True] * 12 + [False] * 6  # 4 per key, then refused
+    assert bucket.check_many([]) == []
+
+
+def test_async_checks_of_one_turn_share_one_round_trip(backend: Backend) -> None:
+    """Checks gathered in one event-loop turn go out as one pipeline; each is still atomic."""
+
+    async def scenario() -> tuple[list[bool], int, int]:
+        bucket = backend.async_bucket()
+        key = f"rp:{{{backend.tag()}}}:c:a"
+        results = await asyncio.gather(*(bucket.check([key], [BucketSpec(1e-3, 10)], 1) for _ in range(40)))
+        trips = bucket.round_trips - bucket.script_loads  # a NOSCRIPT resend is one extra trip
+        loads = bucket.script_loads
+        await bucket.aclose()
+        return [allowed for allowed, _ in results], trips, loads
+
+    outcomes, trips, loads = asyncio.run(scenario())
+    assert outcomes == [True] * 10 + [False] * 30
+    assert trips == 1 and loads <= 1
+
+
+def test_async_queues_behind_in_flight_pipelines(backend: Backend) -> None:
+    """With max_in_flight=1, checks asked while a pipeline is out gather into the next one."""
+
+    async def scenario() -> tuple[int, int]:
+        bucket = backend.async_bucket(max_in_flight=1)
+        await bucket.check([f"rp:{{{backend.tag()}}}:c:warm"], [BucketSpec(1, 1)], 1)  # script loaded
+        tag = backend.tag()
+        before = bucket.round_trips
+
+        async def one(i: int) -> bool:
+            await asyncio.sleep(0)  # spread the asks over a few turns
+            for _ in range(i % 3):
+                await asyncio.sleep(0)
+            allowed, _ = await bucket.check([f"rp:{{{tag}}}:c:{i}"], [BucketSpec(1, 1)], 1)
+            return allowed
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(30)))
+        trips = bucket.round_trips - before
+        await bucket.aclose()
+        return sum(outcomes), trips
+
+    admitted, trips = asyncio.run(scenario())
+    assert admitted == 30 and 1 <= trips <= 3
+
+
+def test_client_that_retries_is_refused() -> None:
+    """A client configured to resend failed commands could charge a bucket twice: refused."""
+    with pytest.raises(ValueError, match="retries failed commands"):
+        SyncRedisBucket(redis.Redis(port=1))
+    with pytest.raises(ValueError, match="retries failed commands"):
+        RedisBucket(redis.asyncio.Redis(port=1))
+
+
+def test_script_sha_is_what_redis_computes(backend: Backend) -> None:
+    """The locally computed SHA1 is the one SCRIPT LOAD returns (EVALSHA needs no round trip first)."""
+    from limiter.redis_bucket import SCRIPT
+
+    assert backend.admin.script_load(SCRIPT) == SCRIPT_SHA
