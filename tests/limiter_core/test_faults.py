@@ -1,0 +1,250 @@
+"""Real faults on a real redis-server: killed, hung, script cache flushed, client clock 30 s off."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import redis
+
+from limiter.backoff import Backoff
+from limiter.bucket import MICRO, BucketSpec
+from limiter.errors import RedisUnavailable
+from limiter.redis_bucket import RedisBucket, SyncRedisBucket
+from ratepilot.servers import RedisServer, find_binary
+
+from .conftest import commandstat
+from .test_concurrency import REPO
+
+SLOW = BucketSpec(1e-3, 100)  # refills nothing worth a token within a test
+HUNG_TIMEOUT_S = 0.05
+# Scheduling slack on a loaded 2-core machine; a client without a timeout would hang for good.
+SLACK_S = 0.25
+
+
+def test_killed_then_restarted_errors_are_wrapped_backs_off_and_recovers(redis_server: RedisServer) -> None:
+    """While Redis is dead every check fails fast with RedisUnavailable, Redis sees few probes, and it recovers."""
+
+    async def scenario() -> tuple[Counter[str], int, int, int]:
+        bucket = RedisBucket.from_url(redis_server.url, timeout_s=0.2, backoff=Backoff(initial_s=0.05, max_s=0.3))
+        outcomes: Counter[str] = Counter()
+
+        async def load(until: float) -> None:
+            while time.monotonic() < until:
+                try:
+                    await bucket.check(["rp:{t}:c:a"], [SLOW], 1)
+                    outcomes["ok"] += 1
+                except RedisUnavailable:
+                    outcomes["unavailable"] += 1
+                await asyncio.sleep(0.001)
+
+        await load(time.monotonic() + 0.2)
+        assert outcomes == Counter(ok=outcomes["ok"]) and outcomes["ok"] > 0
+        redis_server.stop()
+        trips_before = bucket.round_trips
+        await load(time.monotonic() + 1.0)
+        probes_while_down = bucket.round_trips - trips_before
+        down_outcomes = outcomes.copy()
+        redis_server.start()
+        loads_before = bucket.script_loads
+        recovered_at = time.monotonic() + 3.0
+        while time.monotonic() < recovered_at:  # recovery takes at most one back-off window
+            try:
+                allowed, _ = await bucket.check(["rp:{t}:c:a"], [SLOW], 1)
+                break
+            except RedisUnavailable:
+                await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("no successful check within 3 s of the restart")
+        reloads = bucket.script_loads - loads_before
+        await bucket.aclose()
+        assert allowed  # a fresh server: a full bucket again
+        return down_outcomes, probes_while_down, reloads, outcomes["ok"]
+
+    down_outcomes, probes, reloads, _ = asyncio.run(scenario())
+    # hundreds of checks while down, each answered at once; Redis saw only the back-off probes
+    assert down_outcomes["unavailable"] > 100
+    assert 1 <= probes <= 12
+    assert reloads == 1  # the restarted server had lost the script: loaded once
+
+
+def test_hung_redis_every_check_returns_within_timeout(redis_server: RedisServer) -> None:
+    """SIGSTOPped Redis: each check (async and sync) raises RedisUnavailable within the timeout."""
+
+    async def scenario() -> list[float]:
+        bucket = RedisBucket.from_url(redis_server.url, timeout_s=HUNG_TIMEOUT_S)
+        await bucket.check(["rp:{t}:c:a"], [SLOW], 1)  # connected, script loaded
+        redis_server.pause()
+        durations = []
+        try:
+            for round_ in range(6):
+                started = time.monotonic()
+                results = await asyncio.gather(
+                    *(bucket.check([f"rp:{{t}}:c:{i}"], [SLOW], 1) for i in range(20)), return_exceptions=True
+                )
+                durations.append(time.monotonic() - started)
+                assert all(isinstance(result, RedisUnavailable) for result in results), results
+                await asyncio.sleep(0.04 * round_)  # let the back-off window pass now and then: fresh probes
+        finally:
+            redis_server.resume()
+        await bucket.aclose()
+        return durations
+
+    durations = asyncio.run(scenario())
+    assert max(durations) < HUNG_TIMEOUT_S + SLACK_S
+
+    sync_bucket = SyncRedisBucket.from_url(redis_server.url, timeout_s=HUNG_TIMEOUT_S)
+    sync_bucket.check(["rp:{t}:c:b"], [SLOW], 1)
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        for _ in range(3):
+            try:
+                sync_bucket.check(["rp:{t}:c:b"], [SLOW], 1)
+            except RedisUnavailable:
+                pass
+            else:
+                raise AssertionError("a check succeeded against a hung Redis")
+        assert time.monotonic() - started < 3 * (HUNG_TIMEOUT_S + SLACK_S)
+    finally:
+        redis_server.resume()
+    sync_bucket.close()
+
+
+def test_timed_out_check_is_never_replayed(redis_server: RedisServer) -> None:
+    """A check that timed out may have run, so it is not sent again: EVALSHA ran at most once for it."""
+    admin = redis.Redis.from_url(redis_server.url)
+    spec = BucketSpec(1e-3, 10)
+
+    async def timed_out_check() -> None:
+        bucket = RedisBucket.from_url(redis_server.url, timeout_s=HUNG_TIMEOUT_S, backoff=Backoff(0.01, 0.02))
+        await bucket.check(["rp:{t}:c:warm"], [spec], 1)
+        admin.config_resetstat()
+        redis_server.pause()
+        try:
+            try:
+                await bucket.check(["rp:{t}:c:async"], [spec], 1)
+            except RedisUnavailable:
+                pass
+            else:
+                raise AssertionError("a check succeeded against a hung Redis")
+            await asyncio.sleep(0.1)  # back-off over; nothing may be resent meanwhile
+        finally:
+            redis_server.resume()
+        await asyncio.sleep(0.1)
+        allowed, decisions = await bucket.check(["rp:{t}:c:async"], [spec], 1)
+        await bucket.aclose()
+        assert allowed
+        ran = commandstat(admin, "evalsha") - 1  # minus the check just made
+        assert ran <= 1
+        assert round(decisions[0].remaining) == 10 - 1 - ran  # charged exactly as often as it ran
+
+    asyncio.run(timed_out_check())
+
+    sync_bucket = SyncRedisBucket.from_url(redis_server.url, timeout_s=HUNG_TIMEOUT_S)
+    sync_bucket.check(["rp:{t}:c:warm"], [spec], 1)
+    admin.config_resetstat()
+    redis_server.pause()
+    try:
+        try:
+            sync_bucket.check(["rp:{t}:c:sync"], [spec], 1)
+        except RedisUnavailable:
+            pass
+        else:
+            raise AssertionError("a check succeeded against a hung Redis")
+    finally:
+        redis_server.resume()
+    time.sleep(0.3)
+    assert commandstat(admin, "evalsha") <= 1
+    remaining = int(admin.hget("rp:{t}:c:sync", "t") or 10 * MICRO) / MICRO
+    assert round(remaining) >= 9
+    sync_bucket.close()
+    admin.close()
+
+
+def test_script_flush_under_load_fails_no_check_and_reloads_once_per_flush(redis_server: RedisServer) -> None:
+    """SCRIPT FLUSH five times while 20 tasks check: zero failed checks, exactly five SCRIPT LOADs."""
+    admin = redis.Redis.from_url(redis_server.url)
+    flushes = 5
+
+    async def scenario() -> tuple[Counter[str], int]:
+        bucket = RedisBucket.from_url(redis_server.url, timeout_s=2.0)
+        await bucket.check(["rp:{t}:c:warm"], [SLOW], 1)
+        admin.config_resetstat()
+        loads_before = bucket.script_loads
+        outcomes: Counter[str] = Counter()
+        stop = asyncio.Event()
+
+        async def worker(i: int) -> None:
+            spec = BucketSpec(1e6, 1e6)  # effectively unlimited: every check should pass
+            while not stop.is_set():
+                try:
+                    allowed, _ = await bucket.check([f"rp:{{t}}:c:{i}"], [spec], 1)
+                    outcomes["allowed" if allowed else "refused"] += 1
+                except RedisUnavailable:
+                    outcomes["failed"] += 1
+
+        workers = [asyncio.create_task(worker(i)) for i in range(20)]
+        for _ in range(flushes):
+            await asyncio.sleep(0.15)
+            await asyncio.to_thread(admin.script_flush)
+        await asyncio.sleep(0.15)
+        stop.set()
+        await asyncio.gather(*workers)
+        loads = bucket.script_loads - loads_before
+        await bucket.aclose()
+        return outcomes, loads
+
+    outcomes, loads = asyncio.run(scenario())
+    assert outcomes["failed"] == 0 and outcomes["refused"] == 0 and outcomes["allowed"] > 100
+    assert loads == flushes
+    assert commandstat(admin, "script|load") == flushes
+
+    sync_bucket = SyncRedisBucket.from_url(redis_server.url, timeout_s=2.0)
+    admin.script_flush()
+    admin.config_resetstat()
+    assert all(sync_bucket.check(["rp:{t}:c:s"], [SLOW], 1)[0] for _ in range(5))
+    assert sync_bucket.check_many([(["rp:{t}:c:s"], [SLOW], 1)] * 5)[0][0]
+    assert commandstat(admin, "script|load") == 1
+    sync_bucket.close()
+    admin.close()
+
+
+def test_client_clock_30s_ahead_admits_exactly_as_the_others(redis_server_session: RedisServer) -> None:
+    """A client under `faketime +30s` decides on the server clock: the same answers as a normal client.
+
+    Rate 0.05 tokens/s: 30 s of a client's clock would refill 1.5 tokens and admit one more.
+    """
+    admin = redis.Redis.from_url(redis_server_session.url)
+    spec = BucketSpec(0.05, 3)
+    keys = ["rp:{fake}:c:normal", "rp:{fake}:c:faked"]
+    admin.delete(*keys)
+    bucket = SyncRedisBucket.from_url(redis_server_session.url, timeout_s=2.0)
+    drained = bucket.check_many([([key], [spec], 1) for key in keys for _ in range(3)])
+    assert all(allowed for allowed, _ in drained)
+
+    def client(key: str, faked: bool) -> dict[str, object]:
+        argv = [
+            sys.executable,
+            "-m", "tests.limiter_core.hammer", "--url", redis_server_session.url, "--key", key,
+            "--rate", "0.05", "--capacity", "3", "--mode", "sequence", "--count", "3",
+        ]  # fmt: skip
+        if faked:
+            argv = [find_binary("faketime"), "-f", "+30s", *argv]
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+        result: dict[str, object] = json.loads(done.stdout)
+        return result
+
+    normal, faked = client(keys[0], False), client(keys[1], True)
+    server_s = int(admin.time()[0])
+    assert float(faked["client_time_s"]) - server_s > 25  # faketime really moved that process's clock
+    assert abs(float(normal["client_time_s"]) - server_s) < 10
+    assert faked["allowed"] == normal["allowed"] == [False, False, False]
+    for result in (normal, faked):  # the script reported the server's time, not the client's
+        assert all(abs(now_us / MICRO - server_s) < 10 for now_us in result["server_now_us"])  # type: ignore[attr-defined]
+    bucket.close()
+    admin.close()
