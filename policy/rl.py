@@ -236,7 +236,9 @@ def load_uri(uri: str, tracking_uri: str | None = None) -> RLPolicy:
     from mlflow.exceptions import MlflowException
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        )
     except MlflowException as exc:
         raise ModelError(f"{uri}: cannot fetch model ({exc.message})") from None
     candidates = [local] if local.is_file() else sorted(local.rglob(ARTIFACT_NAME))
