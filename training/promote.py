@@ -1,0 +1,140 @@
+"""`ratepilot promote`: move the `champion` alias to the `candidate` model only if it is at least as good.
+
+Both versions are evaluated by the harness on the same suite and seeds. The candidate is promoted
+when its mean `goodput_ratio` is >= the champion's and its `slo_violation_frac` is <= the
+champion's (a first candidate, with no champion yet, is promoted). `--force` promotes anyway and is
+recorded as forced. The decision, the reason and both sides' metrics are stored as tags
+`promotion.*` on the candidate version, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from policy.rl import REGISTERED_MODEL, ModelError, load
+from training import registry
+
+COMPARED = ("goodput_ratio", "slo_violation_frac", "p99_latency_ms", "throttle_frac", "error_frac", "rate_tracking_error")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the candidate becomes champion, and why."""
+
+    promote: bool
+    forced: bool
+    reason: str
+
+
+def decide(candidate: dict[str, float], champion: dict[str, float] | None, force: bool = False) -> Decision:
+    """The promotion rule: goodput at least as good and SLO violations no worse (or no champion yet)."""
+    if champion is None:
+        return Decision(True, False, "no champion yet")
+    goodput_ok = candidate["goodput_ratio"] >= champion["goodput_ratio"]
+    slo_ok = candidate["slo_violation_frac"] <= champion["slo_violation_frac"]
+    if goodput_ok and slo_ok:
+        return Decision(True, False, "goodput at least as good and SLO violations no worse")
+    failed = [name for name, ok in (("goodput_ratio lower", goodput_ok), ("slo_violation_frac higher", slo_ok)) if not ok]
+    reason = "candidate " + " and ".join(failed)
+    if force:
+        return Decision(True, True, f"forced although {reason}")
+    return Decision(False, False, reason)
+
+
+def comparison_table(candidate: dict[str, float], champion: dict[str, float] | None, versions: tuple[str, str | None]) -> Table:
+    """The side-by-side metrics for the terminal."""
+    table = Table(title="candidate vs champion (mean over the evaluation suite)")
+    table.add_column("metric")
+    table.add_column(f"candidate v{versions[0]}", justify="right")
+    table.add_column(f"champion v{versions[1]}" if versions[1] else "champion (none)", justify="right")
+    for key in COMPARED:
+        other = "-" if champion is None else f"{champion.get(key, float('nan')):.4f}"
+        table.add_row(key, f"{candidate.get(key, float('nan')):.4f}", other)
+    return table
+
+
+def evaluate_versions(paths: dict[str, Path], suite: str, seeds: int, traces: list[Path]) -> dict[str, dict[str, float]]:
+    """Mean metrics per label of the policy files, from the evaluation harness."""
+    from training.evaluate import evaluate  # the harness (imported late: it pulls in the simulator)
+
+    policies = {label: load(path) for label, path in paths.items()}
+    report = evaluate(policies=policies, suite=suite, seeds=seeds, traces=traces, progress=True)
+    return {label: dict(report["summary"][label]) for label in paths}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `ratepilot promote`."""
+    parser = argparse.ArgumentParser(prog="ratepilot promote", description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", default="default", help="evaluation suite (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds per scenario (default: %(default)s)")
+    parser.add_argument("--trace", type=Path, action="append", default=[], help="also evaluate on this trace CSV")
+    parser.add_argument("--force", action="store_true", help="promote even if the candidate is worse (recorded)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the project store)")
+    parser.add_argument("--json", type=Path, help="write the comparison and decision as JSON to this file")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `ratepilot promote`."""
+    args = build_parser().parse_args(argv)
+    if args.seeds < 1:
+        print("ratepilot promote: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    console = Console()
+    registry.configure(args.tracking_uri)
+    candidate = registry.version_by_alias(registry.CANDIDATE)
+    if candidate is None:
+        print(f"ratepilot promote: no '{registry.CANDIDATE}' version of {REGISTERED_MODEL}; run `ratepilot train` first", file=sys.stderr)
+        return 1
+    champion = registry.version_by_alias(registry.CHAMPION)
+    if champion is not None and champion.version == candidate.version:
+        console.print(f"version {candidate.version} is already the champion; nothing to do")
+        return 0
+    try:
+        paths = {"candidate": registry.download_policy(candidate)}
+        if champion is not None:
+            paths["champion"] = registry.download_policy(champion)
+        metrics = evaluate_versions(paths, args.suite, args.seeds, args.trace)
+    except (ModelError, FileNotFoundError, ValueError) as exc:
+        print(f"ratepilot promote: {exc}", file=sys.stderr)
+        return 1
+    decision = decide(metrics["candidate"], metrics.get("champion"), args.force)
+    console.print(comparison_table(metrics["candidate"], metrics.get("champion"), (candidate.version, champion.version if champion else None)))
+    record: dict[str, Any] = {
+        "candidate_version": candidate.version,
+        "champion_version": champion.version if champion else None,
+        "suite": args.suite,
+        "seeds": args.seeds,
+        "traces": [str(t) for t in args.trace],
+        "metrics": metrics,
+        **asdict(decision),
+        "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    registry.set_version_tags(
+        candidate.version,
+        {
+            "promotion.decision": "promoted" if decision.promote else "rejected",
+            "promotion.forced": decision.forced,
+            "promotion.reason": decision.reason,
+            "promotion.compared_with": record["champion_version"] or "none",
+            "promotion.metrics": metrics,
+            "promotion.decided_at": record["decided_at"],
+        },
+    )
+    if decision.promote:
+        registry.client().set_registered_model_alias(REGISTERED_MODEL, registry.CHAMPION, candidate.version)
+        console.print(f"[green]promoted[/] version {candidate.version} to champion: {decision.reason}")
+    else:
+        console.print(f"[yellow]kept[/] champion v{record['champion_version']}: {decision.reason}")
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2, sort_keys=True))
+    return 0
