@@ -1,0 +1,301 @@
+"""The per-request decision: tier lookup, weighted cost, client + tier bucket in one atomic check.
+
+`Guard.decide()` never raises because Redis is gone. When the Redis bucket cannot decide (down,
+hung past its timeout, backing off) the tier's failure policy applies:
+
+- `fail_open`: the in-process `LocalBucket` decides with the same rates (times
+  `local_guard.fraction`), so a dead Redis never means unlimited;
+- `fail_closed`: the request is refused (429, `Retry-After: 1`).
+
+Nothing needs resetting when Redis returns: the next check that gets through uses Redis again (the
+Redis bucket's back-off decides when to probe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from limiter.bucket import BucketError, BucketSpec, Decision
+from limiter.config import LimiterConfig
+from limiter.costs import CostTable
+from limiter.metrics import LimiterMetrics
+from limiter.rate_reader import TierRates, static_rates
+
+log = logging.getLogger("ratepilot.guard")
+
+MAX_CLIENT_ID = 128  # longer API keys are hashed into the bucket key
+TIER_CACHE_LIMIT = 65536  # remembered client -> tier lookups
+FAIL_CLOSED_RETRY_S = 1.0
+
+
+class AsyncBucket(Protocol):
+    """What the guard needs of the Redis bucket."""
+
+    async def check(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> tuple[bool, list[Decision]]:
+        """Atomic all-or-nothing check-and-consume."""
+        ...
+
+
+class SyncBucket(Protocol):
+    """What the guard needs of the local guard bucket."""
+
+    def check(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> tuple[bool, list[Decision]]:
+        """Atomic all-or-nothing check-and-consume."""
+        ...
+
+
+def client_key(tier: str, client: str) -> str:
+    """Redis key of a client's bucket in a tier (`rp:{TIER}:c:CLIENT`; anonymous is the empty client)."""
+    return f"rp:{{{tier}}}:c:{client}"
+
+
+def tier_key(tier: str) -> str:
+    """Redis key of a tier's aggregate bucket."""
+    return f"rp:{{{tier}}}:tier"
+
+
+def policy_header(rates: TierRates) -> bytes:
+    """`RateLimit-Policy` value (draft-ietf-httpapi-ratelimit-headers): quota = burst, window = time to refill it."""
+    client_w = max(1, round(rates.client_burst / rates.client_rate))
+    tier_w = max(1, round(rates.burst / rates.rate))
+    return (
+        f'"client";q={int(rates.client_burst)};w={client_w}, "tier";q={int(rates.burst)};w={tier_w}'
+    ).encode()
+
+
+class TierRuntime:
+    """A tier's precomputed request-path state: specs in force, keys, header bytes, metric children."""
+
+    __slots__ = (
+        "name", "failure_policy", "rates", "specs", "local_specs", "tier_key", "client_prefix",
+        "policy_header", "counters", "token_counters", "last_remaining", "last_time",
+    )  # fmt: skip
+
+    def __init__(self, name: str, failure_policy: str, rates: TierRates, local_fraction: float, metrics: LimiterMetrics):
+        self.name = name
+        self.failure_policy = failure_policy
+        self.tier_key = tier_key(name)
+        self.client_prefix = client_key(name, "")
+        self.counters = {
+            (outcome, source): metrics.decisions.labels(name, outcome, source)
+            for outcome in ("allowed", "throttled")
+            for source in ("redis", "local", "fail_closed")
+        }
+        self.token_counters = {o: metrics.decision_tokens.labels(name, o) for o in ("allowed", "throttled")}
+        self.last_remaining = rates.burst
+        self.last_time = time.monotonic()
+        self.set_rates(rates, local_fraction)
+
+    def set_rates(self, rates: TierRates, local_fraction: float) -> None:
+        """Switch to new rates (the bucket state carries over: only the refill changes)."""
+        self.rates = rates
+        self.specs = [BucketSpec(rates.client_rate, rates.client_burst), BucketSpec(rates.rate, rates.burst)]
+        self.local_specs = [BucketSpec(s.rate * local_fraction, s.capacity * local_fraction) for s in self.specs]
+        self.policy_header = policy_header(rates)
+
+    def remaining_now(self) -> float:
+        """Tier-bucket tokens: the last decision's remainder refilled to now (scrape time)."""
+        elapsed = time.monotonic() - self.last_time
+        return min(self.rates.burst, self.last_remaining + self.rates.rate * elapsed)
+
+    def utilization_now(self) -> float:
+        """Percent of the tier bucket in use now."""
+        return 100.0 * (1.0 - self.remaining_now() / self.rates.burst)
+
+
+class Verdict:
+    """The decision for one request and what the response should say about it."""
+
+    __slots__ = ("allowed", "tier", "client", "cost", "source", "decisions", "policy_header", "limited_by")
+
+    def __init__(
+        self,
+        allowed: bool,
+        tier: TierRuntime,
+        client: str,
+        cost: float,
+        source: str,
+        decisions: list[Decision],
+        limited_by: str | None,
+    ):
+        self.allowed = allowed
+        self.tier = tier
+        self.client = client
+        self.cost = cost
+        self.source = source
+        self.decisions = decisions  # [client bucket, tier bucket]
+        self.policy_header = tier.policy_header
+        self.limited_by = limited_by  # None, "client", "tier", "redis_unavailable" or "cost"
+
+    @property
+    def retry_after_s(self) -> float:
+        """Seconds until the request could pass (0 when allowed)."""
+        return max(d.retry_after_s for d in self.decisions)
+
+    @property
+    def remaining(self) -> float:
+        """Tokens the caller may still spend now: the smaller of its client and tier buckets."""
+        return min(d.remaining for d in self.decisions)
+
+
+class Guard:
+    """Decides requests: `await guard.decide(client_id, method, path, content_length) -> Verdict`."""
+
+    def __init__(
+        self,
+        config: LimiterConfig,
+        redis_bucket: AsyncBucket | None,
+        local_bucket: SyncBucket,
+        metrics: LimiterMetrics,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.redis_bucket = redis_bucket  # set or replaced by the edge at start-up
+        self._local = local_bucket
+        self._metrics = metrics
+        self._clock = clock
+        self._observe = metrics.check_seconds.observe
+        self._tiers: dict[str, TierRuntime] = {}
+        self._tier_cache: dict[str, TierRuntime] = {}
+        self.apply_config(config)
+
+    @property
+    def config(self) -> LimiterConfig:
+        """The config in force."""
+        return self._config
+
+    @property
+    def tiers(self) -> dict[str, TierRuntime]:
+        """Tier name -> its runtime state."""
+        return self._tiers
+
+    def apply_config(self, config: LimiterConfig) -> None:
+        """Switch to a new validated config; tiers that stay keep their controller rates."""
+        fraction = config.local_guard.fraction
+        tiers: dict[str, TierRuntime] = {}
+        for name, tier in config.tiers.items():
+            old = self._tiers.get(name)
+            if old is not None and old.rates.source in ("controller", "override"):
+                rates = old.rates  # the next rate poll re-resolves against the new config
+            else:
+                rates = static_rates(tier)
+            runtime = old or TierRuntime(name, tier.failure_policy, rates, fraction, self._metrics)
+            runtime.failure_policy = tier.failure_policy
+            runtime.set_rates(rates, fraction)
+            tiers[name] = runtime
+            if old is None:
+                self._metrics.watch_tier(name, runtime.remaining_now, runtime.utilization_now)
+                self._metrics.set_rate(name, rates.rate, rates.source, rates.age_s)
+        for name in set(self._tiers) - set(tiers):
+            self._metrics.forget_tier(name)
+        self._config = config
+        self._costs = CostTable(config.costs)
+        self._clients = dict(config.clients)
+        self._prefixes = sorted(
+            ((prefix, tiers[name]) for name, tier in config.tiers.items() for prefix in tier.key_prefixes),
+            key=lambda item: -len(item[0]),  # longest prefix wins
+        )
+        self._default = tiers[config.default_tier]
+        self._anonymous = tiers[config.anonymous_tier or config.default_tier]
+        self._tiers = tiers
+        self._tier_cache = {}
+
+    def apply_rates(self, rates: dict[str, TierRates]) -> None:
+        """Switch tiers to the rates the rate reader resolved (unknown tiers are ignored)."""
+        fraction = self._config.local_guard.fraction
+        for name, tier_rates in rates.items():
+            runtime = self._tiers.get(name)
+            if runtime is not None and tier_rates != runtime.rates:
+                runtime.set_rates(tier_rates, fraction)
+
+    def tier_for(self, client: str) -> TierRuntime:
+        """The tier of an API key: exact client entry, else longest key prefix, else the default tier."""
+        if not client:
+            return self._anonymous
+        runtime = self._tier_cache.get(client)
+        if runtime is None:
+            name = self._clients.get(client)
+            if name is not None:
+                runtime = self._tiers[name]
+            else:
+                runtime = next((t for prefix, t in self._prefixes if client.startswith(prefix)), self._default)
+            if len(self._tier_cache) >= TIER_CACHE_LIMIT:
+                self._tier_cache.clear()
+            self._tier_cache[client] = runtime
+        return runtime
+
+    def cost(self, method: str, path: str, content_length: int = 0) -> float:
+        """Tokens a request costs."""
+        return self._costs.cost(method, path, content_length)
+
+    async def decide(self, client: str, method: str, path: str, content_length: int = 0) -> Verdict:
+        """Check and consume the request's cost from its client and tier buckets; never raises on Redis."""
+        started = self._clock()
+        tier = self.tier_for(client)
+        cost = self._costs.cost(method, path, content_length)
+        bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
+        keys = [tier.client_prefix + bucket_client, tier.tier_key]
+        source = "redis"
+        try:
+            if self.redis_bucket is None:
+                raise ConnectionError("no Redis bucket configured")
+            allowed, decisions = await self.redis_bucket.check(keys, tier.specs, cost)
+        except BucketError as exc:
+            return self._refuse_cost(tier, client, cost, exc, started)
+        except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
+            self._metrics.redis_errors.labels(type(exc).__name__).inc()
+            if tier.failure_policy == "fail_closed":
+                source = "fail_closed"
+                allowed, decisions = False, self._closed_decisions(tier)
+            else:
+                source = "local"
+                try:
+                    allowed, decisions = self._local.check(keys, tier.local_specs, cost)
+                except BucketError as local_exc:
+                    return self._refuse_cost(tier, client, cost, local_exc, started)
+        limited_by = None
+        if not allowed:
+            if source == "fail_closed":
+                limited_by = "redis_unavailable"
+            else:
+                limited_by = "client" if decisions[0].retry_after_s >= decisions[1].retry_after_s else "tier"
+        tier.last_remaining = decisions[1].remaining
+        tier.last_time = time.monotonic()
+        outcome = "allowed" if allowed else "throttled"
+        tier.counters[outcome, source].inc()
+        tier.token_counters[outcome].inc(cost)
+        self._observe(self._clock() - started)
+        return Verdict(allowed, tier, client, cost, source, decisions, limited_by)
+
+    def _closed_decisions(self, tier: TierRuntime) -> list[Decision]:
+        return [
+            Decision(False, 0.0, FAIL_CLOSED_RETRY_S, FAIL_CLOSED_RETRY_S, spec.capacity, "fail_closed")
+            for spec in tier.specs
+        ]
+
+    def _refuse_cost(self, tier: TierRuntime, client: str, cost: float, exc: Exception, started: float) -> Verdict:
+        """A cost no bucket can hold (rates changed under a cost rule): refuse, log, never raise."""
+        log.error("request cost %g cannot pass tier %s: %s", cost, tier.name, exc)
+        tier.counters["throttled", "redis"].inc()
+        tier.token_counters["throttled"].inc(cost)
+        self._observe(self._clock() - started)
+        decisions = [Decision(False, 0.0, FAIL_CLOSED_RETRY_S, 0.0, spec.capacity, "redis") for spec in tier.specs]
+        return Verdict(False, tier, client, cost, "redis", decisions, "cost")
+
+
+def describe(verdict: Verdict) -> dict[str, Any]:
+    """A JSON-able summary of a verdict (for logs and the /rating endpoint)."""
+    client_d, tier_d = verdict.decisions
+    return {
+        "tier": verdict.tier.name,
+        "allowed": verdict.allowed,
+        "cost": verdict.cost,
+        "source": verdict.source,
+        "limited_by": verdict.limited_by,
+        "client": {"remaining": client_d.remaining, "limit": client_d.limit, "reset_after_s": client_d.reset_after_s},
+        "tier_bucket": {"remaining": tier_d.remaining, "limit": tier_d.limit, "reset_after_s": tier_d.reset_after_s},
+        "retry_after_s": verdict.retry_after_s,
+    }

@@ -1,0 +1,169 @@
+"""Reads the controller's tier rates from the rate table every few seconds and resolves the rates in force.
+
+Per tier, with the Redis server clock (TIME, read in the same pipeline as the table):
+
+| entry in `ratepilot:rates`          | rate in force                       | source             |
+|-------------------------------------|-------------------------------------|--------------------|
+| none                                | static rate and burst from config   | `static`           |
+| valid, not expired                  | the entry's rate and burst          | the entry's source |
+| expired                             | static                              | `fallback`         |
+| garbage (does not parse, 0, NaN...) | static, with a warning log          | `fallback`         |
+| Redis unreachable                   | the last rates until they expire    | unchanged          |
+
+The controller steers the tier's aggregate bucket. Each client's rate follows it proportionally,
+`client rate = config client rate * min(client_scale_max, tier rate / static tier rate)`, so an
+overloaded backend slows every client alike instead of letting one key take the whole tier; with
+the default `client_scale_max: 1` a controller can lower but never raise a client above its
+configured rate. Bursts never drop below the largest request cost, so every request stays possible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from limiter.config import LimiterConfig, TierConfig
+from limiter.metrics import LimiterMetrics
+from limiter.rate_table import RATES_KEY, RateEntryError, parse_entry
+
+log = logging.getLogger("ratepilot.rates")
+
+
+@dataclass(frozen=True, slots=True)
+class TierRates:
+    """The rates in force for one tier and where they came from."""
+
+    rate: float  # tier aggregate refill, tokens/s
+    burst: float  # tier aggregate capacity, tokens
+    client_rate: float  # each client's refill, tokens/s
+    client_burst: float  # each client's capacity, tokens
+    source: str  # controller, override, static or fallback
+    version: int | None = None  # of the rate-table entry in force
+    age_s: float | None = None  # server-clock seconds since the entry was written
+    expires_at: float | None = None  # server-clock expiry of the entry in force
+
+
+def static_rates(tier: TierConfig, source: str = "static") -> TierRates:
+    """The configured rates of a tier."""
+    return TierRates(tier.aggregate.rate, tier.aggregate.burst, tier.client.rate, tier.client.burst, source)
+
+
+def resolve_tier(name: str, raw: bytes | str | None, now_s: float, config: LimiterConfig) -> tuple[TierRates, str | None]:
+    """Rates in force for one tier from its raw table entry; returns (rates, warning or None)."""
+    tier = config.tiers[name]
+    if raw is None:
+        return static_rates(tier), None
+    try:
+        entry = parse_entry(raw)
+    except RateEntryError as exc:
+        return static_rates(tier, "fallback"), f"tier {name!r}: ignoring rate-table entry: {exc}"
+    if entry.is_expired(now_s):
+        return static_rates(tier, "fallback"), None
+    min_burst = config.costs.max_cost() / config.local_guard.fraction
+    scale = min(config.rate_table.client_scale_max, entry.rate / tier.aggregate.rate)
+    rates = TierRates(
+        rate=entry.rate,
+        burst=max(entry.burst, min_burst),
+        client_rate=tier.client.rate * scale,
+        client_burst=tier.client.burst,
+        source=entry.source,
+        version=entry.version,
+        age_s=max(0.0, now_s - entry.written_at),
+        expires_at=entry.expires_at,
+    )
+    return rates, None
+
+
+def resolve_all(
+    raw: Mapping[Any, bytes | str], now_s: float, config: LimiterConfig
+) -> tuple[dict[str, TierRates], dict[str, str]]:
+    """Rates in force for every configured tier, and the warnings per tier; unknown tiers are ignored."""
+    by_name = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    rates: dict[str, TierRates] = {}
+    warnings: dict[str, str] = {}
+    for name in config.tiers:
+        rates[name], warning = resolve_tier(name, by_name.get(name), now_s, config)
+        if warning:
+            warnings[name] = warning
+    return rates, warnings
+
+
+class RateReader:
+    """Polls `ratepilot:rates` with the server clock and hands the resolved rates to `on_rates`."""
+
+    def __init__(
+        self,
+        redis_client: object,
+        config: Callable[[], LimiterConfig],
+        on_rates: Callable[[dict[str, TierRates]], None],
+        metrics: LimiterMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._redis = redis_client
+        self._config = config
+        self._on_rates = on_rates
+        self._metrics = metrics
+        self._clock = clock
+        self._last: dict[str, TierRates] = {}
+        self._server_offset: float | None = None  # server clock minus our monotonic clock at the last read
+        self._warned: dict[str, str] = {}
+        self.polls = 0
+
+    async def read_table(self) -> tuple[dict[bytes, bytes], float]:
+        """The raw table and the server time, in one pipeline round trip."""
+        pipe = self._redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+        pipe.hgetall(RATES_KEY)
+        pipe.time()
+        table, (seconds, micros) = await pipe.execute()
+        return table, seconds + micros / 1e6
+
+    async def poll_once(self) -> dict[str, TierRates]:
+        """Read the table once, resolve, publish; on a Redis failure keep the last rates until they expire."""
+        config = self._config()
+        try:
+            table, now_s = await self.read_table()
+        except Exception as exc:  # any Redis failure: keep going on what we know
+            if self._metrics is not None:
+                self._metrics.redis_errors.labels("rate_table").inc()
+            log.warning("rate table unreadable, keeping the last rates until they expire: %s", exc)
+            rates = self._carry_over(config)
+        else:
+            self._server_offset = now_s - self._clock()
+            rates, warnings = resolve_all(table, now_s, config)
+            for name, warning in warnings.items():
+                if self._warned.get(name) != warning:  # once per distinct bad value, not every poll
+                    log.warning(warning)
+            self._warned = warnings
+        self._last = rates
+        self.polls += 1
+        self._on_rates(rates)
+        if self._metrics is not None:
+            for name, tier_rates in rates.items():
+                self._metrics.set_rate(name, tier_rates.rate, tier_rates.source, tier_rates.age_s)
+        return rates
+
+    def _carry_over(self, config: LimiterConfig) -> dict[str, TierRates]:
+        """Last known rates while their expiry (estimated on our clock) has not passed, else static."""
+        now_s = None if self._server_offset is None else self._clock() + self._server_offset
+        rates: dict[str, TierRates] = {}
+        for name, tier in config.tiers.items():
+            last = self._last.get(name)
+            alive = last is not None and last.expires_at is not None and now_s is not None and now_s < last.expires_at
+            if last is not None and alive:
+                rates[name] = last
+            else:
+                rates[name] = static_rates(tier, "fallback" if last is not None and last.expires_at else "static")
+        return rates
+
+    async def run(self) -> None:
+        """Poll forever at the configured interval (cancel the task to stop)."""
+        while True:
+            try:
+                await self.poll_once()
+            except Exception:  # a bug here must not stop the limiter from reading rates
+                log.exception("rate reader poll failed")
+            await asyncio.sleep(self._config().rate_table.poll_s)

@@ -1,0 +1,129 @@
+"""Fixtures of the limiter service tests: an edge app served by a real uvicorn on a free port."""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from limiter.config import LimiterConfig, load_config
+from limiter.edge import Edge, EdgeOptions
+from ratepilot.servers import free_port
+
+# Refill rates are tiny (one token per ~17 min) so that a test's counts do not depend on how fast it runs.
+SLOW = 0.001
+
+BASE_CONFIG = f"""
+redis:
+  url: REDIS_URL
+  timeout_ms: 50
+client_header: x-api-key
+anonymous_tier: free
+default_tier: free
+tiers:
+  free:
+    client:    {{rate: {SLOW}, burst: 5}}
+    aggregate: {{rate: {SLOW}, burst: 8}}
+    key_prefixes: [free_]
+  pro:
+    client:    {{rate: {SLOW}, burst: 12}}
+    aggregate: {{rate: {SLOW}, burst: 100}}
+    key_prefixes: [pro_]
+  closed:
+    client:    {{rate: {SLOW}, burst: 5}}
+    aggregate: {{rate: {SLOW}, burst: 50}}
+    failure_policy: fail_closed
+    key_prefixes: [closed_]
+clients:
+  vip-key: pro
+costs:
+  default: 1
+  routes:
+    - {{method: POST, path: /v1/infer, cost: 3}}
+rate_table:
+  poll_s: 0.2
+exempt_paths: [/health, /metrics, /admin/backend]
+"""
+
+
+def write_config(path: Path, redis_url: str, text: str = BASE_CONFIG) -> Path:
+    """Write a config file with the Redis URL filled in."""
+    path.write_text(textwrap.dedent(text).replace("REDIS_URL", redis_url))
+    return path
+
+
+class RunningEdge:
+    """An Edge served by uvicorn in a thread; `client` is an httpx client on its base URL."""
+
+    def __init__(self, edge: Edge, port: int):
+        self.edge = edge
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(edge.app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.client = httpx.Client(base_url=self.url, timeout=5.0)
+
+    def start(self) -> None:
+        """Serve and wait until uvicorn accepts connections."""
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Shut uvicorn down and join its thread."""
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    def get(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        """GET with the API key header when given."""
+        headers = {"x-api-key": key} if key else {}
+        return self.client.get(path, headers=headers, **kwargs)
+
+    def post(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        """POST with the API key header when given."""
+        headers = {"x-api-key": key} if key else {}
+        return self.client.post(path, headers=headers, **kwargs)
+
+
+@pytest.fixture
+def edge_factory(tmp_path: Path) -> Iterator[Callable[..., RunningEdge]]:
+    """Call with (redis_url, config text=BASE_CONFIG, **EdgeOptions fields) to get a started edge."""
+    started: list[RunningEdge] = []
+
+    def make(redis_url: str, text: str = BASE_CONFIG, **options: Any) -> RunningEdge:
+        path = write_config(tmp_path / f"limiter{len(started)}.yaml", redis_url, text)
+        config: LimiterConfig = load_config(path, environ={})
+        options.setdefault("backend", "echo")
+        options.setdefault("reload_s", 0.1)
+        edge = Edge(config, EdgeOptions(config_path=path, **options))
+        running = RunningEdge(edge, free_port())
+        running.start()
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, every_s: float = 0.05) -> bool:
+    """Poll until the predicate holds (True) or the bound passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every_s)
+    return predicate()
