@@ -1,0 +1,314 @@
+"""Scenario library: named generators of simulated worlds, trace replay, suites and seed hygiene.
+
+A scenario turns (name, seed) into an `Episode`: world parameters (domain-randomised: capacity,
+SLO, latency, timeout, noise, scrape lag, retry behaviour, the operator's reference rate, ...) and
+per-second profiles of demand, capacity and heavy share. Load is drawn relative to the capacity
+(1.0 = demand equal to capacity in tokens/s) and converted to requests/s.
+
+Hold-out rules for training vs evaluation:
+* seeds: evaluation uses seeds 0, 1, 2, ...; training must draw its seeds from
+  `TRAIN_SEED_OFFSET` upwards (`train_seeds(n)`), so no evaluated world was seen in training;
+* traces: `trace:NAME` cuts its window from the first `TRAIN_SHARE` of a packaged trace with
+  split="train" and from the rest with split="eval" (the default and what suite `traces` uses).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from training.sim import INTERVAL_S, Episode, WorldParams, mean_cost
+from training.traces import PACKAGED_TRACES, TRAIN_SHARE, Trace, packaged_trace
+
+DEFAULT_STEPS = 120  # control intervals per episode (10 minutes)
+TRAIN_SEED_OFFSET = 1_000_000  # training seeds start here; evaluation seeds are small numbers
+TRACE_PREFIX = "trace:"
+MAX_TRACE_STEPS = 720  # a trace file longer than an hour is cut to its first hour
+
+Profile = tuple[np.ndarray, np.ndarray, np.ndarray]  # load (x capacity), capacity factor, heavy share
+Generator = Callable[[np.random.Generator, int, float], tuple[Profile, dict[str, object]]]
+
+
+def sample_params(rng: np.random.Generator, randomize: bool = True) -> WorldParams:
+    """World parameters: the nominal world, or a domain-randomised one drawn from rng."""
+    if not randomize:
+        return WorldParams()
+    capacity = float(np.exp(rng.uniform(np.log(200.0), np.log(5000.0))))
+    base_latency = float(rng.uniform(20.0, 80.0))
+    return WorldParams(
+        capacity_tokens=capacity,
+        slo_ms=base_latency * float(rng.uniform(3.0, 8.0)),
+        error_budget=float(rng.uniform(0.005, 0.02)),
+        timeout_s=float(rng.uniform(2.0, 6.0)),
+        base_latency_ms=base_latency,
+        heavy_cost=float(rng.integers(2, 9)),
+        burst_s=float(rng.uniform(0.2, 1.0)),
+        retry_p_throttled=float(rng.uniform(0.2, 0.8)),
+        retry_p_error=float(rng.uniform(0.2, 0.7)),
+        retry_delay_s=float(rng.uniform(0.5, 2.0)),
+        noise=float(rng.uniform(0.0, 0.15)),
+        lag_s=float(rng.uniform(0.0, 3.0)),
+        p_missing=float(rng.uniform(0.0, 0.02)),
+        reference_rate=capacity * float(rng.uniform(0.6, 1.2)),
+        collapse=float(rng.uniform(0.1, 0.5)),
+        base_error_rate=float(rng.uniform(0.0, 0.003)),
+    )
+
+
+# -- profile helpers ----------------------------------------------------------------------------
+def _wiggle(rng: np.random.Generator, seconds: int, sigma: float = 0.05, tau_s: float = 10.0) -> np.ndarray:
+    """Multiplicative AR(1) noise around 1 with the given stationary sigma and correlation time."""
+    phi = np.exp(-1.0 / tau_s)
+    shocks = rng.standard_normal(seconds) * sigma * np.sqrt(1 - phi**2)
+    x = np.empty(seconds)
+    x[0] = rng.standard_normal() * sigma
+    for i in range(1, seconds):
+        x[i] = phi * x[i - 1] + shocks[i]
+    return np.exp(x)
+
+
+def _heavy0(rng: np.random.Generator, randomize: bool) -> float:
+    return float(rng.uniform(0.02, 0.2)) if randomize else 0.1
+
+
+def _flat(seconds: int, value: float) -> np.ndarray:
+    return np.full(seconds, value, dtype=np.float64)
+
+
+# -- the named scenarios (load is relative to the capacity in tokens/s) ---------------------------
+def steady(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """Constant load between 0.5x and 1.4x capacity with small correlated wiggles."""
+    load = rng.uniform(0.5, 1.4) * _wiggle(rng, seconds)
+    return (load, _flat(seconds, 1.0), _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def diurnal(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """A day compressed into the episode: a cosine between a trough and a peak above capacity."""
+    lo, hi, phase = rng.uniform(0.2, 0.5), rng.uniform(1.1, 1.8), rng.uniform(0, 1)
+    t = np.arange(seconds) / seconds
+    load = (lo + (hi - lo) * (1 - np.cos(2 * np.pi * (t + phase))) / 2) * _wiggle(rng, seconds)
+    return (load, _flat(seconds, 1.0), _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def flash_crowd(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """The seeds' benchmark: 10x the base load for 10 s at a random moment."""
+    base = rng.uniform(0.3, 0.8)
+    load = base * _wiggle(rng, seconds)
+    start = int(rng.uniform(0.2, 0.6) * seconds)
+    load[start : start + 10] *= 10.0
+    return (load, _flat(seconds, 1.0), _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def agent_bursts(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """AI agents: trains of 3-8 short bursts (1-3 s at 3-8x) every 30-90 s on a low base load."""
+    load = rng.uniform(0.2, 0.5) * _wiggle(rng, seconds)
+    t = int(rng.uniform(5, 30))
+    while t < seconds:
+        at = t
+        for _ in range(int(rng.integers(3, 9))):
+            length = int(rng.integers(1, 4))
+            load[at : at + length] *= rng.uniform(3.0, 8.0)
+            at += length + int(rng.integers(1, 5))
+        t += int(rng.uniform(30, 90))
+    return (load, _flat(seconds, 1.0), _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def capacity_drop(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """A node fails in the middle of a traffic spike: capacity falls to 30-60 % for 30-120 s."""
+    load = rng.uniform(0.5, 0.8) * _wiggle(rng, seconds)
+    spike_at, spike_len = int(rng.uniform(0.3, 0.5) * seconds), int(rng.uniform(60, 120))
+    load[spike_at : spike_at + spike_len] *= rng.uniform(1.5, 2.5)
+    capacity = _flat(seconds, 1.0)
+    drop_at = spike_at + int(rng.uniform(0.2, 0.5) * spike_len)
+    capacity[drop_at : drop_at + int(rng.uniform(30, 120))] = rng.uniform(0.3, 0.6)
+    return (load, capacity, _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def slow_degradation(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """A leak or a noisy neighbour: capacity declines linearly to 30-50 % under a steady load."""
+    load = rng.uniform(0.6, 1.0) * _wiggle(rng, seconds)
+    start, floor = int(rng.uniform(0.0, 0.3) * seconds), rng.uniform(0.3, 0.5)
+    t = np.arange(seconds)
+    capacity = np.where(t < start, 1.0, 1.0 - (1.0 - floor) * (t - start) / max(seconds - start, 1))
+    return (load, capacity, _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def retry_storm(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """A spike whose clients retry almost everything at once and ignore Retry-After."""
+    load = rng.uniform(0.5, 0.8) * _wiggle(rng, seconds)
+    at = int(rng.uniform(0.2, 0.5) * seconds)
+    load[at : at + int(rng.uniform(15, 40))] *= rng.uniform(2.0, 4.0)
+    overrides: dict[str, object] = {
+        "retry_p_throttled": 0.95,
+        "retry_p_error": 0.9,
+        "honour_retry_after": False,
+        "retry_delay_s": float(rng.uniform(0.2, 0.5)),
+    }
+    return (load, _flat(seconds, 1.0), _flat(seconds, _heavy0(rng, randomize))), overrides
+
+
+def heavy_mix(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """The request count stays, but the share of heavy requests jumps, so the work per second soars."""
+    h0, h1 = rng.uniform(0.02, 0.1), rng.uniform(0.4, 0.6)
+    at = int(rng.uniform(0.3, 0.6) * seconds)
+    heavy = np.where(np.arange(seconds) < at, h0, h1)
+    return (rng.uniform(0.5, 0.8) * _wiggle(rng, seconds), _flat(seconds, 1.0), heavy), {"_requests_fixed_at": h0}
+
+
+def autoscaling_lag(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """Demand ramps to 2-3x the starting capacity; an HPA adds replicas, each after a 30-90 s delay."""
+    start, end = rng.uniform(0.5, 0.8), rng.uniform(2.0, 3.0)
+    ramp_at, ramp_len = int(rng.uniform(0.1, 0.3) * seconds), int(rng.uniform(0.2, 0.5) * seconds)
+    t = np.arange(seconds)
+    load = (start + (end - start) * np.clip((t - ramp_at) / ramp_len, 0, 1)) * _wiggle(rng, seconds)
+    replicas = int(rng.integers(2, 6))
+    overrides: dict[str, object] = {
+        "autoscale": True,
+        "replicas": replicas,
+        "max_replicas": 4 * replicas,
+        "hpa_target_cpu": float(rng.uniform(0.6, 0.8)),
+        "hpa_delay_s": float(rng.uniform(30.0, 90.0)),
+    }
+    return (load, _flat(seconds, 1.0), _flat(seconds, _heavy0(rng, randomize))), overrides
+
+
+SCENARIOS: dict[str, Generator] = {
+    "steady": steady,
+    "diurnal": diurnal,
+    "flash_crowd": flash_crowd,
+    "agent_bursts": agent_bursts,
+    "capacity_drop": capacity_drop,
+    "slow_degradation": slow_degradation,
+    "retry_storm": retry_storm,
+    "heavy_mix": heavy_mix,
+    "autoscaling_lag": autoscaling_lag,
+}
+SUITES: dict[str, tuple[str, ...]] = {
+    "default": tuple(SCENARIOS),
+    "traces": tuple(TRACE_PREFIX + name for name in PACKAGED_TRACES),
+}
+SUITES["all"] = SUITES["default"] + SUITES["traces"]
+
+
+def train_seeds(n: int, start: int = 0) -> list[int]:
+    """Seeds reserved for training (never used by evaluation, which counts from 0)."""
+    return [TRAIN_SEED_OFFSET + start + i for i in range(n)]
+
+
+def scenario_names(suite: str) -> tuple[str, ...]:
+    """The scenario names of a suite; KeyError with the choices for an unknown suite."""
+    if suite not in SUITES:
+        raise KeyError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    return SUITES[suite]
+
+
+def _rng(name: str, seed: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(name.encode())]))
+
+
+def _episode(
+    name: str, seed: int, params: WorldParams, load: np.ndarray, capacity: np.ndarray, heavy: np.ndarray, request_heavy: float | None = None
+) -> Episode:
+    """Turn a token load (x capacity) into requests/s; `request_heavy` fixes the request count instead."""
+    per_request = mean_cost(heavy if request_heavy is None else request_heavy, params.heavy_cost)
+    demand = load * params.capacity_tokens / per_request
+    return Episode(name, int(seed), params, demand, capacity.astype(np.float64), heavy.astype(np.float64))
+
+
+def make_episode(
+    name: str, seed: int, steps: int = DEFAULT_STEPS, randomize: bool = True, split: str = "eval"
+) -> Episode:
+    """The episode of a named scenario (or `trace:NAME`) for a seed; the same inputs give the same episode."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    seconds = int((steps + 1) * INTERVAL_S)
+    rng = _rng(name, seed)
+    params = sample_params(rng, randomize)
+    if name.startswith(TRACE_PREFIX):
+        return _packaged_trace_episode(name, seed, rng, params, seconds, randomize, split)
+    if name not in SCENARIOS:
+        raise KeyError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)} or trace:NAME")
+    (load, capacity, heavy), overrides = SCENARIOS[name](rng, seconds, randomize)
+    request_heavy = overrides.pop("_requests_fixed_at", None)
+    params = replace(params, **overrides) if overrides else params  # type: ignore[arg-type]
+    return _episode(name, seed, params, load, capacity, heavy, request_heavy)  # type: ignore[arg-type]
+
+
+def make_episodes(
+    names: Iterable[str], seeds: Iterable[int], steps: int = DEFAULT_STEPS, randomize: bool = True, split: str = "eval"
+) -> list[Episode]:
+    """Episodes for every (name, seed), name-major: [n0 s0, n0 s1, ..., n1 s0, ...]."""
+    seed_list = list(seeds)
+    return [make_episode(name, seed, steps, randomize, split) for name in names for seed in seed_list]
+
+
+def _rescaled(demand: np.ndarray, capacity_tokens: float, per_request: np.ndarray, peak_load: float) -> np.ndarray:
+    """Demand scaled so that its 99th percentile is peak_load x capacity (in tokens/s)."""
+    tokens = demand * per_request
+    top = float(np.quantile(tokens, 0.99)) or float(tokens.max())
+    if top <= 0:
+        return demand.copy()
+    return demand * peak_load * capacity_tokens / top
+
+
+def _packaged_trace_episode(
+    name: str, seed: int, rng: np.random.Generator, params: WorldParams, seconds: int, randomize: bool, split: str
+) -> Episode:
+    trace_name = name[len(TRACE_PREFIX) :]
+    trace = packaged_trace(trace_name)
+    cut = TRAIN_SHARE * trace.duration_s
+    if split == "train":
+        lo, hi = 0.0, cut
+    elif split == "eval":
+        lo, hi = cut, trace.duration_s
+    else:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    latest = hi - seconds
+    if latest < lo:
+        raise ValueError(f"trace {trace_name!r} {split} part is shorter than {seconds} s")
+    start = float(np.floor(rng.uniform(lo, latest)))
+    demand, _, heavy_col = trace.per_second(start, seconds)
+    heavy = heavy_col if heavy_col is not None else _flat(seconds, _heavy0(rng, randomize))
+    peak = float(rng.uniform(1.1, 2.0)) if randomize else 1.5
+    per_request = mean_cost(heavy, params.heavy_cost)
+    demand = _rescaled(demand, params.capacity_tokens, per_request, peak)
+    return Episode(name, int(seed), params, demand, _flat(seconds, 1.0), heavy)
+
+
+def trace_episode(
+    trace: Trace, seed: int, randomize: bool = False, max_steps: int = MAX_TRACE_STEPS, steps: int | None = None
+) -> Episode:
+    """Replay a trace file from its start.
+
+    With a `capacity_rps` column the rates are used as they are; without one the demand is rescaled
+    so that its 99th percentile is 1.5x (randomised: 1.1-2x) the world's capacity.
+    """
+    available = int(trace.duration_s // INTERVAL_S) - 1
+    if available < 1:
+        raise ValueError(f"{trace.name}: a trace must cover at least {2 * INTERVAL_S:g} s")
+    steps = min(available, max_steps) if steps is None else min(steps, available)
+    seconds = int((steps + 1) * INTERVAL_S)
+    rng = _rng(trace.name, seed)
+    params = sample_params(rng, randomize)
+    demand, capacity_rps, heavy_col = trace.per_second(0.0, seconds)
+    heavy = heavy_col if heavy_col is not None else _flat(seconds, _heavy0(rng, randomize))
+    per_request = mean_cost(heavy, params.heavy_cost)
+    if capacity_rps is not None:
+        capacity_tok = capacity_rps * per_request
+        nominal = float(np.median(capacity_tok)) or float(capacity_tok.max()) or 1.0
+        params = replace(params, capacity_tokens=nominal, reference_rate=nominal * params.reference_rate / params.capacity_tokens)
+        return Episode(trace.name, int(seed), params, demand, capacity_tok / nominal, heavy)
+    peak = float(rng.uniform(1.1, 2.0)) if randomize else 1.5
+    return Episode(trace.name, int(seed), params, _rescaled(demand, params.capacity_tokens, per_request, peak), _flat(seconds, 1.0), heavy)
+
+
+def describe(names: Sequence[str]) -> dict[str, str]:
+    """One line per scenario name (the generator's docstring)."""
+    out = {}
+    for name in names:
+        gen = SCENARIOS.get(name)
+        out[name] = (gen.__doc__ or "").strip() if gen else f"a held-out window of the packaged trace {name}"
+    return out
