@@ -1,0 +1,250 @@
+"""One tick of the control loop: read the world, query Prometheus, decide, clamp, write, record.
+
+Level-triggered like kubernetes/sample-controller's syncHandler: every tick reads the rate table,
+the overrides and the mode fresh from Redis and converges the table on the decision, so a rate key
+edited or deleted by hand is put right on the next tick, and running a tick twice is harmless. A
+tick never raises: each failing stage is logged as a key-value line, counted in
+`ratepilot_controller_errors_total{stage}` and handled so the rates stay safe:
+
+| stage       | on failure                                                       | retried       |
+|-------------|------------------------------------------------------------------|---------------|
+| redis_read  | nothing is written (the limiters keep the entries until expiry)  | next tick     |
+| overrides   | an unparseable entry keeps that tier's last good override         | next tick     |
+| prometheus  | the metric is NaN: the safety engine holds, then decays to static | next tick     |
+| policy      | raised / NaN / wrong shape: the rate in force is kept             | next tick     |
+| redis_write | nothing was written (one script: all tiers or none)              | next tick     |
+| lease       | Redis refused the write as fenced: this replica steps down        | lease retries |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+
+from controller.lease import LeaderLease
+from controller.metrics import ControllerMetrics
+from controller.overrides import OverrideCaps
+from controller.policies import PolicyHolder
+from controller.prometheus_source import PrometheusSource
+from controller.rate_store import FencedError, RateStore, rates_in_force
+from controller.settings import ControllerSettings
+from limiter.rate_table import MAX_SANE_RATE
+from policy.base import rate_to_action
+from policy.observation import OBS_FIELDS, ObservationBuilder
+from policy.safety import RULES, SafetyEngine, SafetyResult
+
+log = logging.getLogger("ratepilot.controller.loop")
+MAX_TIER_LOG_LINES = 20  # per tick; the decisions stream has every tier
+
+
+@dataclass(frozen=True)
+class TickReport:
+    """What one tick did; the last one is served by GET /status."""
+
+    tick: int
+    started_at: float  # unix seconds, our clock
+    duration_s: float
+    result: str  # written, shadow, follower, fenced, failed
+    mode: str
+    version: int | None = None
+    fence: str | None = None
+    errors: dict[str, str] = field(default_factory=dict)  # stage -> reason
+    tiers: dict[str, dict[str, Any]] = field(default_factory=dict)  # tier -> rate, rule, observation, ...
+
+    def summary(self) -> dict[str, Any]:
+        """The report without the per-tier details."""
+        return {k: v for k, v in self.__dict__.items() if k != "tiers"}
+
+
+def _finite_or_none(values: np.ndarray) -> list[float | None]:
+    return [None if not np.isfinite(v) else float(v) for v in values.tolist()]
+
+
+class ControlLoop:
+    """Holds what a tick needs between ticks: the observation builder's last features and the stale counters."""
+
+    def __init__(
+        self,
+        settings: ControllerSettings,
+        store: RateStore,
+        source: PrometheusSource,
+        policies: PolicyHolder,
+        lease: LeaderLease,
+        metrics: ControllerMetrics,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.settings = settings
+        self.tiers = settings.tier_names
+        self.store = store
+        self.source = source
+        self.policies = policies
+        self.lease = lease
+        self.metrics = metrics
+        self._clock = clock
+        self.static = settings.tier_array("static_rate")
+        self.burst_s = settings.tier_array("burst_s")
+        self.engine = SafetyEngine(settings.safety_limits())
+        self.builder = ObservationBuilder(slo_ms=settings.tier_array("slo_ms"), reference_rate=self.static)
+        self.override_caps = OverrideCaps()
+        self._stale: np.ndarray | None = None
+        self._count = 0
+        self.last_report: TickReport | None = None
+        self.last_leader_report: TickReport | None = None
+
+    def on_leadership(self, leader: bool) -> None:
+        """Lease callback: publish leadership; a new term starts from fresh deltas and counters."""
+        self.metrics.is_leader.set(1.0 if leader else 0.0)
+        if leader:
+            self.builder.reset()
+            self._stale = None
+            self.policies.current.policy.reset()
+
+    def tick(self) -> TickReport:
+        """Run one tick; never raises."""
+        self._count += 1
+        started, t0 = self._clock(), time.perf_counter()
+        errors: dict[str, str] = {}
+        try:
+            report = self._tick(started, t0, errors)
+        except Exception as exc:  # noqa: BLE001 - the loop must survive anything; the reason is logged and counted
+            log.exception("event=tick_crashed tick=%d error=%r", self._count, str(exc))
+            self.metrics.errors.labels("tick").inc()
+            errors["tick"] = f"{type(exc).__name__}: {exc}"
+            report = TickReport(self._count, started, time.perf_counter() - t0, "failed", self.settings.loop.mode, errors=errors)
+        self.metrics.ticks.labels(report.result).inc()
+        self.metrics.tick_seconds.observe(report.duration_s)
+        self.last_report = report
+        if report.result != "follower":
+            self.last_leader_report = report
+        log.log(
+            logging.INFO if report.result in ("written", "shadow", "follower") else logging.WARNING,
+            "event=tick tick=%d result=%s mode=%s tiers=%d version=%s fence=%s duration_ms=%.1f errors=%s",
+            report.tick, report.result, report.mode, len(self.tiers), report.version, report.fence,
+            report.duration_s * 1000, json.dumps(report.errors) if report.errors else "{}",
+        )  # fmt: skip
+        return report
+
+    def _fail(self, errors: dict[str, str], stage: str, reason: str) -> None:
+        errors[stage] = reason
+        self.metrics.errors.labels(stage).inc()
+        log.warning("event=stage_error tick=%d stage=%s reason=%r", self._count, stage, reason)
+
+    def _tick(self, started: float, t0: float, errors: dict[str, str]) -> TickReport:
+        mode: str = self.settings.loop.mode
+        if not self.lease.is_leader():
+            return TickReport(self._count, started, time.perf_counter() - t0, "follower", mode)
+        fence = self.lease.token()
+        try:
+            world = self.store.read_world()
+        except redis.RedisError as exc:
+            self._fail(errors, "redis_read", f"{type(exc).__name__}: {exc}")
+            return TickReport(self._count, started, time.perf_counter() - t0, "failed", mode, fence=fence, errors=errors)
+        mode = world.mode or mode
+        in_force = rates_in_force(world, self.tiers, self.static)
+        for tier, problem in list(in_force.problems.items())[:MAX_TIER_LOG_LINES]:
+            log.info("event=rate_entry_ignored tier=%s reason=%r action=rewrite", tier, problem)
+        caps, override_problems = self.override_caps.caps(world.overrides, self.tiers, world.server_now_s)
+        if override_problems:
+            first = next(iter(override_problems.items()))
+            self._fail(errors, "overrides", f"{len(override_problems)} tier(s), e.g. {first[0]}: {first[1]}")
+
+        reading = self.source.read(in_force.rates)
+        if reading.errors:
+            self._fail(errors, "prometheus", "; ".join(f"{k}: {v}" for k, v in reading.errors.items()))
+        observation = self.builder.build(reading.metrics)
+
+        loaded = self.policies.current
+        proposed: np.ndarray | None
+        try:
+            proposed = np.asarray(loaded.policy.act(observation), dtype=np.float64)
+            if proposed.shape != (len(self.tiers),):
+                raise ValueError(f"returned shape {proposed.shape}, expected ({len(self.tiers)},)")
+            bad = int((~np.isfinite(proposed)).sum())
+            if bad:
+                self._fail(errors, "policy", f"{loaded.name} returned NaN/inf for {bad} tier(s)")
+        except Exception as exc:  # noqa: BLE001 - a failing policy keeps the rates in force
+            self._fail(errors, "policy", f"{loaded.name}: {type(exc).__name__}: {exc}")
+            proposed = None
+        safety = self.engine.apply(observation, proposed, caps, self._stale)
+        self._stale = safety.stale_ticks
+        rates = safety.rates
+        bursts = np.clip(rates * self.burst_s, 1.0, MAX_SANE_RATE)
+        sources = safety.source
+        details = self._details(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s)
+        decisions = [json.dumps(d, separators=(",", ":")) for d in details]
+
+        try:
+            version, _ = self.store.write(
+                self.lease.replica_id, fence, self.tiers, rates, bursts, sources, decisions, write_rates=(mode == "active")
+            )
+        except FencedError as exc:
+            self._fail(errors, "lease", f"write refused by Redis: {exc}")
+            self.lease.step_down(str(exc))
+            return TickReport(self._count, started, time.perf_counter() - t0, "fenced", mode, fence=fence, errors=errors)
+        except redis.RedisError as exc:
+            self._fail(errors, "redis_write", f"{type(exc).__name__}: {exc}")
+            return TickReport(self._count, started, time.perf_counter() - t0, "failed", mode, fence=fence, errors=errors)
+
+        self.metrics.record_rates(self.tiers, rates)
+        self.metrics.record_rules(self.tiers, safety.fired)
+        self.metrics.last_tick.set(self._clock())
+        self._log_rules(safety)
+        result = "written" if mode == "active" else "shadow"
+        tiers = dict(zip(self.tiers, details, strict=True))
+        return TickReport(
+            self._count, started, time.perf_counter() - t0, result, mode, version or None, fence, errors, tiers
+        )
+
+    def _details(
+        self, observation: Any, in_force: np.ndarray, safety: SafetyResult, mode: str, policy: str, now_s: float
+    ) -> list[dict[str, Any]]:
+        m = observation.metrics
+        with np.errstate(all="ignore"):
+            action = rate_to_action(in_force, np.where(np.isfinite(safety.proposed), safety.proposed, in_force))
+        columns = {
+            "p99_latency_ms": _finite_or_none(m.p99_latency_ms),
+            "error_rate": _finite_or_none(m.error_rate),
+            "cpu": _finite_or_none(m.cpu),
+            "admitted_rps": _finite_or_none(m.admitted_rps),
+            "throttled_rps": _finite_or_none(m.throttled_rps),
+        }
+        vectors = observation.vector.tolist()
+        proposed = _finite_or_none(safety.proposed)
+        rule = safety.deciding_rule
+        sources = safety.source
+        fired = np.stack([safety.fired[r] for r in RULES], axis=1)
+        out = []
+        for i in range(len(self.tiers)):
+            out.append(
+                {
+                    "t": now_s,
+                    "mode": mode,
+                    "policy": policy,
+                    "observation": {name: values[i] for name, values in columns.items()}
+                    | {"vector": dict(zip(OBS_FIELDS, vectors[i], strict=True))},
+                    "rate_in_force": float(in_force[i]),
+                    "proposed": proposed[i],
+                    "action": float(action[i]),
+                    "rate": float(safety.rates[i]),
+                    "rule": rule[i],
+                    "rules": [r for r, flag in zip(RULES, fired[i], strict=True) if flag],
+                    "source": sources[i],
+                }
+            )
+        return out
+
+    def _log_rules(self, safety: SafetyResult) -> None:
+        rules = safety.deciding_rule
+        logged = 0
+        for i, tier in enumerate(self.tiers):
+            if rules[i] != "none" and logged < MAX_TIER_LOG_LINES:
+                log.info("event=rule_fired tick=%d tier=%s rule=%s rules=%s rate=%.6g", self._count, tier, rules[i],
+                         ",".join(safety.fired_rules(i)), safety.rates[i])  # fmt: skip
+                logged += 1

@@ -1,0 +1,1 @@
+"""Lua scripts of the controller (package data), one per Redis operation."""

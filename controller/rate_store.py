@@ -1,0 +1,124 @@
+"""The controller's side of Redis: read the world fresh each tick, write all rates in one fenced script.
+
+`read_world` fetches the rate table, the operator overrides, the mode switch and the server clock in
+one pipeline round trip; `write` sends every tier's rate and decision to `write_rates.lua` in one
+EVALSHA, which checks the lease and the fencing token inside Redis before it touches anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+from controller.lease import FENCE_KEY, LEADER_KEY, lua
+from limiter.rate_table import RATES_KEY, VERSION_KEY, RateEntryError, parse_entry
+
+DECISIONS_KEY = "ratepilot:decisions"
+OVERRIDES_KEY = "ratepilot:overrides"
+MODE_KEY = "ratepilot:controller:mode"
+MODES = ("active", "shadow")
+
+
+class FencedError(RuntimeError):
+    """Redis refused the write: this replica no longer holds the lease or its fencing token is stale."""
+
+
+@dataclass(frozen=True)
+class World:
+    """What Redis holds at the start of a tick."""
+
+    rates: dict[str, bytes]  # tier -> raw rate-table entry
+    overrides: dict[str, bytes]  # tier -> raw override JSON
+    mode: str | None  # the operator's mode switch, None when unset
+    server_now_s: float
+
+
+@dataclass(frozen=True)
+class InForce:
+    """The rate each limiter applies right now, and why, derived from the table like the limiter does."""
+
+    rates: np.ndarray  # tokens/s; the static rate where the entry is missing, expired or garbage
+    versions: list[int | None]
+    problems: dict[str, str]  # tier -> why its entry was not used (missing entries are not problems)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def rates_in_force(world: World, tiers: Sequence[str], static: np.ndarray) -> InForce:
+    """Per tier: the table's rate when valid and unexpired (server clock), else the static rate."""
+    rates = np.array(static, dtype=np.float64, copy=True)
+    versions: list[int | None] = [None] * len(tiers)
+    problems: dict[str, str] = {}
+    for i, tier in enumerate(tiers):
+        raw = world.rates.get(tier)
+        if raw is None:
+            continue
+        try:
+            entry = parse_entry(raw)
+        except RateEntryError as exc:
+            problems[tier] = f"unusable entry: {exc}"
+            continue
+        if entry.is_expired(world.server_now_s):
+            problems[tier] = "entry expired"
+            continue
+        rates[i], versions[i] = entry.rate, entry.version
+    return InForce(rates, versions, problems)
+
+
+class RateStore:
+    """Reads the world and writes the rate table plus the decisions stream."""
+
+    def __init__(self, client: redis.Redis, ttl_s: float, decisions_maxlen: int):
+        self._client = client
+        self.ttl_s = ttl_s
+        self.decisions_maxlen = decisions_maxlen
+        self._write = client.register_script(lua("write_rates.lua"))
+
+    def read_world(self) -> World:
+        """Rate table, overrides, mode and server time in one round trip."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hgetall(RATES_KEY)
+        pipe.hgetall(OVERRIDES_KEY)
+        pipe.get(MODE_KEY)
+        pipe.time()
+        rates, overrides, mode, (seconds, micros) = pipe.execute()
+        mode_text = _text(mode) if mode is not None else None
+        return World(
+            rates={_text(k): v for k, v in rates.items()},
+            overrides={_text(k): v for k, v in overrides.items()},
+            mode=mode_text if mode_text in MODES else None,
+            server_now_s=seconds + micros / 1e6,
+        )
+
+    def write(
+        self,
+        replica_id: str,
+        fence: str,
+        tiers: Sequence[str],
+        rates: np.ndarray,
+        bursts: np.ndarray,
+        sources: Sequence[str],
+        decisions: Sequence[str],
+        write_rates: bool,
+    ) -> tuple[int, float]:
+        """Write rates (unless shadow) and decisions; returns (version, server time s). FencedError if refused."""
+        args: list[str | int | float] = [replica_id, fence, repr(float(self.ttl_s)), "1" if write_rates else "0"]
+        args += [self.decisions_maxlen, len(tiers)]
+        for tier, rate, burst, source, decision in zip(tiers, rates.tolist(), bursts.tolist(), sources, decisions, strict=True):
+            args += [tier, repr(rate), repr(burst), source, decision]
+        keys = [RATES_KEY, VERSION_KEY, LEADER_KEY, FENCE_KEY, DECISIONS_KEY]
+        version, stamp = self._write(keys=keys, args=args)
+        if int(version) < 0:
+            raise FencedError(_text(stamp))
+        return int(version), int(stamp) / 1e6
+
+    def set_mode(self, mode: str) -> None:
+        """Switch every replica to `mode` (read by the leader at its next tick)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self._client.set(MODE_KEY, mode)

@@ -1,0 +1,324 @@
+"""The controller's one settings class: YAML file, then environment variables, validated as a whole.
+
+Load order: the YAML file (`--config`, else `RATEPILOT_CONTROLLER_CONFIG`, else the packaged
+`controller/controller.yaml`), then these environment variables on top:
+
+    RATEPILOT_REDIS_URL          redis.url
+    RATEPILOT_PROMETHEUS_URL     prometheus.url
+    RATEPILOT_ADMIN_TOKEN        admin.token
+    RATEPILOT_POLICY_MODEL       policy.model
+    RATEPILOT_CONTROLLER_MODE    loop.mode
+
+Settings that cannot work (a lease no longer than its renew deadline, a rate expiry shorter than two
+ticks, min > max, a short admin token) are refused at load with the field and the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import socket
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from limiter.rate_table import MAX_SANE_RATE
+from policy.safety import SafetyLimits
+
+ENV_CONFIG = "RATEPILOT_CONTROLLER_CONFIG"
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "RATEPILOT_REDIS_URL": ("redis", "url"),
+    "RATEPILOT_PROMETHEUS_URL": ("prometheus", "url"),
+    "RATEPILOT_ADMIN_TOKEN": ("admin", "token"),
+    "RATEPILOT_POLICY_MODEL": ("policy", "model"),
+    "RATEPILOT_CONTROLLER_MODE": ("loop", "mode"),
+}
+TIER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MIN_TOKEN_LENGTH = 16
+QUERY_NAMES = ("p99_latency_ms", "error_rate", "cpu", "admitted_rps", "throttled_rps")
+Rate = float
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be read or do not validate; the message says which field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisSettings(_Strict):
+    """Where the rate table lives."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout_s: float = Field(default=2.0, gt=0, le=60, allow_inf_nan=False)  # per command
+
+
+class QuerySettings(_Strict):
+    """One PromQL query; `{window}` and `{tier_label}` are filled in; `fill` stands in for tiers without a series."""
+
+    expr: str = Field(min_length=1)
+    per_tier: bool = True  # False: one value for all tiers (e.g. the backend's CPU)
+    fill: float | None = None  # value for tiers the result lacks when the query itself succeeded
+
+
+def _default_queries() -> dict[str, QuerySettings]:
+    tokens = "sum by ({tier_label}) (rate(ratepilot_decision_tokens_total{{outcome=\"%s\"}}[{window}]))"
+    requests = "sum by ({tier_label}) (rate(ratepilot_backend_requests_total[{window}]))"
+    errors = "sum by ({tier_label}) (rate(ratepilot_backend_requests_total{{outcome=\"error\"}}[{window}]))"
+    return {
+        "p99_latency_ms": QuerySettings(
+            expr="1000 * histogram_quantile(0.99, sum by ({tier_label}, le) "
+            "(rate(ratepilot_backend_request_seconds_bucket[{window}])))"
+        ),
+        "error_rate": QuerySettings(expr=f"({errors} or 0 * {requests}) / {requests}"),
+        "cpu": QuerySettings(expr="max(ratepilot_backend_cpu_utilization)", per_tier=False),
+        "admitted_rps": QuerySettings(expr=tokens % "allowed", fill=0.0),
+        "throttled_rps": QuerySettings(expr=tokens % "throttled", fill=0.0),
+    }
+
+
+class PrometheusSettings(_Strict):
+    """Where the metrics come from and the PromQL that turns them into interval metrics."""
+
+    url: str = "http://127.0.0.1:9090"
+    timeout_s: float = Field(default=2.0, gt=0, le=60, allow_inf_nan=False)
+    window: str = "15s"  # the rate() window; >= 2 scrape intervals
+    tier_label: str = "tier"
+    queries: dict[str, QuerySettings] = Field(default_factory=_default_queries)
+
+    @field_validator("window")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+(ms|s|m|h)", value):
+            raise ValueError("must be a Prometheus duration such as 15s or 1m")
+        return value
+
+    @field_validator("tier_label")
+    @classmethod
+    def _label(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", value):
+            raise ValueError("must be a Prometheus label name")
+        return value
+
+    @field_validator("queries")
+    @classmethod
+    def _all_queries(cls, value: dict[str, QuerySettings]) -> dict[str, QuerySettings]:
+        merged = {**_default_queries(), **value}
+        unknown = set(merged) - set(QUERY_NAMES)
+        if unknown:
+            raise ValueError(f"unknown queries {sorted(unknown)}; known: {list(QUERY_NAMES)}")
+        return merged
+
+
+class LoopSettings(_Strict):
+    """The tick: how often, active or shadow, how long written rates live, how many decisions are kept."""
+
+    tick_interval_s: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    mode: Literal["active", "shadow"] = "active"  # shadow: decide and log, never write rates
+    rate_ttl_s: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)  # server-clock expiry
+    decisions_maxlen: int = Field(default=10_000, ge=1, le=10_000_000)  # ~ cap of the decisions stream
+
+    @model_validator(mode="after")
+    def _ttl_covers_ticks(self) -> LoopSettings:
+        if self.rate_ttl_s < 2 * self.tick_interval_s:
+            raise ValueError(
+                f"rate_ttl_s ({self.rate_ttl_s:g}) must be at least two ticks ({2 * self.tick_interval_s:g} s), "
+                "or the limiters fall back to static rates between ticks"
+            )
+        return self
+
+
+class LeaseSettings(_Strict):
+    """Leader election (Kubernetes semantics): lease > renew deadline > retry period."""
+
+    enabled: bool = True
+    lease_s: float = Field(default=15.0, gt=0, le=3600, allow_inf_nan=False)  # how long an unrenewed lease lives
+    renew_deadline_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)  # leader steps down without a renew
+    retry_period_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)  # how often to renew / try to acquire
+
+    @model_validator(mode="after")
+    def _timings_can_work(self) -> LeaseSettings:
+        if self.lease_s <= self.renew_deadline_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s:g}) must be longer than renew_deadline_s ({self.renew_deadline_s:g}): "
+                "otherwise a follower can take the lease while the old leader still believes it leads"
+            )
+        if self.renew_deadline_s <= self.retry_period_s:
+            raise ValueError(
+                f"renew_deadline_s ({self.renew_deadline_s:g}) must be longer than retry_period_s "
+                f"({self.retry_period_s:g}): the leader needs at least one renew attempt before its deadline"
+            )
+        return self
+
+
+class PolicySettings(_Strict):
+    """Which policy decides: `rl` (a model file or MLflow URI) or any baseline by name."""
+
+    name: str = "rl"
+    model: str | None = None  # rl only: a .npz path or models:/ratepilot-policy@champion; None = champion or default
+    params: dict[str, Any] = Field(default_factory=dict)  # baseline constructor arguments
+
+
+class SafetySettings(_Strict):
+    """The safety engine's rules shared by all tiers (the per-tier bounds are in `tiers`)."""
+
+    max_up: float = Field(default=1.5, ge=1, le=100, allow_inf_nan=False)
+    max_down: float = Field(default=0.5, gt=0, le=1, allow_inf_nan=False)
+    brake_p99_over_slo: float = Field(default=3.0, gt=1, le=1000, allow_inf_nan=False)
+    brake_error_rate: float = Field(default=0.2, gt=0, le=1, allow_inf_nan=False)
+    brake_ratio: float = Field(default=0.5, gt=0, lt=1, allow_inf_nan=False)
+    stale_hold_ticks: int = Field(default=3, ge=0, le=10_000)
+    stale_decay: float = Field(default=0.2, gt=0, le=1, allow_inf_nan=False)
+
+
+class TierSettings(_Strict):
+    """One tier's aggregate rate: its static safe rate, its bounds, its burst and its latency SLO."""
+
+    static_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)  # as in limiter.yaml's aggregate rate
+    min_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)
+    max_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)
+    burst_s: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)  # burst = rate x burst_s
+    slo_ms: float = Field(default=250.0, gt=0, le=3_600_000, allow_inf_nan=False)  # p99 latency objective
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TierSettings:
+        if not self.min_rate <= self.static_rate <= self.max_rate:
+            raise ValueError(
+                f"need min_rate <= static_rate <= max_rate, got {self.min_rate:g} <= {self.static_rate:g} <= {self.max_rate:g}"
+            )
+        return self
+
+
+class AdminSettings(_Strict):
+    """The admin REST API: where it listens and who may write."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8081, ge=0, le=65535)
+    token: str | None = None  # bearer token for writes; None = writes refused (401)
+    protect_reads: bool = False  # True: reads need the token too
+
+    @field_validator("token")
+    @classmethod
+    def _strong_enough(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) < MIN_TOKEN_LENGTH or value.lower() in {"changeme", "changethis"} or value.isspace()):
+            raise ValueError(f"admin token must be at least {MIN_TOKEN_LENGTH} characters and not a placeholder")
+        return value
+
+
+class ControllerSettings(_Strict):
+    """Everything `ratepilot controller` needs, validated as one."""
+
+    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", min_length=1, max_length=200)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
+    loop: LoopSettings = Field(default_factory=LoopSettings)
+    lease: LeaseSettings = Field(default_factory=LeaseSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    safety: SafetySettings = Field(default_factory=SafetySettings)
+    tiers: dict[str, TierSettings]
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, value: dict[str, TierSettings]) -> dict[str, TierSettings]:
+        if not value:
+            raise ValueError("at least one tier is needed")
+        bad = [name for name in value if not TIER_NAME.match(name)]
+        if bad:
+            raise ValueError(f"tier names must match {TIER_NAME.pattern}: {bad[:5]}")
+        return value
+
+    @property
+    def tier_names(self) -> list[str]:
+        """Tier names in config order (the order of every per-tier array)."""
+        return list(self.tiers)
+
+    def tier_array(self, field_name: str) -> np.ndarray:
+        """One float per tier of a TierSettings field, in tier order."""
+        return np.array([getattr(t, field_name) for t in self.tiers.values()], dtype=np.float64)
+
+    def safety_limits(self) -> SafetyLimits:
+        """The safety engine's limits for these tiers."""
+        s = self.safety
+        return SafetyLimits(
+            min_rate=self.tier_array("min_rate"),
+            max_rate=self.tier_array("max_rate"),
+            static_rate=self.tier_array("static_rate"),
+            max_up=s.max_up,
+            max_down=s.max_down,
+            brake_p99_over_slo=s.brake_p99_over_slo,
+            brake_error_rate=s.brake_error_rate,
+            brake_ratio=s.brake_ratio,
+            stale_hold_ticks=s.stale_hold_ticks,
+            stale_decay=s.stale_decay,
+        )
+
+
+def set_path(data: dict[str, Any], path: tuple[str, ...], value: object) -> None:
+    """Set data[path[0]][path[1]]... = value, creating (or replacing non-mapping) levels on the way."""
+    node = data
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def default_config_text() -> str:
+    """The packaged controller.yaml."""
+    return resources.files("controller").joinpath("controller.yaml").read_text()
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def apply_env(data: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """A deep copy of `data` with the environment overrides (ENV_OVERRIDES) set."""
+    merged: dict[str, Any] = copy.deepcopy(dict(data))
+    for name, path in ENV_OVERRIDES.items():
+        value = env.get(name)
+        if value:
+            set_path(merged, path, value)
+    return merged
+
+
+def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> ControllerSettings:
+    """Validate a mapping (the parsed YAML) with the environment overrides applied on top."""
+    merged = apply_env(data, os.environ if env is None else env)
+    try:
+        return ControllerSettings.model_validate(merged)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ControllerSettings:
+    """Read and validate the YAML config (see the module docstring for the order)."""
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_CONFIG)
+    try:
+        text = Path(path).read_text() if path else default_config_text()
+        data = yaml.safe_load(text) or {}
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path or 'controller.yaml'}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path or 'controller.yaml'}: the top level must be a mapping")
+    try:
+        return settings_from_mapping(data, env)
+    except SettingsError as exc:
+        raise SettingsError(f"{path or 'controller.yaml'}: {exc}") from None
