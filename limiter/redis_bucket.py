@@ -28,12 +28,13 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any, NamedTuple
 
+import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from limiter.backoff import Backoff
 from limiter.bucket import BucketError, BucketSpec, Decision, decision_from, validate_cost
@@ -279,6 +280,9 @@ class RedisBucket:
         self._script_epoch = 0  # bumped by every SCRIPT LOAD
         self._loading: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        single = isinstance(client, redis.asyncio.Redis)
+        self._connections: list[Any] | None = [] if single else None  # idle own connections (single Redis)
+        self._all_connections: list[Any] = []
 
     @classmethod
     def from_url(
@@ -291,6 +295,8 @@ class RedisBucket:
         """Wait for outstanding pipelines, then close the client's connections."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for connection in self._all_connections:
+            await connection.disconnect()
         await self.client.aclose()
 
     async def check(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> tuple[bool, list[Decision]]:
@@ -389,11 +395,43 @@ class RedisBucket:
             self._loading = None
 
     async def _pipeline(self, commands: list[list[Any]]) -> list[Any]:
+        """One round trip; error replies come back as exception objects in place."""
         self.round_trips += 1
-        pipe = self.client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return list(await pipe.execute(raise_on_error=False))
+        if self._connections is None:  # a cluster client routes each command to its slot's node
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute(raise_on_error=False))
+        # Single Redis: our own connections, one per pipeline in flight. redis-py's pool and
+        # pipeline add per-batch locks, health checks and bookkeeping that cost more than the
+        # round trip itself at the batch sizes of one event-loop turn.
+        connection = self._connections.pop() if self._connections else self._new_connection()
+        try:
+            await connection.send_packed_command(b"".join(map(_pack, commands)), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as error:
+                    replies.append(error)
+        except BaseException:
+            await connection.disconnect(nowait=True)  # replies may be left unread: never reuse it as is
+            raise
+        finally:
+            self._connections.append(connection)
+        return replies
+
+    def _new_connection(self) -> Any:
+        """A connection like the client's, without a per-read timeout (the batch deadline bounds it)."""
+        kwargs = {**self.client.connection_pool.connection_kwargs, "socket_timeout": None}
+        connection = self.client.connection_pool.connection_class(**kwargs)
+        self._all_connections.append(connection)
+        return connection
+
+
+def _pack(command: list[Any]) -> bytes:
+    """RESP bytes of one command (hiredis' packer: C, no per-argument Python)."""
+    return bytes(hiredis.pack_command(tuple(command)))
 
 
 def _fail(batch: list[_Pending], message: str) -> None:

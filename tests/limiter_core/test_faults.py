@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 import redis
 
@@ -227,7 +228,7 @@ def test_client_clock_30s_ahead_admits_exactly_as_the_others(redis_server_sessio
     drained = bucket.check_many([([key], [spec], 1) for key in keys for _ in range(3)])
     assert all(allowed for allowed, _ in drained)
 
-    def client(key: str, faked: bool) -> dict[str, object]:
+    def client(key: str, faked: bool) -> dict[str, Any]:
         argv = [
             sys.executable,
             "-m", "tests.limiter_core.hammer", "--url", redis_server_session.url, "--key", key,
@@ -236,7 +237,7 @@ def test_client_clock_30s_ahead_admits_exactly_as_the_others(redis_server_sessio
         if faked:
             argv = [find_binary("faketime"), "-f", "+30s", *argv]
         done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
-        result: dict[str, object] = json.loads(done.stdout)
+        result: dict[str, Any] = json.loads(done.stdout)
         return result
 
     normal, faked = client(keys[0], False), client(keys[1], True)
@@ -245,6 +246,6 @@ def test_client_clock_30s_ahead_admits_exactly_as_the_others(redis_server_sessio
     assert abs(float(normal["client_time_s"]) - server_s) < 10
     assert faked["allowed"] == normal["allowed"] == [False, False, False]
     for result in (normal, faked):  # the script reported the server's time, not the client's
-        assert all(abs(now_us / MICRO - server_s) < 10 for now_us in result["server_now_us"])  # type: ignore[attr-defined]
+        assert all(abs(now_us / MICRO - server_s) < 10 for now_us in result["server_now_us"])
     bucket.close()
     admin.close()
