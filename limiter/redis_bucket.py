@@ -291,6 +291,28 @@ class RedisBucket:
         """A bucket on a new asyncio client for `url` (`cluster=True` for a Redis Cluster seed node)."""
         return cls(make_async_client(url, timeout_s, cluster), timeout_s=timeout_s, **options)
 
+    async def warm_up(self, timeout_s: float = 1.0) -> None:
+        """Load the script and open the connections now, so the first checks need no connect.
+
+        Call it at start-up (a cold connect alone can exceed a 5 ms check timeout). Raises
+        RedisUnavailable when Redis cannot be reached within `timeout_s`; checks then fail
+        over as usual and connect later.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.client.script_load(SCRIPT)
+                self.script_loads += 1
+                self._script_epoch += 1
+                if self._connections is not None:
+                    while len(self._all_connections) < self.max_in_flight:
+                        connection = self._new_connection()
+                        await connection.connect()
+                        self._connections.append(connection)
+                elif hasattr(self.client, "initialize"):
+                    await self.client.initialize()  # cluster: discover the slots of every node
+        except (*_CONNECTION_ERRORS, RedisError) as error:
+            raise RedisUnavailable(f"redis not reachable at warm-up: {error!r}") from error
+
     async def aclose(self) -> None:
         """Wait for outstanding pipelines, then close the client's connections."""
         if self._tasks:

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from limiter.bucket import MICRO, BucketError, BucketSpec, check_and_consume, validate_cost
+from limiter.errors import RedisUnavailable
 from limiter.local_bucket import LocalBucket
 from limiter.redis_bucket import SCRIPT_SHA, CheckRequest, RedisBucket, SyncRedisBucket, to_decisions
 
@@ -206,3 +207,27 @@ def test_script_sha_is_what_redis_computes(backend: Backend) -> None:
     from limiter.redis_bucket import SCRIPT
 
     assert backend.admin.script_load(SCRIPT) == SCRIPT_SHA
+
+
+def test_warm_up_loads_the_script_and_connects(backend: Backend) -> None:
+    """After warm_up() the first check needs neither SCRIPT LOAD nor a resend; a dead Redis raises RedisUnavailable."""
+
+    async def scenario() -> tuple[int, int, bool]:
+        bucket = backend.async_bucket()
+        await bucket.warm_up()
+        loads_after_warm_up = bucket.script_loads
+        allowed, _ = await bucket.check([f"rp:{{{backend.tag()}}}:c:a"], [BucketSpec(1, 1)], 1)
+        trips = bucket.round_trips
+        await bucket.aclose()
+        return loads_after_warm_up, trips, allowed
+
+    loads, trips, allowed = asyncio.run(scenario())
+    assert loads == 1 and trips == 1 and allowed
+
+    async def dead() -> None:
+        bucket = RedisBucket.from_url("redis://127.0.0.1:1/0", timeout_s=0.2)
+        with pytest.raises(RedisUnavailable):
+            await bucket.warm_up(timeout_s=0.5)
+        await bucket.aclose()
+
+    asyncio.run(dead())
