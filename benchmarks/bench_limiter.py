@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from itertools import cycle
+from pathlib import Path
 from typing import Any
 
 from rich.progress import Progress
@@ -184,4 +185,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if not args.no_http:
         result.update(run_http(args.http_seconds))
+    plot(figures, args.json.with_suffix(".png"))
     return result
+
+
+def plot(figures: dict[str, float], path: Path) -> None:
+    """A horizontal bar chart of checks/s per method, next to the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(figures)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colors = ["tab:orange" if name.startswith(("ours", "local")) else "tab:gray" for name in names]
+    ax.barh([name.removesuffix("_per_s") for name in names], [figures[name] for name in names], color=colors)
+    ax.set_xscale("log")
+    ax.set_xlabel("checks per second (single thread, log scale)")
+    ax.set_title("ratepilot bench limiter")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -360,6 +360,9 @@ class RedisBucket:
 
     async def _run(self, batch: list[_Pending], deadline: float) -> None:
         try:
+            if asyncio.get_running_loop().time() >= deadline:  # a busy loop, not Redis: no back-off
+                _fail(batch, f"checks waited longer than {self.timeout_s:g} s before they could be sent")
+                return
             async with asyncio.timeout_at(deadline):
                 replies = await self._execute([item.command for item in batch])
         except _CONNECTION_ERRORS as error:

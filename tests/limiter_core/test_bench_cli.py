@@ -1,0 +1,42 @@
+"""`ratepilot bench`: usage errors, and a tiny limiter run that writes every promised key (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cli
+
+PROMISED_KEYS = {
+    "raw_evalsha_per_s",
+    "ours_per_call_per_s",
+    "ours_batch_per_s",
+    "limits_fixed_window_per_s",
+    "limits_moving_window_per_s",
+    "limits_sliding_window_per_s",
+    "pyrate_token_bucket_per_s",
+    "local_bucket_per_s",
+}
+
+
+def test_unknown_benchmark_and_bad_options_exit_non_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+    assert cli.main(["--help"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["limiter", "--rounds", "many"])
+    assert exit_info.value.code == 2
+    assert cli.main(["limiter", "--seconds", "-1", "--json", "/dev/null"]) == 1
+
+
+def test_tiny_limiter_run_writes_json_and_png(tmp_path: Path) -> None:
+    out = tmp_path / "limiter.json"
+    assert cli.main(["limiter", "--seconds", "0.03", "--rounds", "1", "--no-http", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result.keys() >= PROMISED_KEYS
+    assert all(result[key] > 0 for key in PROMISED_KEYS)
+    assert set(result["ratios"]) >= {"ours_over_raw_evalsha", "batch_over_per_call", "ours_over_pyrate_token_bucket"}
+    assert out.with_suffix(".png").stat().st_size > 0
