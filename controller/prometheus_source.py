@@ -47,7 +47,8 @@ class PrometheusSource:
         self.tiers = list(tiers)
         self._index = {tier: i for i, tier in enumerate(self.tiers)}
         self._exprs = {
-            name: q.expr.format(window=settings.window, tier_label=settings.tier_label) for name, q in settings.queries.items()
+            name: q.expr.replace("{window}", settings.window).replace("{tier_label}", settings.tier_label)
+            for name, q in settings.queries.items()
         }
         self._clients = {name: client or self._connect() for name in QUERY_NAMES}  # one session per query thread
         self._pool = ThreadPoolExecutor(max_workers=len(QUERY_NAMES), thread_name_prefix="promql")

@@ -61,7 +61,7 @@ class RedisSettings(_Strict):
 
 
 class QuerySettings(_Strict):
-    """One PromQL query; `{window}` and `{tier_label}` are filled in; `fill` stands in for tiers without a series."""
+    """One PromQL query; the text `{window}` and `{tier_label}` is replaced; `fill` stands in for tiers without a series."""
 
     expr: str = Field(min_length=1)
     per_tier: bool = True  # False: one value for all tiers (e.g. the backend's CPU)
@@ -69,9 +69,9 @@ class QuerySettings(_Strict):
 
 
 def _default_queries() -> dict[str, QuerySettings]:
-    tokens = "sum by ({tier_label}) (rate(ratepilot_decision_tokens_total{{outcome=\"%s\"}}[{window}]))"
+    tokens = "sum by ({tier_label}) (rate(ratepilot_decision_tokens_total{outcome=\"%s\"}[{window}]))"
     requests = "sum by ({tier_label}) (rate(ratepilot_backend_requests_total[{window}]))"
-    errors = "sum by ({tier_label}) (rate(ratepilot_backend_requests_total{{outcome=\"error\"}}[{window}]))"
+    errors = "sum by ({tier_label}) (rate(ratepilot_backend_requests_total{outcome=\"error\"}[{window}]))"
     return {
         "p99_latency_ms": QuerySettings(
             expr="1000 * histogram_quantile(0.99, sum by ({tier_label}, le) "

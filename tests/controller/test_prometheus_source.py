@@ -1,0 +1,59 @@
+"""The Prometheus source against a real Prometheus scraping the synthetic exporter every second."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from controller.exporter import SyntheticExporter
+from controller.prometheus_source import PrometheusSource
+from controller.settings import PrometheusSettings, QuerySettings
+from ratepilot.servers import PrometheusServer, free_port
+
+TIERS = ["free", "pro", "idle", "unknown"]
+
+
+def source(url: str, **kw: object) -> PrometheusSource:
+    return PrometheusSource(PrometheusSettings(url=url, window="3s", **kw), TIERS)  # type: ignore[arg-type]
+
+
+def test_values_per_tier_match_what_the_exporter_serves(prometheus: PrometheusServer, exporter: SyntheticExporter) -> None:
+    reading = source(prometheus.url).read(np.array([100.0, 400.0, 200.0, 50.0]))
+    m = reading.metrics
+    assert reading.errors == {}
+    # 20 ms requests fall in the (10, 25] ms bucket: p99 interpolates to 10 + 0.99 * 15 ms
+    assert np.allclose(m.p99_latency_ms[:2], 24.85)
+    assert m.error_rate[:2].tolist() == [0.0, 0.0]
+    assert np.allclose(m.admitted_rps[:2], 50.0, rtol=0.1)
+    assert m.throttled_rps[:2].tolist() == [0.0, 0.0]
+    assert np.allclose(m.cpu, 0.3)
+    # no traffic: latency and error rate are NaN (missing); token rates are 0 (filled)
+    assert math.isnan(m.p99_latency_ms[2]) and math.isnan(m.error_rate[2]) and m.admitted_rps[2] == 0.0
+    # a tier Prometheus has never heard of: missing metrics, 0 tokens
+    assert math.isnan(m.p99_latency_ms[3]) and m.admitted_rps[3] == 0.0
+    assert reading.missing["p99_latency_ms"] == 2
+    assert m.rate.tolist() == [100.0, 400.0, 200.0, 50.0]
+
+
+def test_prometheus_down_gives_nan_and_the_reason_fast() -> None:
+    started = time.monotonic()
+    reading = source(f"http://127.0.0.1:{free_port()}").read(np.ones(4))
+    assert time.monotonic() - started < 2.0
+    assert set(reading.errors) == {"p99_latency_ms", "error_rate", "cpu", "admitted_rps", "throttled_rps"}
+    assert "ConnectionError" in reading.errors["cpu"]
+    assert np.isnan(reading.metrics.p99_latency_ms).all() and np.isnan(reading.metrics.admitted_rps).all()
+
+
+def test_nan_inf_and_bad_promql_become_missing(prometheus: PrometheusServer) -> None:
+    queries = {
+        "p99_latency_ms": QuerySettings(expr='0/0 * sum by (tier) (ratepilot_backend_requests_total{outcome="ok"})'),
+        "error_rate": QuerySettings(expr='1/0 + sum by (tier) (ratepilot_backend_requests_total{outcome="ok"})'),
+        "cpu": QuerySettings(expr="this is not promql", per_tier=False),
+    }
+    reading = source(prometheus.url, queries=queries).read(np.ones(4))
+    assert np.isnan(reading.metrics.p99_latency_ms).all()
+    assert np.isnan(reading.metrics.error_rate).all()
+    assert np.isnan(reading.metrics.cpu).all() and "400" in reading.errors["cpu"]
+    assert set(reading.errors) == {"cpu"}
