@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 # Words that look like identifiers in PromQL but are not metric names.
 KEYWORDS = frozenset(
-    "by without on ignoring group_left group_right bool and or unless offset inf nan".split()
+    ["by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset", "inf", "nan"]
 )
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
