@@ -32,7 +32,9 @@ import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.retry
 import redis.cluster
+import redis.retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -119,7 +121,10 @@ def to_decisions(reply: Any, specs: Sequence[BucketSpec]) -> tuple[bool, list[De
     ]
 
 
-def _no_retry() -> redis.retry.Retry:
+def _no_retry(asyncio_client: bool) -> Any:
+    """A Retry policy that never resends (the asyncio clients need their own Retry class)."""
+    if asyncio_client:
+        return redis.asyncio.retry.Retry(NoBackoff(), 0)
     return redis.retry.Retry(NoBackoff(), 0)
 
 
@@ -137,7 +142,7 @@ def _check_no_retries(client: Any) -> None:
 
 def make_sync_client(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, cluster: bool = False) -> Any:
     """A redis-py client (hiredis parser when installed) with the per-call timeout and no retries."""
-    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": _no_retry()}
+    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": _no_retry(asyncio_client=False)}
     if cluster:
         return redis.cluster.RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, **options)
@@ -145,7 +150,7 @@ def make_sync_client(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, cluster: bo
 
 def make_async_client(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, cluster: bool = False) -> Any:
     """An asyncio redis-py client (hiredis parser when installed) with the per-call timeout and no retries."""
-    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": _no_retry()}
+    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": _no_retry(asyncio_client=True)}
     if cluster:
         return redis.asyncio.cluster.RedisCluster.from_url(url, **options)
     return redis.asyncio.Redis.from_url(url, **options)
@@ -189,7 +194,11 @@ class SyncRedisBucket:
         return decode_reply(self._call(encode_check(keys, specs, cost)))
 
     def check_many(self, requests: Sequence[CheckRequest | tuple[Any, Any, float]]) -> list[tuple[bool, list[Decision]]]:
-        """Check many requests in one pipelined round trip, each atomically, in order."""
+        """Check many requests in one pipelined round trip, each atomically, in order.
+
+        Every request is validated before anything is sent. If Redis fails any of them this
+        raises RedisUnavailable for the whole batch (the others may have been charged).
+        """
         return [to_decisions(reply, request[1]) for reply, request in zip(self._call_many(requests), requests, strict=True)]
 
     def check_many_raw(self, requests: Sequence[CheckRequest | tuple[Any, Any, float]]) -> list[ScriptResult]:
@@ -229,6 +238,8 @@ class SyncRedisBucket:
         except _CONNECTION_ERRORS as error:
             self.backoff.failure()
             raise RedisUnavailable(f"redis unreachable: {error}") from error
+        except RedisError as error:
+            raise RedisUnavailable(f"redis refused the checks: {error}") from error
         for reply in replies:
             if isinstance(reply, Exception):
                 raise RedisUnavailable(f"redis refused a check: {reply}") from reply
