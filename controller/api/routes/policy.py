@@ -44,13 +44,13 @@ def reload_policy(controller: ControllerDep, body: Annotated[ReloadRequest | Non
         try:
             wanted = PolicySettings.model_validate({**current.model_dump(), **changes})
         except ValidationError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc.errors()[0]["msg"])) from None
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc.errors()[0]["msg"])) from None
     try:
         loaded = controller.policies.reload(wanted)
     except PolicyLoadError as exc:
         controller.metrics.errors.labels("model_load").inc()
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY, f"policy not reloaded, the one in force stays: {exc}"
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"policy not reloaded, the one in force stays: {exc}"
         ) from None
     return loaded.describe()
 
