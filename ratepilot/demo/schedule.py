@@ -1,0 +1,116 @@
+"""What the demo plays: per-second demand and backend capacity, and the open-loop arrival times.
+
+The default scenario is written in scenario units where the backend's nominal capacity is
+`NOMINAL_CAPACITY` requests/s; `scale` turns units into the demo's requests/s (chosen so that the
+peak demand fits what this machine can generate and serve, or given with `--scale`).
+A trace CSV (`training.traces` format) is rescaled the same way: its nominal capacity (median
+`capacity_rps`, or, without that column, its median demand / `STEADY_LOAD`) maps to `NOMINAL_CAPACITY`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.traces import load_trace
+
+NOMINAL_CAPACITY = 100.0  # scenario units: the backend's nominal capacity, requests/s
+STEADY_LOAD = 0.6  # steady demand as a share of the nominal capacity
+FLASH_FACTOR = 10.0  # the flash crowd multiplies the steady demand
+PEAK_RPS_PER_CORE = 250.0  # offered requests/s per core that load generator + edge + Redis keep up with
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of the scenario: its share of the duration, the demand and the capacity (scenario units)."""
+
+    name: str
+    share: float
+    demand: float
+    capacity: float
+
+
+DEFAULT_PHASES = (
+    Phase("steady", 0.20, STEADY_LOAD * NOMINAL_CAPACITY, NOMINAL_CAPACITY),
+    Phase("flash crowd x10", 0.20, FLASH_FACTOR * STEADY_LOAD * NOMINAL_CAPACITY, NOMINAL_CAPACITY),
+    Phase("capacity halved", 0.30, STEADY_LOAD * NOMINAL_CAPACITY, NOMINAL_CAPACITY / 2),
+    Phase("recovery", 0.30, STEADY_LOAD * NOMINAL_CAPACITY, NOMINAL_CAPACITY),
+)
+DEFAULT_DURATION_S = 180
+
+
+@dataclass(frozen=True)
+class LoadSchedule:
+    """Per-second demand and capacity (requests/s), already scaled to the demo; `phases` label the seconds."""
+
+    name: str
+    demand_rps: np.ndarray
+    capacity_rps: np.ndarray
+    phases: tuple[tuple[int, str], ...]  # (first second, phase name)
+    nominal_capacity_rps: float
+
+    @property
+    def duration_s(self) -> int:
+        """Length in seconds."""
+        return int(self.demand_rps.size)
+
+    @property
+    def peak_demand_rps(self) -> float:
+        """The largest per-second demand."""
+        return float(self.demand_rps.max(initial=0.0))
+
+    def phase_at(self, second: float) -> str:
+        """Name of the phase a second belongs to."""
+        name = self.phases[0][1] if self.phases else ""
+        for start, phase in self.phases:
+            if second >= start:
+                name = phase
+        return name
+
+
+def default_scenario(duration_s: int = DEFAULT_DURATION_S, scale: float = 1.0) -> LoadSchedule:
+    """Steady -> 10x flash crowd -> backend capacity halved -> recovery, stretched to `duration_s`."""
+    if duration_s < len(DEFAULT_PHASES):
+        raise ValueError(f"duration must be at least {len(DEFAULT_PHASES)} s, got {duration_s}")
+    bounds = np.round(np.cumsum([0.0, *(p.share for p in DEFAULT_PHASES)]) * duration_s).astype(int)
+    demand = np.empty(duration_s)
+    capacity = np.empty(duration_s)
+    for phase, start, end in zip(DEFAULT_PHASES, bounds[:-1], bounds[1:], strict=True):
+        demand[start:end] = phase.demand * scale
+        capacity[start:end] = phase.capacity * scale
+    phases = tuple((int(start), p.name) for p, start in zip(DEFAULT_PHASES, bounds[:-1], strict=True))
+    return LoadSchedule("default", demand, capacity, phases, NOMINAL_CAPACITY * scale)
+
+
+def trace_scenario(path: str | Path, scale: float = 1.0, duration_s: int | None = None) -> LoadSchedule:
+    """A trace CSV rescaled to scenario units and then by `scale`; TraceError on a bad file."""
+    trace = load_trace(path)
+    seconds = max(1, math.ceil(trace.duration_s - float(trace.t_s[0])))
+    if duration_s is not None:
+        seconds = min(seconds, duration_s)
+    demand, capacity, _heavy = trace.per_second(float(trace.t_s[0]), seconds)
+    if capacity is not None and float(np.median(capacity)) > 0:
+        nominal = float(np.median(capacity))
+    else:
+        nominal = max(float(np.median(demand)), 1e-9) / STEADY_LOAD
+    units = NOMINAL_CAPACITY / nominal * scale
+    capacity_rps = (capacity if capacity is not None else np.full(seconds, nominal)) * units
+    return LoadSchedule(Path(path).name, demand * units, capacity_rps, ((0, Path(path).stem),), NOMINAL_CAPACITY * scale)
+
+
+def auto_scale(schedule_units_peak: float, cores: int, peak_rps_per_core: float = PEAK_RPS_PER_CORE) -> float:
+    """The scale at which the scenario's peak demand (in scenario units) fits this machine."""
+    if schedule_units_peak <= 0:
+        return 1.0
+    return peak_rps_per_core * max(1, cores) / schedule_units_peak
+
+
+def arrival_times(demand_rps: np.ndarray, seed: int) -> np.ndarray:
+    """Poisson arrival offsets (s) following a per-second demand; the same seed gives the same arrivals."""
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(np.clip(demand_rps, 0.0, None))
+    offsets = [second + np.sort(rng.random(count)) for second, count in enumerate(counts.tolist())]
+    return np.concatenate(offsets) if offsets else np.empty(0)

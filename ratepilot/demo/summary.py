@@ -1,0 +1,143 @@
+"""Turn a load generator's record into the comparison metrics and per-second series (pure numpy).
+
+Client-side definitions (what the callers of the API experienced):
+
+* goodput_rps: requests answered 2xx within the latency SLO, per second of the run;
+* p99_latency_ms: p99 latency of the admitted requests (not throttled), from the scheduled send time;
+* throttle_frac: share of requests answered 429; error_frac: share that got a 5xx, another 4xx or no answer;
+* slo_violation_frac: share of control intervals whose p99 exceeded the SLO or whose error share
+  exceeded the error budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ratepilot.demo.loadgen import RunRecord
+
+THROTTLED = 429
+INTERVAL_S = 5  # the controller's tick, the unit of slo_violation_frac
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The metrics of one run, as written to --json."""
+
+    goodput_rps: float
+    p99_latency_ms: float
+    throttle_frac: float
+    error_frac: float
+    slo_violation_frac: float
+    requests: int
+    duration_s: float
+    generator_lag_p99_ms: float
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain floats and ints for JSON."""
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def outcome_masks(status: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ok, throttled, error) masks of completed requests."""
+    done = status >= 0
+    ok = done & (status >= 200) & (status < 300)
+    throttled = status == THROTTLED
+    return ok, throttled, done & ~ok & ~throttled
+
+
+def _p99_ms(latency_s: np.ndarray) -> float:
+    return float(np.percentile(latency_s, 99) * 1000) if latency_s.size else float("nan")
+
+
+def summarize(record: RunRecord, duration_s: float, slo_ms: float, error_budget: float) -> RunSummary:
+    """The comparison metrics of one run."""
+    if not duration_s > 0:
+        raise ValueError("duration_s must be positive")
+    n = record.offsets_s.size
+    ok, throttled, error = outcome_masks(record.status)
+    never_answered = record.status < 0  # still in flight when the run ended: counts as an error
+    error = error | never_answered
+    latency = np.where(never_answered, np.inf, record.latency_s)
+    admitted = ~throttled
+    good = ok & (latency * 1000 <= slo_ms)
+    intervals = np.floor(record.offsets_s / INTERVAL_S).astype(int)
+    violations = 0
+    n_intervals = max(1, int(np.ceil(duration_s / INTERVAL_S)))
+    for k in range(n_intervals):
+        in_k = intervals == k
+        sent = int(in_k.sum())
+        if sent == 0:
+            continue
+        p99 = _p99_ms(latency[in_k & admitted])
+        if (p99 > slo_ms) or (error[in_k].sum() / sent > error_budget):
+            violations += 1
+    lag = record.lag_s[np.isfinite(record.lag_s)]
+    return RunSummary(
+        goodput_rps=float(good.sum() / duration_s),
+        p99_latency_ms=_p99_ms(latency[admitted]),
+        throttle_frac=float(throttled.sum() / n) if n else 0.0,
+        error_frac=float(error.sum() / n) if n else 0.0,
+        slo_violation_frac=violations / n_intervals,
+        requests=n,
+        duration_s=float(duration_s),
+        generator_lag_p99_ms=_p99_ms(lag),
+    )
+
+
+@dataclass(frozen=True)
+class SecondSeries:
+    """Per-second client-side series of a run, by scheduled send second (for the plot)."""
+
+    sent: np.ndarray
+    ok: np.ndarray
+    good: np.ndarray
+    throttled: np.ndarray
+    errors: np.ndarray
+    p99_ms: np.ndarray
+
+
+def per_second(record: RunRecord, seconds: int, slo_ms: float) -> SecondSeries:
+    """Counts per scheduled second and the p99 latency of the admitted requests of each second."""
+    ok, throttled, error = outcome_masks(record.status)
+    error = error | (record.status < 0)
+    second = np.clip(record.offsets_s.astype(int), 0, max(seconds - 1, 0))
+
+    def count(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(second[mask], minlength=seconds)[:seconds].astype(float)
+
+    latency = np.where(record.status < 0, np.inf, record.latency_s)
+    p99 = np.full(seconds, np.nan)
+    admitted = ~throttled
+    order = np.argsort(second, kind="stable")
+    bounds = np.searchsorted(second[order], np.arange(seconds + 1))
+    for s in range(seconds):
+        idx = order[bounds[s] : bounds[s + 1]]
+        idx = idx[admitted[idx]]
+        if idx.size:
+            p99[s] = min(_p99_ms(latency[idx]), 1e9)
+    return SecondSeries(
+        sent=count(np.ones_like(ok)),
+        ok=count(ok),
+        good=count(ok & (latency * 1000 <= slo_ms)),
+        throttled=count(throttled),
+        errors=count(error),
+        p99_ms=p99,
+    )
+
+
+def window_stats(record: RunRecord, now_s: float, window_s: float = 2.0) -> dict[str, float]:
+    """Rates and p99 over the requests scheduled in the last completed `window_s` seconds (live view)."""
+    lo, hi = now_s - window_s - 1.0, now_s - 1.0  # give requests a second to finish
+    sel = (record.offsets_s >= lo) & (record.offsets_s < hi)
+    status = record.status[sel]
+    ok, throttled, error = outcome_masks(status)
+    admitted_latency = record.latency_s[sel][~throttled & (status >= 0)]
+    return {
+        "sent_rps": float(sel.sum() / window_s),
+        "ok_rps": float(ok.sum() / window_s),
+        "throttled_rps": float(throttled.sum() / window_s),
+        "error_rps": float(error.sum() / window_s),
+        "p99_ms": _p99_ms(admitted_latency),
+    }
