@@ -1,6 +1,6 @@
 """A client process for the concurrency and clock tests: `python -m tests.limiter_core.hammer ...`.
 
-`--mode call|batch` hammers one key for `--seconds`; `--mode sequence` makes `--count` checks.
+`--mode call|batch|async` hammers one key for `--seconds`; `--mode sequence` makes `--count` checks.
 Prints one JSON line: admitted, denied, errors, the client's own clock, and the server times
 reported by the script.
 """
@@ -8,13 +8,14 @@ reported by the script.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
 
 from limiter.bucket import BucketSpec
 from limiter.errors import RedisUnavailable
-from limiter.redis_bucket import SyncRedisBucket
+from limiter.redis_bucket import RedisBucket, SyncRedisBucket
 
 
 def main(argv: list[str]) -> int:
@@ -26,13 +27,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rate", type=float, required=True)
     parser.add_argument("--capacity", type=float, required=True)
     parser.add_argument("--cost", type=float, default=1.0)
-    parser.add_argument("--mode", choices=["call", "batch", "sequence"], default="call")
+    parser.add_argument("--mode", choices=["call", "batch", "async", "sequence"], default="call")
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--count", type=int, default=1)
     args = parser.parse_args(argv)
 
-    bucket = SyncRedisBucket.from_url(args.url, timeout_s=2.0, cluster=args.cluster)
     keys, specs = [args.key], [BucketSpec(args.rate, args.capacity)]
+    if args.mode == "async":
+        admitted, denied, errors = asyncio.run(hammer_async(args, keys, specs))
+        print(json.dumps({"admitted": admitted, "denied": denied, "errors": errors}))
+        return 0
+    bucket = SyncRedisBucket.from_url(args.url, timeout_s=2.0, cluster=args.cluster)
     admitted = denied = errors = 0
     allowed_list: list[bool] = []
     server_now_us: list[int] = []
@@ -71,6 +76,25 @@ def main(argv: list[str]) -> int:
         )
     )
     return 0
+
+
+async def hammer_async(args: argparse.Namespace, keys: list[str], specs: list[BucketSpec]) -> tuple[int, int, int]:
+    """20 tasks on one coalescing RedisBucket until the time is up: (admitted, denied, errors)."""
+    bucket = RedisBucket.from_url(args.url, timeout_s=2.0, cluster=args.cluster)
+    counts = [0, 0, 0]
+    deadline = time.monotonic() + args.seconds
+
+    async def task() -> None:
+        while time.monotonic() < deadline:
+            try:
+                allowed, _ = await bucket.check(keys, specs, args.cost)
+                counts[0 if allowed else 1] += 1
+            except RedisUnavailable:
+                counts[2] += 1
+
+    await asyncio.gather(*(task() for _ in range(20)))
+    await bucket.aclose()
+    return counts[0], counts[1], counts[2]
 
 
 if __name__ == "__main__":

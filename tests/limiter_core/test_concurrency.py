@@ -24,7 +24,7 @@ def hammer_argv(backend: Backend, key: str, spec: BucketSpec, cost: float, mode:
 
 
 def test_processes_hammering_one_key_never_over_admit(backend: Backend) -> None:
-    """4 processes (per call and batched) for ~1.5 s: admitted tokens <= capacity + rate × elapsed.
+    """4 processes (per call, batched, coalescing asyncio) for ~1.5 s: admitted tokens <= capacity + rate × elapsed.
 
     Elapsed is measured on the server clock before the first and after the last check, so the
     bound is exact: the tolerance is zero micro-tokens.
@@ -36,7 +36,7 @@ def test_processes_hammering_one_key_never_over_admit(backend: Backend) -> None:
         subprocess.Popen(
             hammer_argv(backend, key, spec, cost, mode, seconds=1.5), cwd=REPO, stdout=subprocess.PIPE, text=True
         )
-        for mode in ("call", "call", "batch", "batch")
+        for mode in ("call", "call", "batch", "async")
     ]
     outputs = [json.loads(worker.communicate(timeout=60)[0]) for worker in workers]
     end_us = backend.server_time_us(key)
