@@ -139,4 +139,4 @@ class TrafficEnv(gym.Env[np.ndarray, np.ndarray]):
         return obs.vector[0].astype(np.float32), float(reward[0]), False, bool(done), info
 
 
-gym.register(id=ENV_ID, entry_point=TrafficEnv, max_episode_steps=DEFAULT_STEPS)
+gym.register(id=ENV_ID, entry_point="training.env:TrafficEnv", max_episode_steps=DEFAULT_STEPS)

@@ -29,7 +29,7 @@ TRACE_PREFIX = "trace:"
 MAX_TRACE_STEPS = 720  # a trace file longer than an hour is cut to its first hour
 
 Profile = tuple[np.ndarray, np.ndarray, np.ndarray]  # load (x capacity), capacity factor, heavy share
-Generator = Callable[[np.random.Generator, int, float], tuple[Profile, dict[str, object]]]
+Generator = Callable[[np.random.Generator, int, bool], tuple[Profile, dict[str, object]]]
 
 
 def sample_params(rng: np.random.Generator, randomize: bool = True) -> WorldParams:

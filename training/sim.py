@@ -71,11 +71,12 @@ LN100 = float(np.log(100.0))
 #   base * (1 + KNEE_A * rho**KNEE_K / (1 - rho)),
 # flat until ~80 % and steep near saturation, like a pool of workers (M/M/c) rather than one server.
 KNEE_A = 3.0
-KNEE_K = 20
+KNEE_K = 20  # (see _knee_power)
 RHO_CAP = 0.995
 MIN_LATENCY_SHARE = 0.5  # the fastest request takes this share of the idle p99
 UTIL_TAU_S = 5.0  # seconds: the service tail follows the admitted work averaged over this time (the
 # fluid queue, not the tail formula, answers short overloads; a short average would count Poisson noise twice)
+QUEUE_TAU_S = 1.0  # seconds over which the worker pool smooths admitted work before it queues
 ORACLE_SLO_MARGIN = 0.8  # the oracle aims its p99 at this share of the SLO (measurement noise, bursts)
 
 
@@ -176,10 +177,19 @@ def mean_cost(heavy_frac: Any, heavy_cost: Any) -> Any:
     return 1.0 + heavy_frac * (heavy_cost - 1.0)
 
 
+def _knee_power(r: np.ndarray) -> np.ndarray:
+    """r ** KNEE_K (= 20) by squaring: several times faster than np.power."""
+    r4 = r * r
+    r4 *= r4
+    r16 = r4 * r4
+    r16 *= r16
+    return r16 * r4
+
+
 def service_p99_ms(rho: Any, base_latency_ms: Any) -> Any:
     """p99 service latency (ms) at utilisation rho, without queueing behind a backlog."""
     r = np.minimum(np.maximum(rho, 0.0), RHO_CAP)
-    return base_latency_ms * (1.0 + KNEE_A * r**KNEE_K / (1.0 - r))
+    return base_latency_ms * (1.0 + KNEE_A * _knee_power(np.asarray(r, dtype=np.float64)) / (1.0 - r))
 
 
 def slo_utilisation(slo_ms: np.ndarray, base_latency_ms: np.ndarray) -> np.ndarray:
@@ -191,7 +201,7 @@ def slo_utilisation(slo_ms: np.ndarray, base_latency_ms: np.ndarray) -> np.ndarr
     return np.maximum(best, grid[0])
 
 
-def tail_quantile(start: np.ndarray, theta: np.ndarray, weights: np.ndarray, q: float, iterations: int = 16) -> np.ndarray:
+def tail_quantile(start: np.ndarray, theta: np.ndarray, weights: np.ndarray, q: float, iterations: int = 12) -> np.ndarray:
     """Row-wise q-quantile of a mixture of shifted exponentials (N, M): start + Exp(mean theta), by bisection.
 
     A component with theta = 0 is a point mass at `start` (the timed-out requests). NaN for rows without
@@ -201,11 +211,14 @@ def tail_quantile(start: np.ndarray, theta: np.ndarray, weights: np.ndarray, q: 
     target = (1.0 - q) * total
     lo = start.min(axis=1)
     hi = (start + theta * np.log(1.0 / (1.0 - q))).max(axis=1) + 1e-9
-    inv_theta = 1.0 / np.maximum(theta, 1e-12)
+    # float32 is ample for latencies and twice as fast through exp
+    start32 = start.astype(np.float32)
+    inv_theta = (1.0 / np.maximum(theta, 1e-12)).astype(np.float32)
+    w32 = weights.astype(np.float32)
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
-        excess = np.maximum(mid[:, None] - start, 0.0) * inv_theta
-        above = (weights * np.exp(-excess)).sum(axis=1)
+        excess = np.maximum(mid[:, None].astype(np.float32) - start32, np.float32(0.0)) * inv_theta
+        above = (w32 * np.exp(-excess)).sum(axis=1, dtype=np.float64)
         too_low = above > target
         lo = np.where(too_low, mid, lo)
         hi = np.where(too_low, hi, mid)
@@ -241,58 +254,55 @@ class BatchSim:
         if len(steps) != 1:
             raise ValueError(f"all episodes of a batch must have the same number of steps, got {sorted(steps)}")
         self.episodes = episodes
-        self.n = len(episodes)
+        self.n = n = len(episodes)
         self.steps = steps.pop()
         p = {f: _stack(episodes, f) for f in WorldParams.__dataclass_fields__}
         self.p = p
         self.demand = np.stack([e.demand_rps for e in episodes]).astype(np.float64)
         self.cap_factor = np.stack([e.capacity_factor for e in episodes]).astype(np.float64)
         self.heavy = np.stack([e.heavy_frac for e in episodes]).astype(np.float64)
-        self.heavy_cost_ut = np.floor(p["heavy_cost"] * MICRO)
+        heavy_cost_ut = np.floor(p["heavy_cost"] * MICRO).astype(np.int64)
+        self.cost_ut = np.stack([np.full(n, MICRO, dtype=np.int64), heavy_cost_ut])  # (2, N): light, heavy
         self.rho_slo = slo_utilisation(p["slo_ms"], p["base_latency_ms"])
         self.lag_sub = np.clip(np.round(p["lag_s"] / SUBSTEP_S), 0, SUBSTEPS).astype(np.int64)
         self.hpa_delay = np.clip(np.round(p["hpa_delay_s"] / INTERVAL_S), 1, HPA_SLOTS - 1).astype(np.int64)
-        self.retry_throttle_sub = np.clip(np.round(p["retry_delay_s"] / SUBSTEP_S), 1, RETRY_SLOTS - 1)
+        self.client_delay_sub = np.clip(np.round(p["retry_delay_s"] / SUBSTEP_S), 1, RETRY_SLOTS - 1).astype(np.int64)
         self._draw_noise()
 
     def _draw_noise(self) -> None:
         """All randomness of every world, from its own seed (common random numbers across policies)."""
         subs = (self.steps + 1) * SUBSTEPS
-        light = np.empty((self.n, subs), dtype=np.float32)
-        heavy = np.empty((self.n, subs), dtype=np.float32)
-        obs_noise = np.empty((self.n, self.steps + 1, 5))
-        obs_missing = np.empty((self.n, self.steps + 1))
+        self.arrivals = np.empty((subs, 2, self.n), dtype=np.float32)  # (sub-step, light/heavy, world)
+        self.obs_noise = np.empty((self.steps + 1, self.n, 5))
+        self.obs_missing = np.empty((self.steps + 1, self.n))
         for i, e in enumerate(self.episodes):
             rng = np.random.default_rng(np.random.SeedSequence([e.seed, zlib.crc32(e.name.encode()), 0x5EED]))
             lam = np.repeat(self.demand[i] * SUBSTEP_S, SUB_PER_PROFILE)
             h = np.repeat(self.heavy[i], SUB_PER_PROFILE)
-            light[i] = rng.poisson(lam * (1.0 - h))
-            heavy[i] = rng.poisson(lam * h)
-            obs_noise[i] = rng.standard_normal((self.steps + 1, 5))
-            obs_missing[i] = rng.random(self.steps + 1)
-        self.arrivals_light, self.arrivals_heavy = light, heavy
-        self.obs_noise, self.obs_missing = obs_noise, obs_missing
+            self.arrivals[:, 0, i] = rng.poisson(lam * (1.0 - h))
+            self.arrivals[:, 1, i] = rng.poisson(lam * h)
+            self.obs_noise[:, i] = rng.standard_normal((self.steps + 1, 5))
+            self.obs_missing[:, i] = rng.random(self.steps + 1)
 
     def reset(self, episodes: Sequence[Episode] | None = None) -> Observation:
         """Start the episodes (new ones if given) and return the observation after the warm-up interval."""
         if episodes is not None:
             self._load(episodes)
         n, p = self.n, self.p
-        self.t = 0  # control intervals simulated (the warm-up is interval 0)
-        self.clock_us = 0
-        self.rate = p["reference_rate"].copy()
+        self.t = 0  # control intervals simulated so far (the warm-up is interval 0)
+        self.clock_us = 0  # simulated time, µs
+        self.rate = p["reference_rate"].copy()  # refill rate in force, tokens/s
         self.bucket_cap_ut = self._bucket_capacity(self.rate)
         self.tokens_ut = self.bucket_cap_ut.copy()  # a new bucket starts full
-        self.last_us = 0
         self.queue = np.zeros(n)  # work waiting at the backend, tokens
         self.util = np.zeros(n)  # smoothed utilisation of the backend
-        self.retry_light = np.zeros((n, RETRY_SLOTS))
-        self.retry_heavy = np.zeros((n, RETRY_SLOTS))
-        self.slot = 0
+        self.inflow = np.zeros(n)  # admitted work reaching the queue, tokens per sub-step (smoothed)
+        self.retries = np.zeros((SUBSTEPS + RETRY_SLOTS, 2, n))  # clients coming back, per sub-step from now
         self.replicas = p["replicas"].copy()
         self.hpa_pending = np.repeat(self.replicas[:, None], HPA_SLOTS, axis=1)
         self.hpa_head = 0
-        self.hist = {k: np.zeros((n, 2 * SUBSTEPS)) for k in _HIST_KEYS}
+        self.hist = np.zeros((len(_HIST_KEYS), n, 2 * SUBSTEPS))  # last two intervals, per sub-step
+        self.record = np.zeros((len(_HIST_KEYS), SUBSTEPS, n))  # this interval, filled sub-step by sub-step
         self.builder = ObservationBuilder(slo_ms=p["slo_ms"], reference_rate=p["reference_rate"])
         self.optimal_rate = self._optimal_rate(0)
         self._simulate_interval()
@@ -302,7 +312,7 @@ class BatchSim:
 
     def _bucket_capacity(self, rate: np.ndarray) -> np.ndarray:
         """Bucket size in µtokens: burst_s of the rate, and never less than one heavy request."""
-        return np.floor(np.maximum(rate * self.p["burst_s"], self.p["heavy_cost"]) * MICRO)
+        return np.floor(np.maximum(rate * self.p["burst_s"], self.p["heavy_cost"]) * MICRO).astype(np.int64)
 
     def _capacity_seconds(self, interval: int) -> np.ndarray:
         """True backend capacity (tokens/s) for each second of a control interval, shape (N, 5)."""
@@ -346,90 +356,92 @@ class BatchSim:
         return obs, reward, done, truth
 
     def _simulate_interval(self) -> None:
-        """Run the sub-steps of interval self.t, appending per-sub-step records to the history."""
-        p, n = self.p, self.n
-        for key in _HIST_KEYS:
-            h = self.hist[key]
-            h[:, :SUBSTEPS] = h[:, SUBSTEPS:]
-        cap_seconds = self._capacity_seconds(self.t)  # tokens/s
-        base = self.t * SUBSTEPS
+        """Run the sub-steps of interval self.t and append their records to the history."""
+        p, n, t = self.p, self.n, self.t
         rows = np.arange(n)
+        # per-interval constants, (S, N) or (N,)
+        capacity_seconds = self._capacity_seconds(t)
+        self.interval_capacity = capacity_seconds.mean(axis=1)  # tokens/s, before the autoscaler moves
+        capacity = np.maximum(np.repeat(capacity_seconds, SUB_PER_PROFILE, axis=1).T, 1e-6)  # (S, N) tokens/s
+        timeout_s = p["timeout_s"]
+        inv_max_queue = 1.0 / (capacity * timeout_s)  # a client waits for at most capacity * timeout tokens
+        collapse, base_err = p["collapse"], p["base_error_rate"]
         slo_s = p["slo_ms"] / 1000.0
         min_lat_s = MIN_LATENCY_SHARE * p["base_latency_ms"] / 1000.0
-        timeout_s = p["timeout_s"]
-        heavy_cost = p["heavy_cost"]
-        heavy_cost_ut = self.heavy_cost_ut
+        theta_scale = p["base_latency_ms"] / 1000.0 / LN100
         alpha = SUBSTEP_S / UTIL_TAU_S
-        hist = self.hist
+        beta = SUBSTEP_S / QUEUE_TAU_S
+        cost_ut = self.cost_ut
+        arrivals = self.arrivals[t * SUBSTEPS : (t + 1) * SUBSTEPS]
+        # Retry-After is whole seconds (>= 1) until one more token; the rate is fixed for the interval
+        retry_after_sub = np.maximum(np.ceil(wait_us(MICRO, self.rate) / MICRO), 1.0) / SUBSTEP_S
+        delay_thr = np.where(p["honour_retry_after"] > 0, retry_after_sub, self.client_delay_sub)
+        delay_thr = np.clip(delay_thr, 1, RETRY_SLOTS - 1).astype(np.int64)
+        klass = np.arange(2)[:, None]
+        idx_thr = (delay_thr[None, :] * 2 + klass) * n + rows[None, :]  # flat index into self.retries
+        idx_err = (self.client_delay_sub[None, :] * 2 + klass) * n + rows[None, :]
+        retries = self.retries
+        retries[:RETRY_SLOTS] = retries[SUBSTEPS:].copy()  # shift the look-ahead by one interval
+        retries[RETRY_SLOTS:] = 0.0
+        flat = retries.reshape(-1)
+        p_thr, p_err = p["retry_p_throttled"], p["retry_p_error"]
+        stride = 2 * n
+        tokens, queue, util, inflow = self.tokens_ut, self.queue, self.util, self.inflow
+        clock, rate, bucket_cap = self.clock_us, self.rate, self.bucket_cap_ut
+        budget = np.zeros((2, n), dtype=np.int64)
+        rec = self.record
         for k in range(SUBSTEPS):
-            col = SUBSTEPS + k
-            capacity = cap_seconds[:, k // SUB_PER_PROFILE]  # tokens/s
-            # arrivals: new requests plus clients retrying now (whole requests; fractions carry over)
-            s, s1 = self.slot, (self.slot + 1) % RETRY_SLOTS
-            due_l, due_h = self.retry_light[:, s], self.retry_heavy[:, s]
-            retry_l, retry_h = np.floor(due_l), np.floor(due_h)
-            self.retry_light[:, s1] += due_l - retry_l
-            self.retry_heavy[:, s1] += due_h - retry_h
-            self.retry_light[:, s] = 0.0
-            self.retry_heavy[:, s] = 0.0
-            light = self.arrivals_light[:, base + k] + retry_l
-            heavy = self.arrivals_heavy[:, base + k] + retry_h
-            # the token bucket (limiter.bucket arithmetic, µs and µtokens)
-            now_us = self.clock_us + SUBSTEP_US
-            self.tokens_ut = refill(self.tokens_ut, self.clock_us, now_us, self.rate, self.bucket_cap_ut)
-            self.clock_us = now_us
-            ask_light = light * MICRO
-            ask_ut = ask_light + heavy * heavy_cost_ut
-            light_share = np.divide(ask_light, ask_ut, out=np.zeros(n), where=ask_ut > 0)
-            adm_l = admit_count(np.floor(self.tokens_ut * light_share), light, MICRO)
-            adm_h = admit_count(self.tokens_ut - adm_l * MICRO, heavy, heavy_cost_ut)
-            self.tokens_ut = self.tokens_ut - adm_l * MICRO - adm_h * heavy_cost_ut
-            thr_l, thr_h = light - adm_l, heavy - adm_h
-            # throttled clients retry after Retry-After (whole seconds, >= 1) or their own back-off
-            retry_after_s = np.maximum(np.ceil(wait_us(MICRO - self.tokens_ut, self.rate) / MICRO), 1.0)
-            delay = np.where(p["honour_retry_after"] > 0, retry_after_s / SUBSTEP_S, self.retry_throttle_sub)
-            slot_thr = (s + np.minimum(delay, RETRY_SLOTS - 1).astype(np.int64)) % RETRY_SLOTS
-            self.retry_light[rows, slot_thr] += thr_l * p["retry_p_throttled"]
-            self.retry_heavy[rows, slot_thr] += thr_h * p["retry_p_throttled"]
-            # the backend: a fluid FIFO queue of work served at the (collapsing) capacity
-            adm_req = adm_l + adm_h
-            adm_tok = adm_l + adm_h * heavy_cost
-            queue_cap = np.maximum(capacity * timeout_s, 1e-9)
-            capacity_eff = np.maximum(capacity * (1.0 - p["collapse"] * np.minimum(self.queue / queue_cap, 1.0)), 1e-9)
-            self.util += alpha * (adm_tok / (capacity_eff * SUBSTEP_S) - self.util)
-            overflow = np.maximum(self.queue + adm_tok - capacity_eff * timeout_s, 0.0)  # times out in the queue
-            wait_s = np.minimum((self.queue + 0.5 * (adm_tok - overflow)) / capacity_eff, timeout_s)
-            self.queue += adm_tok - overflow
-            served = np.minimum(self.queue, capacity_eff * SUBSTEP_S)
-            self.queue -= served
-            # latency of the admitted requests: min + wait + exponential tail with the service p99
-            p99_service_s = service_p99_ms(self.util, p["base_latency_ms"]) / 1000.0
-            theta = np.maximum(p99_service_s - min_lat_s, 1e-6) / LN100
-            joined_share = np.divide(adm_tok - overflow, adm_tok, out=np.ones(n), where=adm_tok > 0)
+            # arrivals: new requests plus retrying clients (a fluid amount: expected retries, not drawn)
+            ask = arrivals[k] + retries[k]  # (2, N) requests: light, heavy
+            # the token bucket, limiter.bucket arithmetic in µs and µtokens; tokens are split between
+            # light and heavy requests in proportion to what they ask
+            # (integer µtokens: whole numbers held exactly; int64 also divides faster than float)
+            tokens = refill(tokens, clock, clock + SUBSTEP_US, rate, bucket_cap).astype(np.int64)
+            clock += SUBSTEP_US
+            ask_ut = ask * cost_ut
+            total_ut = ask_ut[0] + ask_ut[1]
+            budget[0] = tokens * ask_ut[0] / np.maximum(total_ut, 1.0)  # truncates: never more than the share
+            budget[1] = tokens - budget[0]
+            admitted = admit_count(budget, ask, cost_ut)
+            admitted_ut = admitted * cost_ut
+            tokens = (tokens - admitted_ut[0] - admitted_ut[1]).astype(np.int64)
+            flat[idx_thr + k * stride] += (ask - admitted) * p_thr  # throttled clients come back later
+            # the backend: a fluid FIFO queue of work served at a capacity a long queue erodes
+            adm_tok = (admitted_ut[0] + admitted_ut[1]) * (1.0 / MICRO)
+            adm_req = admitted[0] + admitted[1]
+            cap = capacity[k] * (1.0 - collapse * np.minimum(queue * inv_max_queue[k], 1.0))
+            util += alpha * (adm_tok / (cap * SUBSTEP_S) - util)
+            # the queue sees admitted work smoothed over QUEUE_TAU_S: the worker pool absorbs Poisson
+            # lumps (the service tail models those), only a sustained excess builds a backlog
+            inflow += beta * (adm_tok - inflow)
+            overflow = np.maximum(queue + inflow - cap * timeout_s, 0.0)  # would wait past the timeout
+            joined_share = 1.0 - overflow / np.maximum(inflow, 1e-12)
+            start = min_lat_s + np.minimum(queue / cap, timeout_s)  # s: the fastest latency, behind the backlog
+            queue = queue + (inflow - overflow)
+            served = np.minimum(queue, cap * SUBSTEP_S)
+            queue = queue - served
+            # service tail: exponential with the p99 of the utilisation curve
+            r = np.minimum(util, RHO_CAP)
+            theta = theta_scale * ((1.0 - MIN_LATENCY_SHARE) + KNEE_A * _knee_power(r) / (1.0 - r))  # s
+            inv_theta = 1.0 / theta
             joined = adm_req * joined_share
-            slack_slo = slo_s - min_lat_s - wait_s
-            slack_timeout = timeout_s - min_lat_s - wait_s
-            p_ok = np.where(slack_slo > 0, 1.0 - np.exp(-np.maximum(slack_slo, 0.0) / theta), 0.0)
-            p_timeout = np.where(slack_timeout > 0, np.exp(-np.maximum(slack_timeout, 0.0) / theta), 1.0)
-            errors = adm_req - joined + joined * np.minimum(p_timeout + p["base_error_rate"], 1.0)
-            good_tok = (adm_tok - overflow) * p_ok * (1.0 - p["base_error_rate"])
-            # clients retry timed-out requests after their back-off
-            slot_err = (s + self.retry_throttle_sub.astype(np.int64)) % RETRY_SLOTS
-            err_share = np.divide(errors, adm_req, out=np.zeros(n), where=adm_req > 0) * p["retry_p_error"]
-            self.retry_light[rows, slot_err] += adm_l * err_share
-            self.retry_heavy[rows, slot_err] += adm_h * err_share
-            self.slot = s1
-            # records of this sub-step
-            hist["adm_tok"][:, col] = adm_tok
-            hist["thr_tok"][:, col] = thr_l + thr_h * heavy_cost
-            hist["finished"][:, col] = adm_req
-            hist["errors"][:, col] = errors
-            hist["joined"][:, col] = joined
-            hist["start_ms"][:, col] = (min_lat_s + wait_s) * 1000.0
-            hist["theta_ms"][:, col] = theta * 1000.0
-            hist["cpu"][:, col] = served / (capacity_eff * SUBSTEP_S)
-            hist["good_tok"][:, col] = good_tok
-            hist["capacity"][:, col] = capacity
+            # (exponents clipped at 50: exp underflow takes a slow path and the tail is 0 to 1e-21 anyway)
+            p_ok = 1.0 - np.exp(-np.clip((slo_s - start) * inv_theta, 0.0, 50.0))
+            p_timeout = np.exp(-np.clip((timeout_s - start) * inv_theta, 0.0, 50.0))
+            errors = adm_req - joined * (1.0 - np.minimum(p_timeout + base_err, 1.0))
+            flat[idx_err + k * stride] += admitted * (errors * p_err / np.maximum(adm_req, 1e-12))
+            rec[0, k] = adm_tok
+            rec[1, k] = total_ut * (1.0 / MICRO) - adm_tok
+            rec[2, k] = adm_req
+            rec[3, k] = errors
+            rec[4, k] = joined
+            rec[5, k] = start * 1000.0
+            rec[6, k] = theta * 1000.0
+            rec[7, k] = served / (cap * SUBSTEP_S)
+            rec[8, k] = adm_tok * joined_share * p_ok * (1.0 - base_err)
+        self.tokens_ut, self.queue, self.util, self.inflow, self.clock_us = tokens, queue, util, inflow, clock
+        self.hist[:, :, :SUBSTEPS] = self.hist[:, :, SUBSTEPS:]
+        self.hist[:, :, SUBSTEPS:] = rec.transpose(0, 2, 1)
         self._autoscale()
 
     def _autoscale(self) -> None:
@@ -438,7 +450,7 @@ class BatchSim:
         on = p["autoscale"] > 0
         if not np.any(on):
             return
-        cpu = self.hist["cpu"][:, SUBSTEPS:].mean(axis=1)
+        cpu = self.hist[_CPU, :, SUBSTEPS:].mean(axis=1)
         desired = np.clip(np.ceil(self.replicas * cpu / p["hpa_target_cpu"]), p["replicas"], p["max_replicas"])
         rows = np.arange(self.n)
         # each world's delay is fixed, so every slot of its ring is written once per turn, in order
@@ -449,19 +461,22 @@ class BatchSim:
 
     # -- observing ----------------------------------------------------------------------------
     def _window(self, start: np.ndarray) -> dict[str, np.ndarray]:
-        """Sums and p99 over the SUBSTEPS-long window starting at history column `start` (per world)."""
-        idx = start[:, None] + np.arange(SUBSTEPS)[None, :]
-        h = self.hist
-        took = {k: np.take_along_axis(h[k], idx, axis=1) for k in _HIST_KEYS}
-        out = {k: took[k].sum(axis=1) for k in ("adm_tok", "thr_tok", "finished", "errors", "good_tok", "capacity")}
-        out["cpu"] = took["cpu"].mean(axis=1)
+        """Sums, CPU and p99 over the interval-long window starting at history column `start` (per world)."""
+        if np.all(start == SUBSTEPS):
+            took = self.hist[:, :, SUBSTEPS:]
+        else:
+            windows = np.lib.stride_tricks.sliding_window_view(self.hist, SUBSTEPS, axis=2)  # (K, N, S+1, S)
+            took = windows[:, np.arange(self.n), start]
+        sums = took.sum(axis=2)
+        out = {key: sums[i] for i, key in enumerate(_HIST_KEYS)}
+        out["cpu"] = out["cpu"] / SUBSTEPS
         # latency: each sub-step's requests are start + Exp(theta); timed-out ones a point mass at the
         # timeout (a served request never waits longer: the client has left)
-        timed_out = (took["finished"] - took["joined"]).sum(axis=1)
+        timed_out = out["finished"] - out["joined"]
         timeout_ms = self.p["timeout_s"][:, None] * 1000.0
-        starts = np.concatenate([np.minimum(took["start_ms"], timeout_ms), timeout_ms], axis=1)
-        thetas = np.concatenate([took["theta_ms"], np.zeros((self.n, 1))], axis=1)
-        weights = np.concatenate([took["joined"], timed_out[:, None]], axis=1)
+        starts = np.concatenate([np.minimum(took[_START], timeout_ms), timeout_ms], axis=1)
+        thetas = np.concatenate([took[_THETA], np.zeros((self.n, 1))], axis=1)
+        weights = np.concatenate([took[_JOINED], timed_out[:, None]], axis=1)
         out["p99_ms"] = np.minimum(tail_quantile(starts, thetas, weights, 0.99), timeout_ms[:, 0])
         return out
 
@@ -470,9 +485,9 @@ class BatchSim:
         p, t = self.p, self.t
         true = self._window(np.full(self.n, SUBSTEPS))
         seen = self._window(SUBSTEPS - self.lag_sub)
-        z = self.obs_noise[:, t]
+        z = self.obs_noise[t]
         sigma = p["noise"]
-        missing = self.obs_missing[:, t] < p["p_missing"]
+        missing = self.obs_missing[t] < p["p_missing"]
         nan = np.where(missing, np.nan, 1.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             error_rate = seen["errors"] / seen["finished"]
@@ -487,7 +502,7 @@ class BatchSim:
         lo = t * PROFILE_PER_INTERVAL
         seconds = slice(lo, lo + PROFILE_PER_INTERVAL)
         demand_tok = (self.demand[:, seconds] * mean_cost(self.heavy[:, seconds], p["heavy_cost"][:, None])).mean(axis=1)
-        capacity = true["capacity"] / SUBSTEPS
+        capacity = self.interval_capacity
         finished = true["finished"]
         with np.errstate(invalid="ignore", divide="ignore"):
             error_frac = np.where(finished > 0, true["errors"] / finished, 0.0)
@@ -513,6 +528,5 @@ class BatchSim:
         return obs, truth
 
 
-_HIST_KEYS = (
-    "adm_tok", "thr_tok", "finished", "errors", "joined", "start_ms", "theta_ms", "cpu", "good_tok", "capacity",
-)
+_HIST_KEYS = ("adm_tok", "thr_tok", "finished", "errors", "joined", "start_ms", "theta_ms", "cpu", "good_tok")
+_JOINED, _START, _THETA, _CPU = (_HIST_KEYS.index(k) for k in ("joined", "start_ms", "theta_ms", "cpu"))

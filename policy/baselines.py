@@ -1,0 +1,256 @@
+"""Classical rate controllers, the yardsticks the learned policy must beat.
+
+Each baseline is one small class: `act(observation) -> rates` (tokens/s, one per tier; a batch of
+simulated worlds is just many tiers). Rates are relative to each tier's reference rate (the
+operator's static rate), so one parameter set serves tiers of any size. A stateful baseline holds
+its current rate when the interval's metrics are missing (NaN), the safe thing to do; the safety
+engine decides what happens after that.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from limiter.bucket import MAX_RATE
+from policy.base import MIN_RATE, Policy
+from policy.observation import Observation
+
+
+def _missing(obs: Observation) -> np.ndarray:
+    """Tiers whose latency, error rate or admitted rate is missing this interval."""
+    m = obs.metrics
+    return ~(np.isfinite(m.p99_latency_ms) & np.isfinite(m.error_rate) & np.isfinite(m.admitted_rps))
+
+
+def _current_rate(obs: Observation) -> np.ndarray:
+    """The rate in force, or the reference rate where it is unknown."""
+    rate = np.asarray(obs.metrics.rate, dtype=np.float64)
+    return np.where(np.isfinite(rate) & (rate > 0), rate, obs.reference_rate)
+
+
+class Static(Policy):
+    """A fixed rate: `rate` tokens/s if given, else `factor` x the reference rate (the seeds' default)."""
+
+    name: ClassVar[str] = "static"
+
+    def __init__(self, rate: float | None = None, factor: float = 1.0) -> None:
+        if rate is not None and not (np.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate must be finite and positive, got {rate!r}")
+        if not (np.isfinite(factor) and factor > 0):
+            raise ValueError(f"factor must be finite and positive, got {factor!r}")
+        self.rate, self.factor = rate, factor
+
+    def act(self, observation: Observation) -> np.ndarray:
+        """The same rate every interval."""
+        if self.rate is not None:
+            return np.full(observation.n_tiers, float(self.rate))
+        return observation.reference_rate * self.factor
+
+
+class NoLimit(Policy):
+    """No limiter at all: a rate `factor` x the reference, far above anything the backend can serve."""
+
+    name: ClassVar[str] = "none"
+
+    def __init__(self, factor: float = 1e4) -> None:
+        self.factor = factor
+
+    def act(self, observation: Observation) -> np.ndarray:
+        """A huge rate."""
+        return np.minimum(observation.reference_rate * self.factor, MAX_RATE)
+
+
+class Threshold(Policy):
+    """The seeds' controller: a rate ladder stepped by bucket utilisation (admitted / rate).
+
+    Utilisation > 80 % -> 2000, > 50 % -> 1500, else 1000 tokens/s (the seeds' premium tier; the free
+    tier was 1000/750/500, the same ladder halved), scaled so that the top step is the reference
+    rate unless `scale` is given. Source: the project's seed controller (a threshold table).
+    """
+
+    name: ClassVar[str] = "threshold"
+
+    def __init__(
+        self,
+        levels: tuple[float, float, float] = (2000.0, 1500.0, 1000.0),
+        thresholds: tuple[float, float] = (0.8, 0.5),
+        scale: float | None = None,
+    ) -> None:
+        self.levels = np.asarray(levels, dtype=np.float64)
+        self.thresholds = thresholds
+        self.scale = scale
+
+    def act(self, observation: Observation) -> np.ndarray:
+        """The ladder step for this interval's utilisation (the lowest step when it is unknown)."""
+        m = observation.metrics
+        with np.errstate(invalid="ignore", divide="ignore"):
+            utilisation = np.nan_to_num(m.admitted_rps / _current_rate(observation), nan=0.0)
+        step = np.where(utilisation > self.thresholds[0], 0, np.where(utilisation > self.thresholds[1], 1, 2))
+        scale = observation.reference_rate / self.levels[0] if self.scale is None else self.scale
+        return self.levels[step] * scale
+
+
+class AIMD(Policy):
+    """Additive increase, multiplicative decrease on the rate.
+
+    Source: TCP congestion avoidance (Jacobson 1988) as Netflix concurrency-limits' `AIMDLimit`
+    applies it: on a breach (p99 above `latency_threshold` x SLO, or error rate above
+    `error_budget`) rate *= `decrease`; otherwise, if the rate is being used (admitted / rate >=
+    `used_share`), rate += `increase` x reference; otherwise hold. Clamped to
+    [`min_factor`, `max_factor`] x reference.
+    """
+
+    name: ClassVar[str] = "aimd"
+
+    def __init__(
+        self,
+        increase: float = 0.05,
+        decrease: float = 0.75,
+        latency_threshold: float = 1.0,
+        error_budget: float = 0.01,
+        used_share: float = 0.5,
+        min_factor: float = 0.01,
+        max_factor: float = 10.0,
+    ) -> None:
+        self.increase, self.decrease = increase, decrease
+        self.latency_threshold, self.error_budget, self.used_share = latency_threshold, error_budget, used_share
+        self.min_factor, self.max_factor = min_factor, max_factor
+
+    def act(self, observation: Observation) -> np.ndarray:
+        """Next rate from the current one."""
+        m, ref = observation.metrics, observation.reference_rate
+        rate = _current_rate(observation)
+        breach = (m.p99_latency_ms > self.latency_threshold * observation.slo_ms) | (m.error_rate > self.error_budget)
+        used = m.admitted_rps >= self.used_share * rate
+        new = np.where(breach, rate * self.decrease, np.where(used, rate + self.increase * ref, rate))
+        new = np.where(_missing(observation), rate, new)
+        return np.clip(new, self.min_factor * ref, self.max_factor * ref)
+
+
+class Gradient(Policy):
+    """Netflix concurrency-limits' Gradient2 applied to the rate.
+
+    Source: `Gradient2Limit` (github.com/Netflix/concurrency-limits). The long-term latency is an
+    exponential average of p99 over `long_window` intervals; gradient = clip(tolerance x long / p99,
+    0.5, 1); new = rate x gradient + headroom x rate; rate = rate x (1 - smoothing) + new x
+    smoothing. When long / p99 > 2 the long average decays (x 0.95) to recover after an overload;
+    an app-limited rate (admitted < half of it) does not grow; an error rate above the budget counts
+    as gradient 0.5. Clamped to [`min_factor`, `max_factor`] x reference.
+    """
+
+    name: ClassVar[str] = "gradient"
+
+    def __init__(
+        self,
+        tolerance: float = 1.5,
+        smoothing: float = 0.5,
+        headroom: float = 0.1,
+        long_window: int = 20,
+        error_budget: float = 0.01,
+        min_factor: float = 0.01,
+        max_factor: float = 10.0,
+    ) -> None:
+        self.tolerance, self.smoothing, self.headroom = tolerance, smoothing, headroom
+        self.alpha = 2.0 / (long_window + 1)
+        self.error_budget, self.min_factor, self.max_factor = error_budget, min_factor, max_factor
+        self.long_p99: np.ndarray | None = None
+
+    def reset(self) -> None:
+        """Forget the long-term latency."""
+        self.long_p99 = None
+
+    def act(self, observation: Observation) -> np.ndarray:
+        """Next rate from the latency gradient."""
+        m, ref = observation.metrics, observation.reference_rate
+        rate = _current_rate(observation)
+        missing = _missing(observation)
+        short = np.where(missing, np.nan, np.maximum(m.p99_latency_ms, 1e-3))
+        if self.long_p99 is None or self.long_p99.shape != short.shape:
+            self.long_p99 = np.where(missing, np.nan, short)
+        long = np.where(np.isnan(self.long_p99), short, self.long_p99)
+        long = np.where(missing, long, long + self.alpha * (short - long))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            long = np.where(long / short > 2.0, long * 0.95, long)
+            gradient = np.clip(self.tolerance * long / short, 0.5, 1.0)
+        self.long_p99 = long
+        gradient = np.where(m.error_rate > self.error_budget, 0.5, gradient)
+        target = rate * gradient + self.headroom * rate
+        new = rate * (1.0 - self.smoothing) + target * self.smoothing
+        app_limited = m.admitted_rps < 0.5 * rate
+        new = np.where(app_limited, np.minimum(new, rate), new)
+        new = np.where(missing, rate, new)
+        return np.clip(new, self.min_factor * ref, self.max_factor * ref)
+
+
+class PID(Policy):
+    """A PID controller on p99 latency against `target` x SLO, acting on log(rate) in velocity form.
+
+    Source: the textbook PID (Astrom & Hagglund, "PID Controllers", 1995), velocity form with
+    conditional integration. e = clip((target x SLO - p99) / (target x SLO), -1, 1), e = -1 when the
+    error rate is above the budget; d ln(rate) = kp (e - e_prev) + ki e + kd (e - 2 e_prev +
+    e_prev2), bounded by +-ln 2; no increase while nothing is throttled (the rate does not bind).
+    Clamped to [`min_factor`, `max_factor`] x reference.
+    """
+
+    name: ClassVar[str] = "pid"
+
+    def __init__(
+        self,
+        target: float = 0.8,
+        kp: float = 0.5,
+        ki: float = 0.3,
+        kd: float = 0.0,
+        error_budget: float = 0.01,
+        min_factor: float = 0.01,
+        max_factor: float = 10.0,
+    ) -> None:
+        self.target, self.kp, self.ki, self.kd = target, kp, ki, kd
+        self.error_budget, self.min_factor, self.max_factor = error_budget, min_factor, max_factor
+        self.e_prev: np.ndarray | None = None
+        self.e_prev2: np.ndarray | None = None
+
+    def reset(self) -> None:
+        """Forget past errors."""
+        self.e_prev = self.e_prev2 = None
+
+    def act(self, observation: Observation) -> np.ndarray:
+        """Next rate from the latency error."""
+        m, ref = observation.metrics, observation.reference_rate
+        rate = _current_rate(observation)
+        missing = _missing(observation)
+        setpoint = self.target * observation.slo_ms
+        e = np.clip((setpoint - np.nan_to_num(m.p99_latency_ms)) / setpoint, -1.0, 1.0)
+        e = np.where(m.error_rate > self.error_budget, -1.0, e)
+        if self.e_prev is None or self.e_prev.shape != e.shape:
+            self.e_prev = e.copy()
+            self.e_prev2 = e.copy()
+        assert self.e_prev2 is not None
+        step = self.kp * (e - self.e_prev) + self.ki * e + self.kd * (e - 2 * self.e_prev + self.e_prev2)
+        not_binding = ~(np.nan_to_num(m.throttled_rps) > 0)
+        step = np.where(not_binding, np.minimum(step, 0.0), step)
+        step = np.clip(step, -np.log(2.0), np.log(2.0))
+        self.e_prev2 = np.where(missing, self.e_prev2, self.e_prev)
+        self.e_prev = np.where(missing, self.e_prev, e)
+        new = np.where(missing, rate, rate * np.exp(step))
+        return np.clip(new, self.min_factor * ref, self.max_factor * ref)
+
+
+class Oracle(Policy):
+    """Knows the true capacity: sets `margin` x the rate the backend serves within the SLO next interval.
+
+    Only the simulator provides `Observation.capacity_tokens`; it is the upper reference every other
+    policy is measured against (its rate defines `rate_tracking_error`).
+    """
+
+    name: ClassVar[str] = "oracle"
+
+    def __init__(self, margin: float = 1.0) -> None:
+        self.margin = margin
+
+    def act(self, observation: Observation) -> np.ndarray:
+        """The optimal rate."""
+        if observation.capacity_tokens is None:
+            raise ValueError("the oracle needs Observation.capacity_tokens, which only the simulator knows")
+        return np.maximum(self.margin * np.asarray(observation.capacity_tokens, dtype=np.float64), MIN_RATE)
