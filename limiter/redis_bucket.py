@@ -39,7 +39,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from limiter.backoff import Backoff
-from limiter.bucket import BucketError, BucketSpec, Decision, decision_from, validate_cost
+from limiter.bucket import MICRO, BucketError, BucketSpec, Decision, validate_cost
 from limiter.errors import RedisUnavailable
 
 __all__ = [
@@ -115,9 +115,11 @@ def decode_reply(reply: Any) -> ScriptResult:
 def to_decisions(reply: Any, specs: Sequence[BucketSpec]) -> tuple[bool, list[Decision]]:
     """(allowed, one Decision per key) from the script's flat integer array."""
     allowed = reply[0] == 1
+    if len(reply) != 2 + 3 * len(specs):
+        raise RedisUnavailable(f"unexpected script reply for {len(specs)} keys: {reply!r}")
     return allowed, [
-        decision_from(allowed, (reply[i], reply[i + 1], reply[i + 2]), spec, "redis")
-        for i, spec in zip(range(2, len(reply), 3), specs, strict=True)
+        Decision(allowed, reply[i] / MICRO, reply[i + 1] / MICRO, reply[i + 2] / MICRO, spec.capacity, "redis")
+        for i, spec in zip(range(2, 2 + 3 * len(specs), 3), specs, strict=True)
     ]
 
 
