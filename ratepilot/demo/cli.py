@@ -1,0 +1,158 @@
+"""`ratepilot demo`: the whole closed loop on this machine, then the same load with a static limiter.
+
+    ratepilot demo [--duration S] [--trace FILE] [--scale X] [--no-compare] [--json FILE] [--out DIR]
+                   [--policy NAME] [--model PATH] [--slo-ms MS] [--seed N]
+
+Starts a redis-server, the edge with its synthetic backend, Prometheus (1 s scrapes) and the
+controller with the committed default policy on free local ports, plays the scenario with an
+open-loop load generator while a live view shows the loop, then (unless --no-compare) plays the same
+arrivals against a static limiter and prints the side-by-side table and the plot's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+
+from ratepilot.demo.report import comparison_table, plot, write_json
+from ratepilot.demo.run import RunResult, play
+from ratepilot.demo.schedule import (
+    DEFAULT_DURATION_S,
+    LoadSchedule,
+    arrival_times,
+    auto_scale,
+    default_scenario,
+    trace_scenario,
+)
+from ratepilot.demo.stack import StackSettings
+from ratepilot.demo.supervisor import PartFailed, log_tail
+from ratepilot.servers import ServerError, find_binary
+from training.traces import TraceError
+
+MEAN_SERVICE_S = 0.025  # mean service time of the synthetic backend: idle p99 ~ 115 ms, well under the SLO
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `ratepilot demo` argument parser."""
+    parser = argparse.ArgumentParser(prog="ratepilot demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=_positive(int), help=f"seconds to play (default {DEFAULT_DURATION_S}; a trace is cut to it)")
+    parser.add_argument("--trace", type=Path, help="replay a trace CSV (t_s,demand_rps[,capacity_rps]) instead of the default scenario")
+    parser.add_argument("--scale", type=_positive(float), help="demo requests/s per scenario request/s (default: fit this machine)")
+    parser.add_argument("--no-compare", action="store_true", help="skip the second run with a static limiter")
+    parser.add_argument("--json", type=Path, metavar="FILE", help='write {"adaptive": {...}, "static": {...}} here')
+    parser.add_argument("--out", type=Path, help="folder for logs, configs and the plot (default demo-output/run-TIME)")
+    parser.add_argument("--policy", default="rl", help="controller policy: rl (default) or a baseline (aimd, pid, ...)")
+    parser.add_argument("--model", help="rl model file (default: the committed default policy)")
+    parser.add_argument("--slo-ms", type=_positive(float), default=300.0, help="p99 latency SLO (default 300)")
+    parser.add_argument("--tick-interval", type=_positive(float), default=5.0, help="controller tick, s (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the backend's service times")
+    return parser
+
+
+def build_schedule(args: argparse.Namespace, cores: int) -> tuple[LoadSchedule, float]:
+    """The scaled schedule and the scale used; TraceError / ValueError on bad input."""
+    duration = args.duration or DEFAULT_DURATION_S
+    unit = trace_scenario(args.trace, 1.0, duration) if args.trace else default_scenario(duration)
+    scale = args.scale or auto_scale(unit.peak_demand_rps, cores)
+    schedule = trace_scenario(args.trace, scale, duration) if args.trace else default_scenario(duration, scale)
+    return schedule, scale
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _fail(console: Console, message: str) -> int:
+    console.print(f"ratepilot demo: {message}", style="red", highlight=False, markup=False)
+    return 1
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `ratepilot demo`."""
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # logs and CI: long lines rather than wrapped ones
+    err = Console(stderr=True, width=None if console.is_terminal else 120)
+    if args.duration is not None and args.duration < 4:
+        print("ratepilot demo: --duration must be at least 4 s", file=sys.stderr)
+        return 2
+    cores = os.cpu_count() or 1
+    try:
+        schedule, scale = build_schedule(args, cores)
+        for binary in ("redis-server", "prometheus"):
+            find_binary(binary)
+    except (TraceError, ValueError, ServerError, OSError) as exc:
+        print(f"ratepilot demo: {exc}", file=sys.stderr)
+        return 2
+    capacity = schedule.nominal_capacity_rps
+    settings = StackSettings(
+        nominal_capacity_rps=capacity,
+        slo_ms=args.slo_ms,
+        tick_interval_s=args.tick_interval,
+        workers=max(2, round(capacity * MEAN_SERVICE_S)),
+        policy=args.policy,
+        model=args.model,
+        seed=args.seed,
+    )
+    out = args.out or Path("demo-output") / time.strftime("run-%Y%m%d-%H%M%S")
+    console.print(
+        f"[bold]ratepilot demo[/]: {schedule.name} scenario, {schedule.duration_s} s per run, {cores} cores\n"
+        f"  scale {scale:.3g}: nominal backend capacity {capacity:.0f} req/s ({settings.workers} workers), "
+        f"peak demand {schedule.peak_demand_rps:.0f} req/s"
+        + ("" if args.scale else f" (fits {cores} x {auto_scale(1, 1):.0f} req/s; --scale overrides)")
+        + f"\n  SLO p99 <= {settings.slo_ms:g} ms; static comparison rate = nominal capacity {capacity:.0f} tokens/s"
+        + f"\n  output: {out}",
+        highlight=False,
+    )
+    arrivals = arrival_times(schedule.demand_rps, args.seed)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    results: list[RunResult] = []
+    try:
+        modes = ["adaptive"] if args.no_compare else ["adaptive", "static"]
+        for mode in modes:
+            results.append(play(mode, out / mode, settings, schedule, arrivals, console))
+    except PartFailed as exc:
+        tail = log_tail(exc.log_path)
+        err.print(f"ratepilot demo: {exc.part} failed: {exc.reason}\n  log: {exc.log_path}", style="red", highlight=False, markup=False)
+        if tail:
+            err.print("  last lines:\n    " + tail.replace("\n", "\n    "), highlight=False, markup=False)
+        err.print("  every part the demo started has been stopped.", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print("ratepilot demo: interrupted; every part the demo started has been stopped.", highlight=False)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    console.print(comparison_table(results, settings.slo_ms))
+    png = plot(out / "demo.png", results, schedule, settings.slo_ms)
+    console.print(f"plot: {png}", highlight=False)
+    if args.json:
+        meta = {"scenario": schedule.name, "duration_s": schedule.duration_s, "scale": scale,
+                "nominal_capacity_rps": capacity, "slo_ms": settings.slo_ms, "plot": str(png), "logs": str(out)}  # fmt: skip
+        write_json(args.json, results, {"meta": meta})
+        console.print(f"json: {args.json}", highlight=False)
+    return 0
