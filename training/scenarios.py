@@ -275,7 +275,7 @@ def _packaged_trace_episode(
     peak = float(rng.uniform(1.1, 2.0)) if randomize else 1.5
     per_request = mean_cost(heavy, params.heavy_cost)
     demand = _rescaled(demand, params.capacity_tokens, per_request, peak)
-    return Episode(name, int(seed), params, demand, _flat(seconds, 1.0), heavy)
+    return Episode(name, int(seed), params, demand, _flat(seconds, 1.0), heavy, (start, start + seconds))
 
 
 def trace_episode(

@@ -18,13 +18,13 @@ API (for the trainer and the harness)::
             break
     sim.reset(other_episodes)              # same N, or a new N
 
-* `step(rates)`: rates are refill rates in tokens/s, shape (N,); NaN/inf or a wrong shape is a
-  ValueError and changes nothing; rates are clipped to [MIN_RATE, MAX_RATE].
+* `step(rates)`: rates are refill rates in tokens/s, shape (N,); NaN/inf, a negative rate or a
+  wrong shape is a ValueError and changes nothing; rates are clipped to [MIN_RATE, MAX_RATE].
 * `reward`: (N,) floats, see `RewardWeights` (the one place that defines the reward).
 * `info`: dict of (N,) arrays about the interval just simulated, true values without noise or lag:
   `goodput_tokens`, `bound_tokens` (sum of min(demand, capacity) dt), `demand_tokens` and
   `capacity_tokens` (interval means, tokens/s), `optimal_rate` (the oracle's rate for it), `rate`,
-  `p99_ms`, `error_frac`, `throttle_frac`, `slo_violated`, `admitted_tokens`, `throttled_tokens`,
+  `p99_ms` (0 when nothing finished), `error_frac`, `throttle_frac`, `slo_violated`, `admitted_tokens`, `throttled_tokens`,
   `errors`, `finished`.
 * `obs.capacity_tokens` is what an oracle would set: the largest rate the backend serves within
   the latency SLO during the next interval. Only the simulator knows it.
@@ -151,6 +151,7 @@ class Episode:
     demand_rps: np.ndarray  # requests/s per second of the episode (without retries)
     capacity_factor: np.ndarray  # multiplies params.capacity_tokens, per second
     heavy_frac: np.ndarray  # share of heavy requests, per second
+    window_s: tuple[float, float] | None = None  # (start, end) seconds of the trace a window was cut from
 
     @property
     def steps(self) -> int:
@@ -333,8 +334,8 @@ class BatchSim:
         new_rate = np.asarray(rates, dtype=np.float64).reshape(-1)
         if new_rate.shape != (self.n,):
             raise ValueError(f"expected {self.n} rates, got shape {np.shape(rates)}")
-        if not np.all(np.isfinite(new_rate)):
-            raise ValueError("rates must be finite")
+        if not np.all(np.isfinite(new_rate)) or np.any(new_rate < 0):
+            raise ValueError("rates must be finite and non-negative (tokens/s)")
         new_rate = np.clip(new_rate, MIN_RATE, MAX_RATE)
         churn = np.abs(np.log2(new_rate / self.rate))
         self.rate = new_rate
@@ -345,7 +346,7 @@ class BatchSim:
         obs, truth = self._observe()
         reward = (
             REWARD.goodput * truth["goodput_tokens"] / np.maximum(truth["bound_tokens"], 1.0)
-            - REWARD.slo * np.clip(np.nan_to_num(truth["p99_ms"]) / self.p["slo_ms"] - 1.0, 0.0, 1.0)
+            - REWARD.slo * np.clip(truth["p99_ms"] / self.p["slo_ms"] - 1.0, 0.0, 1.0)
             - REWARD.error * truth["error_frac"]
             - REWARD.churn * churn
         )
@@ -508,7 +509,7 @@ class BatchSim:
             error_frac = np.where(finished > 0, true["errors"] / finished, 0.0)
             asked = true["adm_tok"] + true["thr_tok"]
             throttle_frac = np.where(asked > 0, true["thr_tok"] / asked, 0.0)
-        p99 = true["p99_ms"]
+        p99 = np.nan_to_num(true["p99_ms"], nan=0.0)  # no request finished: no latency to report
         truth = {
             "goodput_tokens": true["good_tok"],
             "bound_tokens": np.minimum(demand_tok, capacity) * INTERVAL_S,
@@ -517,7 +518,7 @@ class BatchSim:
             "p99_ms": p99,
             "error_frac": error_frac,
             "throttle_frac": throttle_frac,
-            "slo_violated": (np.nan_to_num(p99) > p["slo_ms"]) | (error_frac > p["error_budget"]),
+            "slo_violated": (p99 > p["slo_ms"]) | (error_frac > p["error_budget"]),
             "admitted_tokens": true["adm_tok"],
             "throttled_tokens": true["thr_tok"],
             "errors": true["errors"],

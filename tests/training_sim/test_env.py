@@ -1,0 +1,79 @@
+"""The gymnasium face: registered, passes check_env, same seed -> same episode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import training.env  # noqa: F401  (registers ratepilot/Traffic-v0)
+from training.env import ENV_ID, TrafficEnv
+
+
+def test_registered_env_passes_check_env() -> None:
+    env = gym.make(ENV_ID)
+    assert env.spec is not None and env.spec.max_episode_steps == 120
+    check_env(env.unwrapped)
+
+
+@pytest.mark.parametrize("scenario", ["flash_crowd", "trace:azure_code"])
+def test_named_scenarios_pass_check_env(scenario: str) -> None:
+    check_env(TrafficEnv(scenario=scenario, episode_steps=10))
+
+
+def _episode(env: gym.Env, seed: int, actions: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    obs, _ = env.reset(seed=seed)
+    observations, rewards = [obs], []
+    for a in actions:
+        obs, reward, terminated, truncated, _ = env.step(np.array([a], dtype=np.float32))
+        observations.append(obs)
+        rewards.append(reward)
+        if terminated or truncated:
+            break
+    return np.stack(observations), rewards
+
+
+def test_same_seed_same_episode_other_seed_other_episode() -> None:
+    actions = np.sin(np.arange(30)) * 0.5
+    env = gym.make(ENV_ID, episode_steps=30)
+    obs_a, rew_a = _episode(env, 11, actions)
+    obs_b, rew_b = _episode(gym.make(ENV_ID, episode_steps=30), 11, actions)
+    obs_c, _ = _episode(env, 12, actions)
+    assert np.array_equal(obs_a, obs_b) and rew_a == rew_b
+    assert not np.array_equal(obs_a, obs_c)
+
+
+def test_episode_truncates_at_the_registered_limit() -> None:
+    env = gym.make(ENV_ID, scenario="steady")
+    env.reset(seed=0)
+    steps, truncated = 0, False
+    while not truncated:
+        _, _, terminated, truncated, info = env.step(np.zeros(1, dtype=np.float32))
+        assert not terminated
+        steps += 1
+    assert steps == 120
+    assert {"goodput_tokens", "p99_ms", "optimal_rate", "rate"} <= set(info)
+
+
+def test_action_changes_the_rate_multiplicatively() -> None:
+    env = TrafficEnv(scenario="steady", episode_steps=5)
+    env.reset(seed=1)
+    assert env.last_observation is not None
+    before = float(env.last_observation.rate[0])
+    _, _, _, _, info = env.step(np.array([1.0], dtype=np.float32))
+    assert info["rate"] == pytest.approx(2 * before)
+    _, _, _, _, info = env.step(np.array([-0.5], dtype=np.float32))
+    assert info["rate"] == pytest.approx(2 * before * 2**-0.5)
+
+
+def test_trace_file_replay_and_bad_arguments(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("t_s,demand_rps\n" + "".join(f"{t},{100 + 50 * (t % 7)}\n" for t in range(60)))
+    env = TrafficEnv(trace=str(trace), episode_steps=200)
+    env.reset(seed=0)
+    assert env.sim is not None and env.sim.steps == 11  # 60 s of trace: a warm-up and 11 intervals
+    with pytest.raises(ValueError, match="unknown scenario"):
+        TrafficEnv(scenario="tsunami")
