@@ -68,7 +68,7 @@ class Supervisor:
             part.start(ready_timeout_s=self.ready_timeout_s)
         except (ServerError, OSError) as exc:
             self.stop_all()
-            reason = str(exc).split("; see ")[0]
+            reason = str(exc).split("; see ")[0].removeprefix(f"{part.name} ")
             raise PartFailed(part.name, reason, part.log_path) from None
         return part
 

@@ -1,0 +1,72 @@
+"""A short real `ratepilot demo` run, and a demo whose controller cannot start: everything is stopped."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from policy.rl import DEFAULT_MODEL_PATH
+
+METRICS = ("goodput_rps", "p99_latency_ms", "throttle_frac", "error_frac", "slo_violation_frac")
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain `text` (the demo puts its output folder in each)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args and "pytest" not in args:
+            found.append(args)
+    return found
+
+
+def run_demo(*args: str, timeout_s: float = 150) -> subprocess.CompletedProcess[str]:
+    """`ratepilot demo ARGS` in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "ratepilot.cli", "demo", *args], capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL_PATH.is_file(), reason="the committed default policy is not there yet")
+def test_short_demo_runs_the_closed_loop_and_stops_everything(tmp_path: Path) -> None:
+    out, report = tmp_path / "out", tmp_path / "demo.json"
+    result = run_demo("--duration", "20", "--no-compare", "--scale", "0.3", "--out", str(out), "--json", str(report))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert set(data) == {"adaptive", "meta"}
+    adaptive = data["adaptive"]
+    for key in METRICS:
+        assert isinstance(adaptive[key], float) and math.isfinite(adaptive[key]), key
+    assert adaptive["requests"] > 100
+    assert 0 < adaptive["goodput_rps"] <= 10 * 0.3 * 60  # at most the peak demand
+    assert 0 <= adaptive["throttle_frac"] <= 1 and 0 <= adaptive["error_frac"] <= 1
+    assert adaptive["throttle_frac"] > 0  # a 10x flash crowd over a rate at capacity must be throttled
+    png = Path(data["meta"]["plot"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {png}" in result.stdout
+    for part in ("redis-server", "edge", "controller"):
+        assert (out / "adaptive" / f"{part}.log").exists() or (out / "adaptive" / "redis" / f"{part}.log").exists()
+    assert "rate in force" in result.stdout or "rate " in result.stdout
+    assert processes_mentioning(str(out)) == []
+
+
+def test_a_controller_that_cannot_start_is_named_and_nothing_is_left_running(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    missing_model = tmp_path / "no-such-model.npz"
+    result = run_demo("--duration", "10", "--no-compare", "--scale", "0.2", "--out", str(out), "--model", str(missing_model))
+    assert result.returncode == 1
+    log = out / "adaptive" / "controller.log"
+    assert "controller failed: exited with 2" in result.stderr
+    assert f"log: {log}" in result.stderr
+    assert "no-such-model.npz" in log.read_text()
+    assert "every part the demo started has been stopped" in result.stderr
+    assert (out / "adaptive" / "edge.log").exists()  # the parts before it did start ...
+    assert processes_mentioning(str(out)) == []  # ... and were stopped
