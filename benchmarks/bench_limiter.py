@@ -38,8 +38,8 @@ TRIVIAL_SCRIPT = "return 1"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `ratepilot bench limiter`."""
-    parser.add_argument("--seconds", type=float, default=1.0, help="duration of one measurement (default 1.0)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per method; the median counts")
+    parser.add_argument("--seconds", type=float, default=0.6, help="duration of one measurement (default 0.6)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per method; the median counts (default 5)")
     parser.add_argument("--http-seconds", type=float, default=5.0, help="duration of each HTTP measurement")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP part")
 

@@ -78,17 +78,23 @@ class CheckRequest(NamedTuple):
     cost: float
 
 
-_spec_args_cache: dict[BucketSpec, tuple[bytes, bytes]] = {}
+_ARGS_CACHE_LIMIT = 10_000
+_args_cache: dict[tuple[float, float, float], tuple[bytes, bytes, bytes]] = {}
 
 
-def _spec_args(spec: BucketSpec) -> tuple[bytes, bytes]:
-    """The rate (repr: round-trips to the same double in Lua) and capacity µt, encoded once per spec."""
-    cached = _spec_args_cache.get(spec)
+def _bucket_args(spec: BucketSpec, cost: float) -> tuple[bytes, bytes, bytes]:
+    """ARGV of one bucket: rate (repr round-trips to the same double in Lua), capacity µt, cost µt.
+
+    Cached per (spec, cost): a limiter sees few distinct ones, and validation runs once each.
+    """
+    cache_key = (spec.rate, spec.capacity, cost)  # a plain tuple hashes faster than the dataclass
+    cached = _args_cache.get(cache_key)
     if cached is None:
-        if len(_spec_args_cache) > 10_000:
-            _spec_args_cache.clear()
-        cached = (repr(spec.rate).encode(), str(spec.capacity_ut).encode())
-        _spec_args_cache[spec] = cached
+        cost_ut = validate_cost(cost, spec)  # raises BucketError: nothing cached, nothing sent
+        if len(_args_cache) >= _ARGS_CACHE_LIMIT:
+            _args_cache.clear()
+        cached = (repr(spec.rate).encode(), str(spec.capacity_ut).encode(), str(cost_ut).encode())
+        _args_cache[cache_key] = cached
     return cached
 
 
@@ -98,8 +104,7 @@ def encode_check(keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) 
         raise BucketError(f"a check needs one spec per key and at least one key, got {len(keys)} keys, {len(specs)} specs")
     command: list[Any] = ["EVALSHA", SCRIPT_SHA, len(keys), *keys]
     for spec in specs:
-        rate_arg, capacity_arg = _spec_args(spec)
-        command += (rate_arg, capacity_arg, validate_cost(cost, spec))
+        command += _bucket_args(spec, cost)
     return command
 
 
