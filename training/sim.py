@@ -363,7 +363,7 @@ class BatchSim:
         # per-interval constants, (S, N) or (N,)
         capacity_seconds = self._capacity_seconds(t)
         self.interval_capacity = capacity_seconds.mean(axis=1)  # tokens/s, before the autoscaler moves
-        capacity = np.maximum(np.repeat(capacity_seconds, SUB_PER_PROFILE, axis=1).T, 1e-6)  # (S, N) tokens/s
+        capacity = np.ascontiguousarray(np.maximum(np.repeat(capacity_seconds, SUB_PER_PROFILE, axis=1).T, 1e-6))  # (S, N) tokens/s
         timeout_s = p["timeout_s"]
         inv_max_queue = 1.0 / (capacity * timeout_s)  # a client waits for at most capacity * timeout tokens
         collapse, base_err = p["collapse"], p["base_error_rate"]
@@ -436,8 +436,8 @@ class BatchSim:
             rec[2, k] = adm_req
             rec[3, k] = errors
             rec[4, k] = joined
-            rec[5, k] = start * 1000.0
-            rec[6, k] = theta * 1000.0
+            rec[5, k] = start
+            rec[6, k] = theta
             rec[7, k] = served / (cap * SUBSTEP_S)
             rec[8, k] = adm_tok * joined_share * p_ok * (1.0 - base_err)
         self.tokens_ut, self.queue, self.util, self.inflow, self.clock_us = tokens, queue, util, inflow, clock
@@ -475,9 +475,15 @@ class BatchSim:
         # timeout (a served request never waits longer: the client has left)
         timed_out = out["finished"] - out["joined"]
         timeout_ms = self.p["timeout_s"][:, None] * 1000.0
-        starts = np.concatenate([np.minimum(took[_START], timeout_ms), timeout_ms], axis=1)
-        thetas = np.concatenate([took[_THETA], np.zeros((self.n, 1))], axis=1)
-        weights = np.concatenate([took[_JOINED], timed_out[:, None]], axis=1)
+        # pairs of sub-steps merged (weighted means of start and tail): half the work, same p99 to ~1 %
+        w = took[_JOINED].reshape(self.n, -1, 2)
+        pair_w = w.sum(axis=2)
+        share = np.divide(w, pair_w[:, :, None], out=np.full(w.shape, 0.5), where=pair_w[:, :, None] > 0)
+        pair_start = (took[_START].reshape(w.shape) * share).sum(axis=2) * 1000.0
+        pair_theta = (took[_THETA].reshape(w.shape) * share).sum(axis=2) * 1000.0
+        starts = np.concatenate([np.minimum(pair_start, timeout_ms), timeout_ms], axis=1)
+        thetas = np.concatenate([pair_theta, np.zeros((self.n, 1))], axis=1)
+        weights = np.concatenate([pair_w, timed_out[:, None]], axis=1)
         out["p99_ms"] = np.minimum(tail_quantile(starts, thetas, weights, 0.99), timeout_ms[:, 0])
         return out
 
@@ -529,5 +535,5 @@ class BatchSim:
         return obs, truth
 
 
-_HIST_KEYS = ("adm_tok", "thr_tok", "finished", "errors", "joined", "start_ms", "theta_ms", "cpu", "good_tok")
-_JOINED, _START, _THETA, _CPU = (_HIST_KEYS.index(k) for k in ("joined", "start_ms", "theta_ms", "cpu"))
+_HIST_KEYS = ("adm_tok", "thr_tok", "finished", "errors", "joined", "start_s", "theta_s", "cpu", "good_tok")
+_JOINED, _START, _THETA, _CPU = (_HIST_KEYS.index(k) for k in ("joined", "start_s", "theta_s", "cpu"))
