@@ -262,7 +262,6 @@ class SyncRedisBucket:
 
 class _Pending(NamedTuple):
     command: list[Any]
-    specs: Sequence[BucketSpec]
     future: asyncio.Future[Any]
 
 
@@ -324,8 +323,8 @@ class RedisBucket:
                 if self._connections is not None:
                     while len(self._all_connections) < self.max_in_flight:
                         connection = self._new_connection()
+                        self._connections.append(connection)  # kept even if connect fails: reconnects on use
                         await connection.connect()
-                        self._connections.append(connection)
                 elif hasattr(self.client, "initialize"):
                     await self.client.initialize()  # cluster: discover the slots of every node
         except (*_CONNECTION_ERRORS, RedisError) as error:
@@ -341,21 +340,21 @@ class RedisBucket:
 
     async def check(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> tuple[bool, list[Decision]]:
         """Consume `cost` tokens from every bucket of `keys` if all hold it; one Decision per key."""
-        reply = await self._submit(encode_check(keys, specs, cost), specs)
+        reply = await self._submit(encode_check(keys, specs, cost))
         return to_decisions(reply, specs)
 
     async def check_raw(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> ScriptResult:
         """Like check(), but the script's integer answer, server time included (tests, tools)."""
-        return decode_reply(await self._submit(encode_check(keys, specs, cost), specs))
+        return decode_reply(await self._submit(encode_check(keys, specs, cost)))
 
-    def _submit(self, command: list[Any], specs: Sequence[BucketSpec]) -> asyncio.Future[Any]:
+    def _submit(self, command: list[Any]) -> asyncio.Future[Any]:
         if self.backoff.blocked():
             raise RedisUnavailable(f"redis backing off for {self.backoff.remaining_s:.3f} s after a failure")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._pending:
             self._pending_deadline = loop.time() + self.timeout_s
-        self._pending.append(_Pending(command, specs, future))
+        self._pending.append(_Pending(command, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
