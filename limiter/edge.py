@@ -55,6 +55,7 @@ HOP_BY_HOP = frozenset(
      b"transfer-encoding", b"upgrade", b"host", b"content-length"]
 )  # fmt: skip
 RATE_CLIENT_TIMEOUT_S = 1.0  # the rate table is read off the request path; it may wait longer
+STOP_TIMEOUT_S = 5.0  # shutdown waits this long for the background tasks
 ECHO_BODY = b'{"ok":true}'
 
 
@@ -136,6 +137,7 @@ class Edge:
         self._http: httpx.AsyncClient | None = None
         self._rate_client: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self.app = self._build()
 
     # -- app ---------------------------------------------------------------------------------
@@ -170,6 +172,7 @@ class Edge:
     async def start(self) -> None:
         """Connect to Redis, start the rate reader and the config watcher (called by the lifespan)."""
         config = self.guard.config
+        self._stopping = False
         if self.options.limited:
             self.guard.redis_bucket = RedisBucket.from_url(config.redis.url, timeout_s=config.redis.timeout_ms / 1000)
             self._rate_client = redis.asyncio.Redis.from_url(
@@ -196,9 +199,13 @@ class Edge:
 
     async def stop(self) -> None:
         """Stop the background tasks and close the connections."""
+        self._stopping = True
+        if self.reader is not None:
+            self.reader.stop()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S)
         self._tasks.clear()
         bucket = self.guard.redis_bucket
         if isinstance(bucket, RedisBucket):
@@ -212,7 +219,7 @@ class Edge:
         self._tasks.append(asyncio.get_running_loop().create_task(coroutine))
 
     async def _watch_config(self, watcher: ConfigWatcher) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.options.reload_s)
             try:
                 new = watcher.poll()

@@ -72,7 +72,7 @@ class TierRuntime:
 
     __slots__ = (
         "name", "failure_policy", "rates", "specs", "local_specs", "tier_key", "client_prefix",
-        "policy_header", "counters", "token_counters", "last_remaining", "last_time",
+        "policy_header", "counters", "last_remaining", "last_time",
     )  # fmt: skip
 
     def __init__(self, name: str, failure_policy: str, rates: TierRates, local_fraction: float, metrics: LimiterMetrics):
@@ -80,12 +80,7 @@ class TierRuntime:
         self.failure_policy = failure_policy
         self.tier_key = tier_key(name)
         self.client_prefix = client_key(name, "")
-        self.counters = {
-            (outcome, source): metrics.decisions.labels(name, outcome, source)
-            for outcome in ("allowed", "throttled")
-            for source in ("redis", "local", "fail_closed")
-        }
-        self.token_counters = {o: metrics.decision_tokens.labels(name, o) for o in ("allowed", "throttled")}
+        self.counters = metrics.tier_counters(name)
         self.last_remaining = rates.burst
         self.last_time = time.monotonic()
         self.set_rates(rates, local_fraction)
@@ -157,7 +152,7 @@ class Guard:
         self._local = local_bucket
         self._metrics = metrics
         self._clock = clock
-        self._observe = metrics.check_seconds.observe
+        self._observe = metrics.check_latency.observe
         self._tiers: dict[str, TierRuntime] = {}
         self._tier_cache: dict[str, TierRuntime] = {}
         self.apply_config(config)
@@ -265,8 +260,8 @@ class Guard:
         tier.last_remaining = decisions[1].remaining
         tier.last_time = time.monotonic()
         outcome = "allowed" if allowed else "throttled"
-        tier.counters[outcome, source].inc()
-        tier.token_counters[outcome].inc(cost)
+        tier.counters.decisions[outcome, source] += 1
+        tier.counters.tokens[outcome] += cost
         self._observe(self._clock() - started)
         return Verdict(allowed, tier, client, cost, source, decisions, limited_by)
 
@@ -279,8 +274,8 @@ class Guard:
     def _refuse_cost(self, tier: TierRuntime, client: str, cost: float, exc: Exception, started: float) -> Verdict:
         """A cost no bucket can hold (rates changed under a cost rule): refuse, log, never raise."""
         log.error("request cost %g cannot pass tier %s: %s", cost, tier.name, exc)
-        tier.counters["throttled", "redis"].inc()
-        tier.token_counters["throttled"].inc(cost)
+        tier.counters.decisions["throttled", "redis"] += 1
+        tier.counters.tokens["throttled"] += cost
         self._observe(self._clock() - started)
         decisions = [Decision(False, 0.0, FAIL_CLOSED_RETRY_S, 0.0, spec.capacity, "redis") for spec in tier.specs]
         return Verdict(False, tier, client, cost, "redis", decisions, "cost")

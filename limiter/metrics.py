@@ -1,7 +1,9 @@
 """The limiter's and the edge's Prometheus metrics, named as in docs/contracts.md.
 
 Every metric is registered on the registry passed in, so tests use a fresh `CollectorRegistry()`.
-Per-tier gauges that describe the tier bucket (`ratepilot_tokens_remaining`,
+The per-request metrics (decisions, tokens, check latency) are plain numbers the request path adds to
+(`TierCounters`, `LatencyHistogram`: no lock, no label lookup; the edge decides on one event-loop
+thread) and a custom collector turns them into Prometheus samples when scraped. Per-tier gauges that describe the tier bucket (`ratepilot_tokens_remaining`,
 `token_bucket_utilization`) are computed when scraped, from the last decision refilled to now, so an
 idle tier drifts back to 0 % in use instead of freezing at its last value.
 """
@@ -9,12 +11,75 @@ idle tier drifts back to 0 % in use instead of freezing at its last value.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 RATE_SOURCES = ("controller", "override", "static", "fallback")
+OUTCOMES = ("allowed", "throttled")
+DECISION_SOURCES = ("redis", "local", "fail_closed")
 CHECK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class TierCounters:
+    """One tier's decisions by (outcome, source) and tokens asked by outcome, as plain numbers."""
+
+    __slots__ = ("decisions", "tokens")
+
+    def __init__(self) -> None:
+        self.decisions = {(outcome, source): 0 for outcome in OUTCOMES for source in DECISION_SOURCES}
+        self.tokens = dict.fromkeys(OUTCOMES, 0.0)
+
+
+class LatencyHistogram:
+    """A histogram the hot path fills with one bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = CHECK_BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation (bucket `le` = the first bound >= it)."""
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: (le, observations <= le)."""
+        buckets, running = [], 0
+        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            buckets.append((bound, float(running)))
+        return buckets
+
+
+class _RequestPathCollector:
+    """Exports the plain-number request metrics at scrape time."""
+
+    def __init__(self, tiers: dict[str, TierCounters], latency: LatencyHistogram):
+        self._tiers = tiers
+        self._latency = latency
+
+    def collect(self) -> Iterator[Metric]:
+        decisions = CounterMetricFamily(
+            "ratepilot_decisions", "Rate-limit decisions", labels=["tier", "outcome", "source"]
+        )
+        tokens = CounterMetricFamily("ratepilot_decision_tokens", "Tokens asked by decisions", labels=["tier", "outcome"])
+        for tier, counters in list(self._tiers.items()):
+            for (outcome, source), count in counters.decisions.items():
+                decisions.add_metric([tier, outcome, source], count)
+            for outcome, asked in counters.tokens.items():
+                tokens.add_metric([tier, outcome], asked)
+        yield decisions
+        yield tokens
+        yield HistogramMetricFamily(
+            "ratepilot_check_seconds", "Time to decide one request", buckets=self._latency.cumulative(),
+            sum_value=self._latency.total,
+        )  # fmt: skip
 
 
 class LimiterMetrics:
@@ -22,15 +87,9 @@ class LimiterMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        self.decisions = Counter(
-            "ratepilot_decisions", "Rate-limit decisions", ["tier", "outcome", "source"], registry=registry
-        )
-        self.decision_tokens = Counter(
-            "ratepilot_decision_tokens", "Tokens asked by decisions", ["tier", "outcome"], registry=registry
-        )
-        self.check_seconds = Histogram(
-            "ratepilot_check_seconds", "Time to decide one request", buckets=CHECK_BUCKETS, registry=registry
-        )
+        self._tier_counters: dict[str, TierCounters] = {}
+        self.check_latency = LatencyHistogram()
+        registry.register(_RequestPathCollector(self._tier_counters, self.check_latency))  # type: ignore[arg-type]
         self.tokens_remaining = Gauge(
             "ratepilot_tokens_remaining", "Tokens in the tier bucket, refilled to now", ["tier"], registry=registry
         )
@@ -50,6 +109,13 @@ class LimiterMetrics:
         )  # fmt: skip
         self.redis_errors = Counter("ratepilot_redis_errors", "Redis failures by kind", ["kind"], registry=registry)
 
+    def tier_counters(self, tier: str) -> TierCounters:
+        """The decision counters of a tier (created on first use)."""
+        counters = self._tier_counters.get(tier)
+        if counters is None:
+            counters = self._tier_counters[tier] = TierCounters()
+        return counters
+
     def watch_tier(self, tier: str, remaining: Callable[[], float], utilization: Callable[[], float]) -> None:
         """Make the tier-bucket gauges of `tier` read the given callables at scrape time."""
         self.tokens_remaining.labels(tier).set_function(remaining)
@@ -65,6 +131,7 @@ class LimiterMetrics:
 
     def forget_tier(self, tier: str) -> None:
         """Drop a tier's series after a config reload removed the tier."""
+        self._tier_counters.pop(tier, None)
         for gauge in (self.tokens_remaining, self.utilization, self.refill_rate, self.rate_table_age):
             with contextlib.suppress(KeyError):
                 gauge.remove(tier)

@@ -20,6 +20,7 @@ configured rate. Bursts never drop below the largest request cost, so every requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -111,6 +112,7 @@ class RateReader:
         self._last: dict[str, TierRates] = {}
         self._server_offset: float | None = None  # server clock minus our monotonic clock at the last read
         self._warned: dict[str, str] = {}
+        self._stop = asyncio.Event()
         self.polls = 0
 
     async def read_table(self) -> tuple[dict[bytes, bytes], float]:
@@ -159,11 +161,17 @@ class RateReader:
                 rates[name] = static_rates(tier, "fallback" if last is not None and last.expires_at else "static")
         return rates
 
+    def stop(self) -> None:
+        """Make run() return after the poll under way (cancelling alone is not enough: a cancel that
+        lands inside redis-py's socket timeout can come out as a TimeoutError on Python 3.11)."""
+        self._stop.set()
+
     async def run(self) -> None:
-        """Poll forever at the configured interval (cancel the task to stop)."""
-        while True:
+        """Poll at the configured interval until stop()."""
+        while not self._stop.is_set():
             try:
                 await self.poll_once()
             except Exception:  # a bug here must not stop the limiter from reading rates
                 log.exception("rate reader poll failed")
-            await asyncio.sleep(self._config().rate_table.poll_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._config().rate_table.poll_s)

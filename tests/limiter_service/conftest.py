@@ -86,6 +86,8 @@ class RunningEdge:
         self.client.close()
         self.server.should_exit = True
         self.thread.join(timeout=15)
+        if self.thread.is_alive():
+            raise RuntimeError("uvicorn did not stop within 15 s")
 
     def get(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
         """GET with the API key header when given."""

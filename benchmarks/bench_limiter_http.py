@@ -1,0 +1,330 @@
+"""HTTP through uvicorn with and without the limiter: throughput at saturation and added p99 at 1,000 req/s.
+
+How it measures (all processes local, on this machine's cores):
+
+- a throwaway redis-server (`ratepilot.servers.RedisServer`);
+- the edge (`ratepilot edge --backend echo`, one uvicorn worker, uvloop + httptools, gc frozen) in
+  its own process, once without the limiter (`--no-limit`, "bare") and once with it (strict Redis
+  checks: every request runs the Lua check-and-consume on Redis; the tier's rates are set so high
+  that nothing is refused, so both runs serve the same 200s);
+- the load generator in a third process. Saturation: `wrk` (C, one thread, 64 connections, 100 API
+  keys in rotation) when installed, else a Python closed-loop raw-socket client. Latency: an
+  OPEN-LOOP Python client (arrivals on a fixed 1,000 req/s schedule, independent of responses,
+  64 keep-alive connections; a request's latency counts from its scheduled send, minus only the
+  client's own timer lateness, and includes any wait for a free connection).
+
+With at least two cores the edge is pinned to core 0 and Redis plus the load generator to core 1,
+so the edge (the thing measured) has one core to itself in both runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ratepilot.servers import RedisServer, free_port, port_open
+
+OFFERED_RPS = 1000.0
+CONNECTIONS = 64
+KEYS = 100
+PATH = "/v1/items"
+WARMUP_S = 1.0
+
+BENCH_CONFIG = """\
+# benchmark config: one tier whose limits are never reached, so every request runs the full Redis check
+redis: {{url: "{url}", timeout_ms: {timeout_ms}}}
+default_tier: bench
+tiers:
+  bench:
+    client:    {{rate: 1000000, burst: 1000000}}
+    aggregate: {{rate: 10000000, burst: 10000000}}
+    key_prefixes: [bench_]
+rate_table: {{poll_s: 5}}
+"""
+
+WRK_SCRIPT = f"""\
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", "{PATH}", {{["x-api-key"] = "bench_" .. (counter % {KEYS})}})
+end
+"""
+
+
+def _cores() -> tuple[set[int], set[int]] | None:
+    """(edge cores, load + redis cores) when there are at least two usable cores."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    return {cores[0]}, set(cores[1:])
+
+
+def _pin(pid: int, cores: set[int] | None) -> None:
+    if cores:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, cores)
+
+
+# -- load generators ------------------------------------------------------------------------------
+
+
+def _requests() -> list[bytes]:
+    return [
+        f"GET {PATH} HTTP/1.1\r\nHost: bench\r\nx-api-key: bench_{i}\r\n\r\n".encode() for i in range(KEYS)
+    ]
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    if match:
+        await reader.readexactly(int(match[1]))
+    return status
+
+
+async def _open_loop(port: int, rps: float, duration_s: float, warmup_s: float) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    clock = time.perf_counter  # uvloop's loop.time() has only millisecond resolution
+    idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for _ in range(CONNECTIONS):
+        idle.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    requests = _requests()
+    latencies: list[float] = []
+    lateness: list[float] = []
+    statuses: dict[int, int] = {}
+    begin = clock() + 0.05
+    measure_from = begin + warmup_s
+
+    async def fire(i: int, scheduled: float) -> None:
+        fired = clock()
+        reader, writer = await idle.get()
+        writer.write(requests[i % KEYS])
+        status = await _read_response(reader)
+        done = clock()
+        idle.put_nowait((reader, writer))
+        if scheduled >= measure_from:
+            latencies.append(done - fired)
+            lateness.append(fired - scheduled)
+            statuses[status] = statuses.get(status, 0) + 1
+
+    tasks = []
+    total = int(rps * (warmup_s + duration_s))
+    for i in range(total):
+        scheduled = begin + i / rps
+        delay = scheduled - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(fire(i, scheduled)))
+    await asyncio.gather(*tasks)
+    while not idle.empty():
+        idle.get_nowait()[1].close()
+    latencies.sort()
+    lateness.sort()
+    return {
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+        "requests": len(latencies),
+        "achieved_rps": len(latencies) / duration_s,
+        "client_lateness_p99_ms": 1000 * lateness[int(len(lateness) * 0.99)],
+        "statuses": statuses,
+    }
+
+
+async def _closed_loop(port: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    requests = _requests()
+    counts = {"ok": 0, "other": 0}
+    start = loop.time() + warmup_s
+    stop = start + duration_s
+
+    async def worker(n: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = n
+        while loop.time() < stop:
+            writer.write(requests[i % KEYS])
+            status = await _read_response(reader)
+            i += 1
+            if loop.time() >= start:
+                counts["ok" if status == 200 else "other"] += 1
+        writer.close()
+
+    await asyncio.gather(*(worker(n) for n in range(CONNECTIONS)))
+    return {"rps": (counts["ok"] + counts["other"]) / duration_s, "non_200": counts["other"]}
+
+
+def _client_process(kind: str, port: int, duration_s: float, cores: set[int] | None, out: Any) -> None:
+    """Child process entry: run one load generator and send its result back."""
+    _pin(0, cores)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    if kind == "open":
+        out.put(asyncio.run(_open_loop(port, OFFERED_RPS, duration_s, WARMUP_S)))
+    else:
+        out.put(asyncio.run(_closed_loop(port, duration_s, WARMUP_S)))
+
+
+def _run_client(kind: str, port: int, duration_s: float, cores: set[int] | None) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_client_process, args=(kind, port, duration_s, cores, queue))
+    process.start()
+    result: dict[str, Any] = queue.get(timeout=duration_s + 120)
+    process.join(timeout=30)
+    return result
+
+
+def _wrk(port: int, duration_s: float, cores: set[int] | None, workdir: Path) -> dict[str, Any]:
+    script = workdir / "keys.lua"
+    script.write_text(WRK_SCRIPT)
+    argv = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(duration_s))}s", "-s", str(script), f"http://127.0.0.1:{port}{PATH}"]
+    if cores and shutil.which("taskset"):
+        argv = ["taskset", "-c", ",".join(map(str, sorted(cores))), *argv]
+    subprocess.run([*argv[:-4], "-d1s", *argv[-3:]], capture_output=True, check=False)  # warm-up
+    output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if rps is None:
+        raise RuntimeError(f"could not parse wrk output:\n{output}")
+    return {"rps": float(rps[1]), "non_200": int(non_2xx[1]) if non_2xx else 0}
+
+
+# -- the edge under test --------------------------------------------------------------------------
+
+
+class EdgeProcess:
+    """`ratepilot edge --backend echo` in its own process on a free port."""
+
+    def __init__(self, config_path: Path, limited: bool, cores: set[int] | None, workdir: Path):
+        self.port = free_port()
+        argv = [sys.executable, "-m", "ratepilot.cli", "edge", "--backend", "echo", "--config", str(config_path),
+                "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+        if not limited:
+            argv.append("--no-limit")
+        self.log = open(workdir / f"edge-{'limited' if limited else 'bare'}.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        _pin(self.process.pid, cores)
+        deadline = time.monotonic() + 30
+        while not port_open(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the edge did not start; see {self.log.name}")
+            time.sleep(0.05)
+
+    def metrics(self) -> str:
+        """The edge's /metrics text."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    def stop(self) -> None:
+        """Terminate and reap."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def _decision_sources(metrics_text: str) -> dict[str, float]:
+    sources: dict[str, float] = {}
+    for match in re.finditer(r'^ratepilot_decisions_total\{outcome="(\w+)",source="(\w+)",tier="\w+"\} (\S+)$', metrics_text, re.M):
+        key = f"{match[1]}_{match[2]}"
+        sources[key] = sources.get(key, 0.0) + float(match[3])
+    return sources
+
+
+def run_http(duration_s: float, redis_timeout_ms: float = 5.0) -> dict[str, Any]:
+    """Measure bare vs limited edge; returns http_bare_rps, http_limited_rps, http_added_p99_ms and details."""
+    if not duration_s > 0:
+        raise ValueError("duration_s must be positive")
+    cores = _cores()
+    edge_cores, load_cores = cores if cores else (None, None)
+    use_wrk = shutil.which("wrk") is not None
+    workdir = Path(tempfile.mkdtemp(prefix="ratepilot-bench-http-"))
+    redis_server = RedisServer(workdir=workdir / "redis")
+    redis_server.start()
+    _pin(redis_server.process.pid if redis_server.process else 0, load_cores)
+    config_path = workdir / "limiter.yaml"
+    config_path.write_text(BENCH_CONFIG.format(url=redis_server.url, timeout_ms=redis_timeout_ms))
+    results: dict[str, dict[str, Any]] = {}
+    sources: dict[str, float] = {}
+    try:
+        for name, limited in (("bare", False), ("limited", True)):
+            edge = EdgeProcess(config_path, limited, edge_cores, workdir)
+            try:
+                saturation = (
+                    _wrk(edge.port, duration_s, load_cores, workdir)
+                    if use_wrk
+                    else _run_client("closed", edge.port, duration_s, load_cores)
+                )
+                latency = _run_client("open", edge.port, duration_s, load_cores)
+                results[name] = {"saturation": saturation, "open_loop": latency}
+                if limited:
+                    sources = _decision_sources(edge.metrics())
+            finally:
+                edge.stop()
+    finally:
+        redis_server.stop()
+    bare, limited_r = results["bare"], results["limited"]
+    decided = sum(sources.values()) or 1.0
+    return {
+        "http_bare_rps": round(bare["saturation"]["rps"], 1),
+        "http_limited_rps": round(limited_r["saturation"]["rps"], 1),
+        "http_limited_over_bare": round(limited_r["saturation"]["rps"] / bare["saturation"]["rps"], 3),
+        "http_added_p99_ms": round(limited_r["open_loop"]["p99_ms"] - bare["open_loop"]["p99_ms"], 3),
+        "http_bare_p99_ms": round(bare["open_loop"]["p99_ms"], 3),
+        "http_limited_p99_ms": round(limited_r["open_loop"]["p99_ms"], 3),
+        "http_bare_p50_ms": round(bare["open_loop"]["p50_ms"], 3),
+        "http_limited_p50_ms": round(limited_r["open_loop"]["p50_ms"], 3),
+        "http_open_loop_offered_rps": OFFERED_RPS,
+        "http_open_loop_achieved_rps": {k: round(v["open_loop"]["achieved_rps"], 1) for k, v in results.items()},
+        "http_client_lateness_p99_ms": {k: round(v["open_loop"]["client_lateness_p99_ms"], 3) for k, v in results.items()},
+        "http_non_200": {k: v["saturation"]["non_200"] + sum(n for s, n in v["open_loop"]["statuses"].items() if s != 200)
+                         for k, v in results.items()},  # fmt: skip
+        "http_limited_redis_decision_share": round(sources.get("allowed_redis", 0.0) / decided, 4),
+        "http_load_generator": "wrk -t1 -c64" if use_wrk else "python closed-loop, 64 connections",
+        "http_pinned": cores is not None,
+        "http_duration_s": duration_s,
+        "http_redis_timeout_ms": redis_timeout_ms,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Run the HTTP benchmark alone: `python -m benchmarks.bench_limiter_http [--seconds S] [--json FILE]`."""
+    parser = argparse.ArgumentParser(prog="bench_limiter_http", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
+    parser.add_argument("--redis-timeout-ms", type=float, default=5.0, help="the limiter's Redis timeout")
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args(argv)
+    if not (args.seconds > 0 and args.redis_timeout_ms > 0):
+        print("bench_limiter_http: --seconds and --redis-timeout-ms must be positive", file=sys.stderr)
+        return 2
+    result = run_http(args.seconds, args.redis_timeout_ms)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
