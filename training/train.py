@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_PATH, help="where the trained policy file goes (default: the committed default policy)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs"), help="checkpoints and plots go under RUN_DIR/RUN_NAME (default: runs)")
-    parser.add_argument("--resume", type=Path, help="continue from this checkpoint.json (its args win)")
+    parser.add_argument("--resume", type=Path, help="continue from this checkpoint.json (its args win but --iterations and --time-budget-s)")
     parser.add_argument("--eval-seeds", type=int, default=5, help="held-out evaluation seeds (0..N-1) for the final comparison (default: 5)")
     parser.add_argument("--eval-suites", default="default,traces", help="suites of the final evaluation (default: default,traces)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (nor register the model)")
@@ -214,6 +214,9 @@ def main(argv: list[str]) -> int:
         if ns.resume:
             trainer = Trainer.from_state(json.loads(ns.resume.read_text()))
             run_name = ns.resume.parent.name
+            for name in ("iterations", "time_budget_s"):  # the only options that may change on resume
+                if f"--{name.replace('_', '-')}" in argv:
+                    trainer.args = dataclasses.replace(trainer.args, **{name: getattr(ns, name)})
         else:
             args = args_from(ns)
             run_name = None
