@@ -16,54 +16,59 @@
 -- full again is deleted (a missing key reads as full), otherwise the key PEXPIREs once the
 -- bucket would be full again, so idle clients cost no memory.
 
-local time = redis.call('TIME')
+local floor, ceil, min, max, format = math.floor, math.ceil, math.min, math.max, string.format
+local call = redis.call
+
+local time = call('TIME')
 local now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local bucket_count = #KEYS
 
-local rates, capacities, costs, tokens = {}, {}, {}, {}
+-- pass 1: refill every bucket; the request passes only if each holds its cost
+local tokens = {}
 local allowed = true
 for i = 1, bucket_count do
   local rate = tonumber(ARGV[3 * i - 2])
   local capacity_ut = tonumber(ARGV[3 * i - 1])
   local cost_ut = tonumber(ARGV[3 * i])
-  local state = redis.call('HMGET', KEYS[i], 't', 'ts')
+  local state = call('HMGET', KEYS[i], 't', 'ts')
   local tokens_ut = tonumber(state[1])
   local last_us = tonumber(state[2])
   if tokens_ut == nil or last_us == nil then
     tokens_ut, last_us = capacity_ut, now_us -- first sight: a full bucket
   end
   -- refill(): a clock that went back refills nothing
-  local elapsed_us = math.max(now_us - last_us, 0)
-  tokens_ut = math.min(capacity_ut, tokens_ut + math.floor(elapsed_us * rate))
+  tokens_ut = min(capacity_ut, tokens_ut + floor(max(now_us - last_us, 0) * rate))
   if tokens_ut < cost_ut then
     allowed = false
   end
-  rates[i], capacities[i], costs[i], tokens[i] = rate, capacity_ut, cost_ut, tokens_ut
+  tokens[i] = tokens_ut
 end
 
+-- pass 2: charge (when allowed), write back, answer
 local reply = {allowed and 1 or 0, now_us}
+local now_text = format('%d', now_us)
 for i = 1, bucket_count do
-  local rate, capacity_ut, tokens_ut = rates[i], capacities[i], tokens[i]
-  if allowed then
-    tokens_ut = tokens_ut - costs[i]
-  end
-  -- wait_us(): ceil(max(missing, 0) / rate)
+  local rate = tonumber(ARGV[3 * i - 2])
+  local capacity_ut = tonumber(ARGV[3 * i - 1])
+  local cost_ut = tonumber(ARGV[3 * i])
+  local tokens_ut = tokens[i]
   local retry_us = 0
-  if not allowed then
-    retry_us = math.ceil(math.max(costs[i] - tokens_ut, 0) / rate)
-  end
-  local reset_us = math.ceil(math.max(capacity_ut - tokens_ut, 0) / rate)
-  if reset_us == 0 then
-    redis.call('DEL', KEYS[i])
+  if allowed then
+    tokens_ut = tokens_ut - cost_ut
   else
-    redis.call('HSET', KEYS[i], 't', string.format('%d', tokens_ut), 'ts', string.format('%d', now_us))
+    retry_us = ceil(max(cost_ut - tokens_ut, 0) / rate) -- wait_us()
+  end
+  local reset_us = ceil(max(capacity_ut - tokens_ut, 0) / rate) -- wait_us()
+  if reset_us == 0 then
+    call('DEL', KEYS[i])
+  else
+    call('HSET', KEYS[i], 't', format('%d', tokens_ut), 'ts', now_text)
     -- keep the key until the bucket is surely full again: one extra µt of refill time covers
     -- the rounding of reset_us; capped at ~300 years so PEXPIRE never overflows
-    local expire_ms = math.ceil((reset_us + math.ceil(1 / rate)) / 1000) + 1
-    redis.call('PEXPIRE', KEYS[i], string.format('%d', math.min(expire_ms, 1e13)))
+    call('PEXPIRE', KEYS[i], format('%d', min(ceil((reset_us + ceil(1 / rate)) / 1000) + 1, 1e13)))
   end
-  reply[#reply + 1] = tokens_ut
-  reply[#reply + 1] = retry_us
-  reply[#reply + 1] = reset_us
+  reply[3 * i] = tokens_ut
+  reply[3 * i + 1] = retry_us
+  reply[3 * i + 2] = reset_us
 end
 return reply
