@@ -44,7 +44,7 @@ from limiter.local_bucket import LocalBucket
 from limiter.metrics import BackendMetrics, LimiterMetrics
 from limiter.middleware import RateLimitMiddleware
 from limiter.rate_reader import RateReader
-from limiter.redis_bucket import SCRIPT, RedisBucket
+from limiter.redis_bucket import RedisBucket
 from limiter.synthetic_backend import SyntheticBackend
 
 log = logging.getLogger("ratepilot.edge")
@@ -190,10 +190,9 @@ class Edge:
             gc.freeze()  # start-up objects leave the cyclic GC's generations: no long pauses under load
 
     async def _warm_up(self, bucket: RedisBucket) -> None:
-        """Load the script and open a connection before the first request (a cold start takes > 5 ms)."""
+        """Load the script and open the connections before the first request (a cold start takes > 5 ms)."""
         try:
-            await self._rate_client.script_load(SCRIPT)
-            await asyncio.wait_for(bucket.client.ping(), RATE_CLIENT_TIMEOUT_S)
+            await bucket.warm_up(RATE_CLIENT_TIMEOUT_S)
         except Exception as exc:  # Redis down at start-up: the limiter still starts and falls back
             log.warning("redis not reachable at start-up, deciding by the failure policies: %s", exc)
 
