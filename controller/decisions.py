@@ -1,7 +1,8 @@
 """Reading the decisions stream back: the latest decisions, optionally for one tier.
 
 `write_rates.lua` appends one entry per tier per tick to `ratepilot:decisions` (MAXLEN ~), with the
-fields tier, version, fence, replica and decision (JSON: observation, proposed rate and action,
+fields tier, version, fence, replica and decision (JSON: observation with its feature vector in
+`policy.observation.OBS_FIELDS` order, proposed rate and action,
 clamped rate, the rules that fired, mode).
 """
 

@@ -129,3 +129,26 @@ class SyntheticExporter:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m controller.exporter --tiers N --port P`: serve N synthetic tiers (t00000, ...) until killed."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m controller.exporter", description=main.__doc__)
+    parser.add_argument("--tiers", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    if args.tiers < 1:
+        parser.error("--tiers must be positive")
+    exporter = SyntheticExporter([f"t{i:05d}" for i in range(args.tiers)], port=args.port).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    exporter.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

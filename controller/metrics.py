@@ -33,6 +33,7 @@ class ControllerMetrics:
         self.last_tick = Gauge(
             "ratepilot_controller_last_tick_timestamp_seconds", "Unix time of the last completed leader tick", registry=r
         )
+        self._rate_children: dict[str, Gauge] = {}
         for result in TICK_RESULTS:
             self.ticks.labels(result)
         for stage in ERROR_STAGES:
@@ -41,7 +42,10 @@ class ControllerMetrics:
     def record_rates(self, tiers: Sequence[str], rates: np.ndarray) -> None:
         """Publish the decided rate per tier."""
         for tier, rate in zip(tiers, rates.tolist(), strict=True):
-            self.rate.labels(tier).set(rate)
+            child = self._rate_children.get(tier)
+            if child is None:
+                child = self._rate_children[tier] = self.rate.labels(tier)
+            child.set(rate)
 
     def record_rules(self, tiers: Sequence[str], fired: dict[str, np.ndarray]) -> None:
         """Count each fired rule per tier."""

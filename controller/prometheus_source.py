@@ -54,8 +54,10 @@ class PrometheusSource:
         self._pool = ThreadPoolExecutor(max_workers=len(QUERY_NAMES), thread_name_prefix="promql")
 
     def _connect(self) -> PrometheusConnect:
-        # no retries: a tick that cannot read Prometheus now holds the rates; the next tick tries again
-        return PrometheusConnect(url=self.settings.url, retry=Retry(total=0), timeout=self.settings.timeout_s)  # type: ignore[arg-type]
+        # one immediate retry (a pooled keep-alive connection the server closed), no back-off: a tick that
+        # cannot read Prometheus now holds the rates and the next tick tries again
+        retry = Retry(total=1, read=0, status=0, backoff_factor=0)
+        return PrometheusConnect(url=self.settings.url, retry=retry, timeout=self.settings.timeout_s)  # type: ignore[arg-type]
 
     def expr(self, name: str) -> str:
         """The PromQL sent for one metric."""

@@ -28,7 +28,7 @@ from limiter.config import parse_config
 from limiter.rate_reader import resolve_all
 from limiter.rate_table import RATES_KEY, parse_entry
 from policy.base import Policy
-from policy.observation import Observation
+from policy.observation import OBS_FIELDS, Observation
 from ratepilot.servers import PrometheusServer, RedisServer, free_port
 from tests.controller.conftest import make_settings, query, wait_for
 from tests.controller.policies import LatencyFollower, NaNPolicy, Raising
@@ -135,7 +135,7 @@ def test_prometheus_down_holds_then_decays_toward_static(
 def test_nan_and_empty_metrics_count_as_missing(ctl: Controller, redis_client: redis.Redis) -> None:
     report = ctl.loop.tick()
     idle = report.tiers["idle"]
-    assert idle["observation"]["p99_latency_ms"] is None and idle["observation"]["vector"]["missing"] == 1.0
+    assert idle["observation"]["p99_latency_ms"] is None and idle["observation"]["vector"][OBS_FIELDS.index("missing")] == 1.0
     assert idle["rule"] == "stale_hold" and idle["rate"] == 50.0
     assert report.tiers["free"]["rule"] == "none"
     within_caps(ctl, redis_client)
