@@ -183,6 +183,7 @@ def save(policy: RLPolicy, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(buffer.getvalue())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is meant to be read by services
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

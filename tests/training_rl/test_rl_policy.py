@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policy.observation import OBS_DIM, IntervalMetrics, ObservationBuilder
+from policy.observation import OBS_DIM, OBS_SCHEMA, IntervalMetrics, ObservationBuilder
 from policy.rl import (
+    DEFAULT_MODEL_PATH,
     N_FEATURES,
     ModelError,
     PolicyNetwork,
@@ -18,6 +19,7 @@ from policy.rl import (
     batch_actions,
     features,
     load,
+    load_rl,
     make_meta,
     n_params,
     save,
@@ -158,3 +160,20 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     save(RLPolicy(random_network(0), good_meta()), tmp_path / "p.npz")
     assert [p.name for p in tmp_path.iterdir()] == ["p.npz"]
     np.testing.assert_array_equal(load(tmp_path / "p.npz").network.theta, random_network(0).theta)
+
+
+def test_rl_without_a_store_is_the_committed_default_and_creates_nothing(tmp_path: Path, monkeypatch) -> None:
+    db = tmp_path / "nowhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    policy = load_rl()
+    assert policy.meta["obs_schema"] == OBS_SCHEMA and policy.meta["algorithm"].startswith("ARS")
+    assert DEFAULT_MODEL_PATH.stat().st_size <= 50_000
+    assert not db.parent.exists()
+    np.testing.assert_array_equal(load_rl(str(DEFAULT_MODEL_PATH)).network.theta, policy.network.theta)
+
+
+def test_default_policy_cuts_the_rate_when_p99_is_far_over_the_slo() -> None:
+    """A sanity check of the trained artifact: overload (p99 5x SLO, CPU saturated, many 429s) lowers the rate."""
+    policy = load(DEFAULT_MODEL_PATH)
+    overloaded = observation(p99_ms=500.0, cpu=1.0, admitted=100.0)
+    assert policy.act(overloaded)[0] < 100.0
