@@ -39,7 +39,7 @@ def render(title: str, sample: Sample) -> Table:
     """The table of one sample."""
     table = Table(title=title, show_header=True, header_style="bold", min_width=60)
     table.add_column("", style="bold")
-    table.add_column("now", justify="right")
+    table.add_column("now", justify="left")
     p99_style = "red" if math.isfinite(sample.p99_ms) and sample.p99_ms > sample.slo_ms else "green"
     rows = [
         ("time", f"{sample.second:>4d} / {sample.duration_s} s   {sample.phase}"),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-
-import pytest
 
 from policy.rl import DEFAULT_MODEL_PATH
 
@@ -19,11 +20,13 @@ def processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes that contain `text` (the demo puts its output folder in each)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        if cmdline.parent.name == str(os.getpid()):
+            continue
         try:
             args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in args and "pytest" not in args:
+        if text in args:
             found.append(args)
     return found
 
@@ -35,10 +38,15 @@ def run_demo(*args: str, timeout_s: float = 150) -> subprocess.CompletedProcess[
     )
 
 
-@pytest.mark.skipif(not DEFAULT_MODEL_PATH.is_file(), reason="the committed default policy is not there yet")
+# The committed default policy when it is there (what `make demo` runs), else a baseline drives the same loop.
+POLICY = "rl" if DEFAULT_MODEL_PATH.is_file() else "aimd"
+
+
 def test_short_demo_runs_the_closed_loop_and_stops_everything(tmp_path: Path) -> None:
     out, report = tmp_path / "out", tmp_path / "demo.json"
-    result = run_demo("--duration", "20", "--no-compare", "--scale", "0.3", "--out", str(out), "--json", str(report))
+    result = run_demo(
+        "--duration", "20", "--no-compare", "--scale", "0.5", "--policy", POLICY, "--out", str(out), "--json", str(report)
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(report.read_text())
     assert set(data) == {"adaptive", "meta"}
@@ -46,15 +54,39 @@ def test_short_demo_runs_the_closed_loop_and_stops_everything(tmp_path: Path) ->
     for key in METRICS:
         assert isinstance(adaptive[key], float) and math.isfinite(adaptive[key]), key
     assert adaptive["requests"] > 100
-    assert 0 < adaptive["goodput_rps"] <= 10 * 0.3 * 60  # at most the peak demand
+    assert 0 < adaptive["goodput_rps"] <= 10 * 0.5 * 60  # at most the peak demand
     assert 0 <= adaptive["throttle_frac"] <= 1 and 0 <= adaptive["error_frac"] <= 1
     assert adaptive["throttle_frac"] > 0  # a 10x flash crowd over a rate at capacity must be throttled
     png = Path(data["meta"]["plot"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot: {png}" in result.stdout
-    for part in ("redis-server", "edge", "controller"):
-        assert (out / "adaptive" / f"{part}.log").exists() or (out / "adaptive" / "redis" / f"{part}.log").exists()
-    assert "rate in force" in result.stdout or "rate " in result.stdout
+    for log in ("redis/redis-server.log", "edge.log", "prometheus/prometheus.log", "controller.log"):
+        assert (out / "adaptive" / log).is_file(), log
+    assert "(controller; " in result.stdout  # the live lines show the controller's rate in force
+    assert processes_mentioning(str(out)) == []
+
+
+def test_ctrl_c_stops_every_part(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "ratepilot.cli", "demo", "--duration", "60", "--no-compare", "--scale", "0.2",
+         "--policy", POLICY, "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "adaptive" / "controller.yaml").exists():  # written once redis, edge, prometheus run
+            assert demo.poll() is None, demo.communicate()
+            assert time.monotonic() < deadline, "the demo did not get to its controller"
+            time.sleep(0.2)
+        assert processes_mentioning(str(out)), "nothing running to stop"
+        demo.send_signal(signal.SIGINT)
+        _, stderr = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130, stderr
+    assert "interrupted; every part the demo started has been stopped" in stderr
     assert processes_mentioning(str(out)) == []
 
 
