@@ -63,16 +63,13 @@ def features(vector: np.ndarray) -> np.ndarray:
     x = np.asarray(vector, dtype=np.float64)
     if x.shape[-1] != OBS_DIM:
         raise ValueError(f"observation vectors need {OBS_DIM} entries, got shape {x.shape}")
-    derived = np.stack(
-        [
-            np.log(np.maximum(x[..., 3], LOG_FLOOR)),
-            np.log(np.maximum(x[..., 2], LOG_FLOOR)),
-            np.maximum(x[..., 0] - 1.0, 0.0),
-            np.log1p(np.maximum(x[..., 4], 0.0)),
-        ],
-        axis=-1,
-    )
-    return np.concatenate([x[..., : OBS_DIM - 1], derived], axis=-1)
+    out = np.empty(x.shape[:-1] + (N_FEATURES,))
+    out[..., : OBS_DIM - 1] = x[..., : OBS_DIM - 1]
+    out[..., OBS_DIM - 1] = np.log(np.maximum(x[..., 3], LOG_FLOOR))
+    out[..., OBS_DIM] = np.log(np.maximum(x[..., 2], LOG_FLOOR))
+    out[..., OBS_DIM + 1] = np.maximum(x[..., 0] - 1.0, 0.0)
+    out[..., OBS_DIM + 2] = np.log1p(np.maximum(x[..., 4], 0.0))
+    return out
 
 
 def n_params(hidden: int) -> int:
@@ -128,8 +125,14 @@ class PolicyNetwork:
 
     def actions(self, vectors: np.ndarray) -> np.ndarray:
         """Actions in [-1, 1] for observation vectors of shape (n_tiers, OBS_DIM) -> (n_tiers,)."""
-        feats = features(vectors)[None]
-        return batch_actions(self.theta[None], feats, self.obs_mean, self.obs_std, self.hidden)[0]
+        z = np.clip((features(vectors) - self.obs_mean) / self.obs_std, -Z_CLIP, Z_CLIP)
+        if self.hidden == 0:  # the same arithmetic as batch_actions for P = 1, without its batching overhead
+            out = z @ self.theta[:-1] + self.theta[-1]
+        else:
+            cut = (N_FEATURES + 1) * self.hidden
+            w0 = self.theta[:cut].reshape(N_FEATURES + 1, self.hidden)
+            out = np.tanh(z @ w0[:-1] + w0[-1]) @ self.theta[cut:-1] + self.theta[-1]
+        return np.clip(out, -1.0, 1.0)
 
 
 @dataclass
