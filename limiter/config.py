@@ -115,6 +115,7 @@ class RedisConfig(_Strict):
 
     url: str = "redis://127.0.0.1:6379/0"
     timeout_ms: float = Field(default=5.0, gt=0, le=10_000, allow_inf_nan=False)
+    cluster: bool = False  # url is a seed node of a Redis Cluster (keys of a tier share one slot)
 
     @field_validator("url")
     @classmethod

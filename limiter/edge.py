@@ -174,9 +174,13 @@ class Edge:
         config = self.guard.config
         self._stopping = False
         if self.options.limited:
-            self.guard.redis_bucket = RedisBucket.from_url(config.redis.url, timeout_s=config.redis.timeout_ms / 1000)
-            self._rate_client = redis.asyncio.Redis.from_url(
-                config.redis.url, socket_timeout=RATE_CLIENT_TIMEOUT_S, socket_connect_timeout=RATE_CLIENT_TIMEOUT_S
+            redis_config = config.redis
+            self.guard.redis_bucket = RedisBucket.from_url(
+                redis_config.url, timeout_s=redis_config.timeout_ms / 1000, cluster=redis_config.cluster
+            )
+            client_class = redis.asyncio.RedisCluster if redis_config.cluster else redis.asyncio.Redis
+            self._rate_client = client_class.from_url(
+                redis_config.url, socket_timeout=RATE_CLIENT_TIMEOUT_S, socket_connect_timeout=RATE_CLIENT_TIMEOUT_S
             )
             await self._warm_up(self.guard.redis_bucket)
             self.reader = RateReader(self._rate_client, lambda: self.guard.config, self.guard.apply_rates, self.metrics)

@@ -1,6 +1,6 @@
 """Reads the controller's tier rates from the rate table every few seconds and resolves the rates in force.
 
-Per tier, with the Redis server clock (TIME, read in the same pipeline as the table):
+Per tier, with the Redis server clock (TIME, read in the same call as the table):
 
 | entry in `ratepilot:rates`          | rate in force                       | source             |
 |-------------------------------------|-------------------------------------|--------------------|
@@ -32,6 +32,10 @@ from limiter.metrics import LimiterMetrics
 from limiter.rate_table import RATES_KEY, RateEntryError, parse_entry
 
 log = logging.getLogger("ratepilot.rates")
+
+# TIME and the table from the same server in one call; a cluster routes it by the key, where a
+# pipelined TIME would be refused.
+READ_SCRIPT = "return {redis.call('TIME'), redis.call('HGETALL', KEYS[1])}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +120,9 @@ class RateReader:
         self.polls = 0
 
     async def read_table(self) -> tuple[dict[bytes, bytes], float]:
-        """The raw table and the server time, in one pipeline round trip."""
-        pipe = self._redis.pipeline(transaction=False)  # type: ignore[attr-defined]
-        pipe.hgetall(RATES_KEY)
-        pipe.time()
-        table, (seconds, micros) = await pipe.execute()
-        return table, seconds + micros / 1e6
+        """The raw table and the server time of the node holding it, in one round trip (works on a cluster)."""
+        (seconds, micros), flat = await self._redis.eval(READ_SCRIPT, 1, RATES_KEY)  # type: ignore[attr-defined]
+        return dict(zip(flat[::2], flat[1::2], strict=True)), int(seconds) + int(micros) / 1e6
 
     async def poll_once(self) -> dict[str, TierRates]:
         """Read the table once, resolve, publish; on a Redis failure keep the last rates until they expire."""

@@ -51,7 +51,7 @@ def test_config_path_from_env(tmp_path: Path) -> None:
         (("client_header: x-api-key", "client_header: 'bad header'"), "client_header"),
         (("poll_s: 0.2", "poll_s: -1"), "rate_table.poll_s"),
         (("cost: 3}", "cost: .nan}"), "cost"),
-        (("timeout_ms: 50", "timeout_ms: 50\n  retries: 3"), "retries"),
+        (("timeout_ms: 1000", "timeout_ms: 1000\n  retries: 3"), "retries"),
         (("url: REDIS_URL", "url: http://x"), "redis.url"),
     ],
 )

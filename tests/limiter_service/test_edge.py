@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
+import redis.cluster
 from prometheus_client import CollectorRegistry
 
 from limiter.config import load_config
@@ -22,8 +24,9 @@ from limiter.guard import Guard
 from limiter.local_bucket import LocalBucket
 from limiter.metrics import LimiterMetrics
 from limiter.middleware import RateLimitMiddleware
+from limiter.rate_table import RATES_KEY, RateEntry
 from ratepilot.servers import RedisServer, free_port, port_open
-from tests.limiter_service.conftest import RunningEdge, write_config
+from tests.limiter_service.conftest import BASE_CONFIG, RunningEdge, wait_until, write_config
 
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
@@ -109,3 +112,25 @@ def test_middleware_passes_non_http_scopes_and_validates_arguments(tmp_path: Pat
         RateLimitMiddleware(app, object())  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         RateLimitMiddleware(None, guard)
+
+
+@pytest.mark.cluster
+def test_edge_on_a_redis_cluster(edge_factory: Callable[..., RunningEdge], tmp_path: Path) -> None:
+    from tests.limiter_core.conftest import RedisCluster
+
+    cluster = RedisCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        text = BASE_CONFIG.replace("timeout_ms: 1000", "timeout_ms: 1000\n  cluster: true")
+        edge = edge_factory(cluster.url, text)
+        statuses = [edge.get("/v1/items", key=f"free_{i % 2}").status_code for i in range(9)]
+        assert statuses == [200] * 8 + [429]  # two clients of 5 each, but the free tier holds 8
+        assert edge.get("/rating", key="pro_c").json()["source"] == "redis"
+        seed = redis.Redis.from_url(cluster.url)
+        seconds, _ = seed.time()
+        entry = RateEntry(40.0, 300.0, 1, "controller", seconds, seconds + 60)
+        redis.cluster.RedisCluster.from_url(cluster.url).hset(RATES_KEY, "pro", entry.to_json())
+        assert wait_until(lambda: edge.edge.guard.tiers["pro"].rates.source == "controller", 10.0)
+        assert edge.get("/rating", key="pro_d").json()["buckets"]["tier"]["refill_rate"] == 40.0
+    finally:
+        cluster.stop()

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from ratepilot.servers import RedisServer
-from tests.limiter_service.conftest import RunningEdge, wait_until
+from tests.limiter_service.conftest import BASE_CONFIG, RunningEdge, wait_until
 
 EdgeFactory = Callable[..., RunningEdge]
 
@@ -43,7 +43,7 @@ def test_fail_closed_refuses_when_redis_is_dead(edge_factory: EdgeFactory, redis
 
 
 def test_hung_redis_requests_are_still_answered(edge_factory: EdgeFactory, redis_server: RedisServer) -> None:
-    edge = edge_factory(redis_server.url)  # redis.timeout_ms is 50 in the test config
+    edge = edge_factory(redis_server.url, BASE_CONFIG.replace("timeout_ms: 1000", "timeout_ms: 100"))
     assert edge.get("/v1/items", key="pro_a").status_code == 200
     redis_server.pause()
     try:
