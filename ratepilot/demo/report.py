@@ -83,7 +83,7 @@ def plot(path: Path, results: list[RunResult], schedule: LoadSchedule, slo_ms: f
             for start, _name in schedule.phases[1:]:
                 ax.axvline(start, color="0.8", lw=0.8)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="upper right")
+            ax.legend(fontsize=7, loc="best")
         for start, name in schedule.phases:
             top.annotate(name, (start, 1.0), xycoords=("data", "axes fraction"), fontsize=7, va="bottom")
     fig.tight_layout()
