@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint.json (its args win but --iterations and --time-budget-s)")
     parser.add_argument("--eval-seeds", type=int, default=5, help="held-out evaluation seeds (0..N-1) for the final comparison (default: 5)")
     parser.add_argument("--eval-suites", default="default,traces", help="suites of the final evaluation (default: default,traces)")
+    parser.add_argument("--no-eval-plots", action="store_true", help="skip the per-scenario evaluation PNGs (faster)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (nor register the model)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the project store)")
     parser.add_argument("--json", type=Path, help="write the run summary (validation and evaluation) as JSON here")
@@ -195,14 +196,15 @@ def run_training(trainer: Trainer, run_dir: Path, log: Logger, console: Console)
     write_json(checkpoint, trainer.state())
 
 
-def final_evaluation(policy: RLPolicy, suites: list[str], seeds: int, plots: Path) -> dict[str, dict[str, Any]]:
+def final_evaluation(policy: RLPolicy, suites: list[str], seeds: int, plots: Path | None) -> dict[str, dict[str, Any]]:
     """The harness report per suite: rl against every baseline (static tuned) on held-out seeds 0..N-1."""
     from training.evaluate import STATIC_TUNED, evaluate
 
     reports = {}
     for suite in suites:
         policies: dict[str, Any] = {"rl": policy} | {name: (STATIC_TUNED if name == "static" else name) for name in BASELINES}
-        reports[suite] = evaluate(policies, suite=suite, seeds=seeds, plots_dir=plots / suite, progress=True)
+        plots_dir = None if plots is None else plots / suite
+        reports[suite] = evaluate(policies, suite=suite, seeds=seeds, plots_dir=plots_dir, progress=True)
     return reports
 
 
@@ -266,7 +268,7 @@ def main(argv: list[str]) -> int:
         out = save(policy, ns.out)
         console.print(f"policy written to {out} ({out.stat().st_size} bytes)")
         curve_png = plot_curve(trainer.curve, run_dir / "learning_curve.png")
-        reports = final_evaluation(policy, suites, ns.eval_seeds, run_dir / "plots")
+        reports = final_evaluation(policy, suites, ns.eval_seeds, None if ns.no_eval_plots else run_dir / "plots")
         from training.evaluate import goodput_table, public_report, summary_table
 
         for suite, report in reports.items():
@@ -279,7 +281,8 @@ def main(argv: list[str]) -> int:
             for suite, report in reports.items():
                 registry.log_evaluation(public_report(report), prefix=f"eval_{suite}")
             mlflow.log_artifact(str(curve_png), "plots")
-            mlflow.log_artifacts(str(run_dir / "plots"), "plots")
+            if (run_dir / "plots").is_dir():
+                mlflow.log_artifacts(str(run_dir / "plots"), "plots")
             registry.log_json(env_spec(args), "env_spec.json")
             registry.log_json(trainer.curve, "learning_curve.json")
             mlflow.log_artifact(str(out), "policy_file")

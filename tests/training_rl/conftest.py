@@ -12,7 +12,7 @@ from training.train import main as train_main
 TINY_TRACKED = [
     "--iterations", "2", "--dagger-rounds", "1", "--dagger-episodes", "4", "--validation-episodes", "3",
     "--episodes-per-iteration", "2", "--n-directions", "2", "--top-directions", "1", "--episode-steps", "12",
-    "--eval-every", "1", "--eval-seeds", "1", "--eval-suites", "default",
+    "--eval-every", "1", "--eval-seeds", "1", "--eval-suites", "default", "--no-eval-plots",
 ]  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from training.train import main
 TINY = [
     "--dagger-rounds", "1", "--dagger-episodes", "4", "--validation-episodes", "3", "--episodes-per-iteration", "2",
     "--n-directions", "2", "--top-directions", "1", "--episode-steps", "12", "--eval-every", "1",
-    "--eval-seeds", "1", "--eval-suites", "default",
+    "--eval-seeds", "1", "--eval-suites", "default", "--no-eval-plots",
 ]  # fmt: skip
 
 
@@ -75,12 +75,14 @@ def test_train_cli_writes_a_policy_and_resumes(tmp_path: Path) -> None:
     assert [c["iteration"] for c in second["curve"]] == [0, 1, 2, 3]
 
 
-def test_train_cli_refuses_bad_options(tmp_path: Path) -> None:
+def test_train_cli_refuses_bad_options(tmp_path: Path, capsys) -> None:
     for bad in (["--n-directions", "0"], ["--top-directions", "9"], ["--trace-share", "2"], ["--eval-suites", "nope"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "ratepilot.cli", "train", *bad, "--no-mlflow", "--out", str(tmp_path / "p.npz")],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert result.returncode == 2, bad
-        assert result.stderr.strip().startswith("ratepilot train:") and len(result.stderr.strip().splitlines()) == 1
+        assert main([*bad, "--no-mlflow", "--out", str(tmp_path / "p.npz")]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ratepilot train:") and len(err.splitlines()) == 1
+    result = subprocess.run(  # through the console entry point as well
+        [sys.executable, "-m", "ratepilot.cli", "train", "--hidden", "-1", "--no-mlflow", "--out", str(tmp_path / "p.npz")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("ratepilot train: invalid value for --hidden")
     assert not (tmp_path / "p.npz").exists()
