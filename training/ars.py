@@ -200,7 +200,7 @@ class Args:
     """scenario suite trained on (plus packaged traces with split='train')"""
     slo_weight: float = 1.0
     """objective = goodput_ratio - slo_weight * slo_violation_frac - tracking_weight * rate_tracking_error"""
-    tracking_weight: float = 0.5
+    tracking_weight: float = 2.0
     """weight of the rate tracking error (clipped at 2) in the objective"""
 
 
