@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from ratepilot.demo.report import comparison_table, plot, write_json
@@ -31,7 +32,9 @@ from ratepilot.demo.schedule import (
     LoadSchedule,
     arrival_times,
     auto_scale,
+    clip_demand,
     default_scenario,
+    peak_budget_rps,
     trace_scenario,
 )
 from ratepilot.demo.stack import StackSettings
@@ -78,6 +81,8 @@ def build_schedule(args: argparse.Namespace, cores: int) -> tuple[LoadSchedule, 
     unit = trace_scenario(args.trace, 1.0, duration) if args.trace else default_scenario(duration)
     scale = args.scale or auto_scale(unit.peak_demand_rps, cores)
     schedule = trace_scenario(args.trace, scale, duration) if args.trace else default_scenario(duration, scale)
+    if args.scale is None and schedule.peak_demand_rps > peak_budget_rps(cores) * 1.001:
+        schedule = clip_demand(schedule, peak_budget_rps(cores))
     return schedule, scale
 
 
@@ -109,6 +114,7 @@ def main(argv: list[str]) -> int:
         print(f"ratepilot demo: {exc}", file=sys.stderr)
         return 2
     capacity = schedule.nominal_capacity_rps
+    clipped = bool(args.scale is None and np.any(schedule.demand_rps >= peak_budget_rps(cores)) and args.trace)
     settings = StackSettings(
         nominal_capacity_rps=capacity,
         slo_ms=args.slo_ms,
@@ -123,7 +129,8 @@ def main(argv: list[str]) -> int:
         f"[bold]ratepilot demo[/]: {schedule.name} scenario, {schedule.duration_s} s per run, {cores} cores\n"
         f"  scale {scale:.3g}: nominal backend capacity {capacity:.0f} req/s ({settings.workers} workers), "
         f"peak demand {schedule.peak_demand_rps:.0f} req/s"
-        + ("" if args.scale else f" (fits {cores} x {auto_scale(1, 1):.0f} req/s; --scale overrides)")
+        + (" (the trace's higher peaks clipped to it)" if clipped else "")
+        + ("" if args.scale else f" (fits {cores} cores x {peak_budget_rps(1):.0f} req/s; --scale overrides)")
         + f"\n  SLO p99 <= {settings.slo_ms:g} ms; static comparison rate = nominal capacity {capacity:.0f} tokens/s"
         + f"\n  output: {out}",
         highlight=False,

@@ -4,13 +4,13 @@ The default scenario is written in scenario units where the backend's nominal ca
 `NOMINAL_CAPACITY` requests/s; `scale` turns units into the demo's requests/s (chosen so that the
 peak demand fits what this machine can generate and serve, or given with `--scale`).
 A trace CSV (`training.traces` format) is rescaled the same way: its nominal capacity (median
-`capacity_rps`, or, without that column, its median demand / `STEADY_LOAD`) maps to `NOMINAL_CAPACITY`.
+`capacity_rps`, or, without that column, its mean demand / `STEADY_LOAD`) maps to `NOMINAL_CAPACITY`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,18 +94,34 @@ def trace_scenario(path: str | Path, scale: float = 1.0, duration_s: int | None 
     demand, capacity, _heavy = trace.per_second(float(trace.t_s[0]), seconds)
     if capacity is not None and float(np.median(capacity)) > 0:
         nominal = float(np.median(capacity))
+    elif float(demand.mean()) > 0:
+        nominal = float(demand.mean()) / STEADY_LOAD
     else:
-        nominal = max(float(np.median(demand)), 1e-9) / STEADY_LOAD
+        raise ValueError(f"{path}: no demand in the {seconds} s played")
     units = NOMINAL_CAPACITY / nominal * scale
     capacity_rps = (capacity if capacity is not None else np.full(seconds, nominal)) * units
     return LoadSchedule(Path(path).name, demand * units, capacity_rps, ((0, Path(path).stem),), NOMINAL_CAPACITY * scale)
 
 
+MAX_PEAK_OVER_NOMINAL = 10.0  # a spikier trace is not shrunk further: its peaks are clipped instead
+
+
+def peak_budget_rps(cores: int, peak_rps_per_core: float = PEAK_RPS_PER_CORE) -> float:
+    """Offered requests/s this machine generates and serves without the generator becoming the bottleneck."""
+    return peak_rps_per_core * max(1, cores)
+
+
 def auto_scale(schedule_units_peak: float, cores: int, peak_rps_per_core: float = PEAK_RPS_PER_CORE) -> float:
-    """The scale at which the scenario's peak demand (in scenario units) fits this machine."""
+    """The scale at which the scenario's peak demand (in scenario units, at most 10x nominal) fits this machine."""
     if schedule_units_peak <= 0:
         return 1.0
-    return peak_rps_per_core * max(1, cores) / schedule_units_peak
+    peak = min(schedule_units_peak, MAX_PEAK_OVER_NOMINAL * NOMINAL_CAPACITY)
+    return peak_budget_rps(cores, peak_rps_per_core) / peak
+
+
+def clip_demand(schedule: LoadSchedule, max_rps: float) -> LoadSchedule:
+    """The schedule with its demand capped at `max_rps`."""
+    return replace(schedule, demand_rps=np.minimum(schedule.demand_rps, max_rps))
 
 
 def arrival_times(demand_rps: np.ndarray, seed: int) -> np.ndarray:

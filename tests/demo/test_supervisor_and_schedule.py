@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from ratepilot.demo.cli import main
-from ratepilot.demo.schedule import NOMINAL_CAPACITY, auto_scale, default_scenario, trace_scenario
+from ratepilot.demo.schedule import (
+    NOMINAL_CAPACITY,
+    auto_scale,
+    clip_demand,
+    default_scenario,
+    trace_scenario,
+)
 from ratepilot.demo.supervisor import HttpPart, PartFailed, Supervisor
 from ratepilot.servers import RedisServer, free_port
 
@@ -81,6 +87,21 @@ def test_a_demand_only_trace_keeps_the_nominal_capacity(tmp_path: Path) -> None:
     schedule = trace_scenario(path)
     assert np.all(schedule.capacity_rps == NOMINAL_CAPACITY)
     assert schedule.demand_rps[1] == pytest.approx(0.6 * NOMINAL_CAPACITY)  # the median demand is 60 % load
+
+
+def test_a_spiky_trace_is_not_shrunk_below_ten_times_nominal_its_peaks_are_clipped(tmp_path: Path) -> None:
+    path = tmp_path / "spiky.csv"
+    path.write_text("t_s,demand_rps\n" + "".join(f"{t},{1000 if t == 5 else 1}\n" for t in range(100)))
+    unit = trace_scenario(path)
+    assert unit.peak_demand_rps > 50 * NOMINAL_CAPACITY
+    scale = auto_scale(unit.peak_demand_rps, cores=2, peak_rps_per_core=250)
+    assert scale == pytest.approx(500 / (10 * NOMINAL_CAPACITY))
+    clipped = clip_demand(trace_scenario(path, scale), 500)
+    assert clipped.peak_demand_rps == 500 and clipped.demand_rps[0] == trace_scenario(path, scale).demand_rps[0]
+    silent = tmp_path / "silent.csv"
+    silent.write_text("t_s,demand_rps\n0,0\n1,0\n")
+    with pytest.raises(ValueError, match="no demand"):
+        trace_scenario(silent)
 
 
 @pytest.mark.parametrize(
