@@ -24,7 +24,8 @@ COLUMNS = (
 
 def comparison_table(results: list[RunResult], slo_ms: float) -> Table:
     """One row per metric, one column per run."""
-    table = Table(title=f"adaptive vs static (SLO: p99 <= {slo_ms:g} ms, errors <= 1 %)")
+    runs = " vs ".join(result.mode for result in results)
+    table = Table(title=f"{runs} (SLO: p99 <= {slo_ms:g} ms, errors <= 1 %)")
     table.add_column("metric", style="bold")
     for result in results:
         table.add_column(result.mode, justify="right")
