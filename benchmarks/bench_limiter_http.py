@@ -16,6 +16,10 @@ How it measures (all processes local, on this machine's cores):
   64 keep-alive connections; a request's latency counts from its scheduled send, minus only the
   client's own timer lateness, and includes any wait for a free connection).
 
+Both edges run side by side and each measurement is split into rounds that alternate bare and
+limited, so both see the same background load; throughput is the best round of each, latency
+percentiles pool the samples of all rounds.
+
 With `pin=True` (and at least two cores) the edge is pinned to core 0 and Redis plus the load
 generator to core 1; by default nothing is pinned (on a machine shared with other work the
 scheduler balances better than a fixed split).
@@ -46,6 +50,7 @@ CONNECTIONS = 64
 KEYS = 100
 PATH = "/v1/items"
 WARMUP_S = 1.0
+ROUNDS = 3
 
 BENCH_CONFIG = """\
 # benchmark config: one tier whose limits are never reached, so every request runs the full Redis check
@@ -138,15 +143,11 @@ async def _open_loop(port: int, rps: float, duration_s: float, warmup_s: float) 
     await asyncio.gather(*tasks)
     while not idle.empty():
         idle.get_nowait()[1].close()
-    latencies.sort()
-    lateness.sort()
     return {
-        "p50_ms": 1000 * latencies[len(latencies) // 2],
-        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
-        "requests": len(latencies),
+        "latencies_ms": [1000 * x for x in latencies],
+        "lateness_ms": [1000 * x for x in lateness],
         "achieved_rps": len(latencies) / duration_s,
-        "client_lateness_p99_ms": 1000 * lateness[int(len(lateness) * 0.99)],
-        "statuses": statuses,
+        "non_200": sum(n for status, n in statuses.items() if status != 200),
     }
 
 
@@ -260,10 +261,21 @@ def _redis_share(sources: dict[str, float]) -> float:
     return round(sources.get("allowed_redis", 0.0) / decided, 4) if decided else 0.0
 
 
-def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = False) -> dict[str, Any]:
-    """Measure bare vs limited edge; returns http_bare_rps, http_limited_rps, http_added_p99_ms and details."""
-    if not duration_s > 0:
-        raise ValueError("duration_s must be positive")
+def _quantile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = False, rounds: int = ROUNDS) -> dict[str, Any]:
+    """Measure bare vs limited edge; returns http_bare_rps, http_limited_rps, http_added_p99_ms and details.
+
+    Both edges run side by side; each measurement is split into `rounds` rounds that alternate
+    bare and limited, so both see the same background load. Throughput is the best round of each
+    (the least disturbed one on a shared machine); latency percentiles pool every round's samples.
+    """
+    if not (duration_s > 0 and rounds >= 1):
+        raise ValueError("duration_s must be positive and rounds at least 1")
+    round_s = max(1.0, duration_s / rounds)
     cores = _cores() if pin else None
     edge_cores, load_cores = cores if cores else (None, None)
     use_wrk = shutil.which("wrk") is not None
@@ -273,65 +285,82 @@ def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = Fal
     _pin(redis_server.process.pid if redis_server.process else 0, load_cores)
     config_path = workdir / "limiter.yaml"
     config_path.write_text(BENCH_CONFIG.format(url=redis_server.url, timeout_ms=redis_timeout_ms))
-    results: dict[str, dict[str, Any]] = {}
-    shares: dict[str, float] = {}
+    names = ("bare", "limited")
+    rps: dict[str, list[float]] = {name: [] for name in names}
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    lateness: dict[str, list[float]] = {name: [] for name in names}
+    achieved: dict[str, list[float]] = {name: [] for name in names}
+    non_200 = dict.fromkeys(names, 0)
+    decided: dict[str, dict[str, float]] = {"saturation": {}, "open_loop": {}}
+    edges: dict[str, EdgeProcess] = {}
     try:
-        for name, limited in (("bare", False), ("limited", True)):
-            edge = EdgeProcess(config_path, limited, edge_cores, workdir)
-            try:
-                saturation = (
-                    _wrk(edge.port, duration_s, load_cores, workdir)
-                    if use_wrk
-                    else _run_client("closed", edge.port, duration_s, load_cores)
-                )
-                after_saturation = _decision_sources(edge.metrics()) if limited else {}
-                latency = _run_client("open", edge.port, duration_s, load_cores)
-                results[name] = {"saturation": saturation, "open_loop": latency}
-                if limited:
-                    after_open = _decision_sources(edge.metrics())
-                    shares["saturation"] = _redis_share(after_saturation)
-                    shares["open_loop"] = _redis_share(
-                        {k: after_open.get(k, 0.0) - after_saturation.get(k, 0.0) for k in after_open}
-                    )
-            finally:
-                edge.stop()
+        for name in names:
+            edges[name] = EdgeProcess(config_path, name == "limited", edge_cores, workdir)
+        for index in range(rounds):
+            order = names if index % 2 == 0 else names[::-1]
+            for phase in ("saturation", "open_loop"):
+                for name in order:
+                    before = _decision_sources(edges[name].metrics()) if name == "limited" else {}
+                    if phase == "saturation":
+                        result = (
+                            _wrk(edges[name].port, round_s, load_cores, workdir)
+                            if use_wrk
+                            else _run_client("closed", edges[name].port, round_s, load_cores)
+                        )
+                        rps[name].append(result["rps"])
+                    else:
+                        result = _run_client("open", edges[name].port, round_s, load_cores)
+                        latencies[name] += result["latencies_ms"]
+                        lateness[name] += result["lateness_ms"]
+                        achieved[name].append(result["achieved_rps"])
+                    non_200[name] += result["non_200"]
+                    if name == "limited":
+                        after = _decision_sources(edges[name].metrics())
+                        for key, value in after.items():
+                            decided[phase][key] = decided[phase].get(key, 0.0) + value - before.get(key, 0.0)
     finally:
+        for edge in edges.values():
+            edge.stop()
         redis_server.stop()
-    bare, limited_r = results["bare"], results["limited"]
+    p99 = {name: _quantile(latencies[name], 0.99) for name in names}
+    p50 = {name: _quantile(latencies[name], 0.50) for name in names}
     return {
-        "http_bare_rps": round(bare["saturation"]["rps"], 1),
-        "http_limited_rps": round(limited_r["saturation"]["rps"], 1),
-        "http_limited_over_bare": round(limited_r["saturation"]["rps"] / bare["saturation"]["rps"], 3),
-        "http_added_p99_ms": round(limited_r["open_loop"]["p99_ms"] - bare["open_loop"]["p99_ms"], 3),
-        "http_bare_p99_ms": round(bare["open_loop"]["p99_ms"], 3),
-        "http_limited_p99_ms": round(limited_r["open_loop"]["p99_ms"], 3),
-        "http_bare_p50_ms": round(bare["open_loop"]["p50_ms"], 3),
-        "http_limited_p50_ms": round(limited_r["open_loop"]["p50_ms"], 3),
+        "http_bare_rps": round(max(rps["bare"]), 1),
+        "http_limited_rps": round(max(rps["limited"]), 1),
+        "http_limited_over_bare": round(max(rps["limited"]) / max(rps["bare"]), 3),
+        "http_added_p99_ms": round(p99["limited"] - p99["bare"], 3),
+        "http_bare_p99_ms": round(p99["bare"], 3),
+        "http_limited_p99_ms": round(p99["limited"], 3),
+        "http_bare_p50_ms": round(p50["bare"], 3),
+        "http_limited_p50_ms": round(p50["limited"], 3),
+        "http_rounds_rps": {name: [round(x, 1) for x in rps[name]] for name in names},
         "http_open_loop_offered_rps": OFFERED_RPS,
-        "http_open_loop_achieved_rps": {k: round(v["open_loop"]["achieved_rps"], 1) for k, v in results.items()},
-        "http_client_lateness_p99_ms": {k: round(v["open_loop"]["client_lateness_p99_ms"], 3) for k, v in results.items()},
-        "http_non_200": {k: v["saturation"]["non_200"] + sum(n for s, n in v["open_loop"]["statuses"].items() if s != 200)
-                         for k, v in results.items()},  # fmt: skip
-        "http_limited_redis_decision_share": shares,
+        "http_open_loop_achieved_rps": {name: round(min(achieved[name]), 1) for name in names},
+        "http_client_lateness_p99_ms": {name: round(_quantile(lateness[name], 0.99), 3) for name in names},
+        "http_non_200": non_200,
+        "http_limited_redis_decision_share": {phase: _redis_share(counts) for phase, counts in decided.items()},
         "http_load_generator": "wrk -t1 -c64" if use_wrk else "python closed-loop, 64 connections",
         "http_pinned": cores is not None,
-        "http_duration_s": duration_s,
+        "http_rounds": rounds,
+        "http_round_s": round_s,
         "http_redis_timeout_ms": redis_timeout_ms,
+        "http_loadavg_1m_at_end": round(os.getloadavg()[0], 2),
     }
 
 
 def main(argv: list[str]) -> int:
     """Run the HTTP benchmark alone: `python -m benchmarks.bench_limiter_http [--seconds S] [--json FILE]`."""
     parser = argparse.ArgumentParser(prog="bench_limiter_http", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement (split into rounds)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="alternating bare/limited rounds")
     parser.add_argument("--redis-timeout-ms", type=float, default=100.0, help="the limiter's Redis timeout")
     parser.add_argument("--pin", action="store_true", help="pin the edge to one core, Redis and the load to the rest")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
-    if not (args.seconds > 0 and args.redis_timeout_ms > 0):
-        print("bench_limiter_http: --seconds and --redis-timeout-ms must be positive", file=sys.stderr)
+    if not (args.seconds > 0 and args.redis_timeout_ms > 0 and args.rounds >= 1):
+        print("bench_limiter_http: --seconds and --redis-timeout-ms must be positive, --rounds >= 1", file=sys.stderr)
         return 2
-    result = run_http(args.seconds, args.redis_timeout_ms, args.pin)
+    result = run_http(args.seconds, args.redis_timeout_ms, args.pin, args.rounds)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
