@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every method `rounds` times, interleaved; return the medians, ratios and the set-up."""
     if not (args.seconds > 0 and args.rounds >= 1 and args.http_seconds > 0):
         raise ValueError("--seconds and --http-seconds must be positive and --rounds at least 1")
+    load_at_start = os.getloadavg()[0]
     server = RedisServer()
     server.start()
     try:
@@ -182,6 +184,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": BATCH,
         "keys": KEYS,
         "samples": samples,
+        "loadavg_1m_start": load_at_start,  # other work on the machine skews absolute figures, less the ratios
+        "loadavg_1m_end": os.getloadavg()[0],
+        "redis_server": "redis-server 7 (ratepilot.servers.RedisServer), same host",
     }
     if not args.no_http:
         result.update(run_http(args.http_seconds))

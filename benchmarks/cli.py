@@ -43,11 +43,13 @@ def flatten(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def render(name: str, result: dict[str, Any]) -> Table:
-    """A rich table of the result's scalar values."""
+    """A rich table of the result's scalar values (lists, e.g. per-round samples, stay in the JSON)."""
     table = Table(title=f"ratepilot bench {name}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in flatten(result).items():
+        if isinstance(value, list | tuple):
+            continue
         if isinstance(value, float):
             text = f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
         else:
