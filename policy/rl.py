@@ -233,16 +233,25 @@ def load(path: str | Path) -> RLPolicy:
 
 
 def load_uri(uri: str, tracking_uri: str | None = None) -> RLPolicy:
-    """Load a policy from a file path or an MLflow URI (`models:/NAME@ALIAS`, `runs:/ID/PATH`)."""
+    """Load a policy from a file path or an MLflow URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH`)."""
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
         return load(uri)
     import mlflow.artifacts  # lazy: only MLflow URIs need it
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
-        local = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        )
+        source = uri
+        if uri.startswith("models:/"):  # resolve in *this* registry (MLflow's global default may be another store)
+            client = MlflowClient(tracking_uri, tracking_uri)
+            name, at, alias = uri.removeprefix("models:/").partition("@")
+            if at:
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, number = name.partition("/")
+                version = client.get_model_version(name, number)
+            source = client.get_model_version_download_uri(version.name, version.version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri))
     except MlflowException as exc:
         raise ModelError(f"{uri}: cannot fetch model ({exc.message})") from None
     candidates = [local] if local.is_file() else sorted(local.rglob(ARTIFACT_NAME))

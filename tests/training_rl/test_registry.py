@@ -100,3 +100,16 @@ def test_log_evaluation_records_summary_metrics(store: str) -> None:
         registry.log_evaluation(report)
     logged = registry.client().get_run(run.info.run_id).data.metrics
     assert logged == {"eval/rl/goodput_ratio": 0.9, "eval/rl/slo_violation_frac": 0.01}
+
+
+def test_models_uri_resolves_in_the_given_store_not_mlflows_global_one(store: str, tmp_path: Path) -> None:
+    version, network = register(tmp_path, 4)
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    mlflow.set_tracking_uri(elsewhere)
+    mlflow.set_registry_uri(elsewhere)
+    try:
+        loaded = load_uri(f"models:/ratepilot-policy/{version}", store)
+        np.testing.assert_array_equal(loaded.network.theta, network.theta)
+        assert not (tmp_path / "elsewhere.db").exists()
+    finally:
+        registry.configure(store)
