@@ -2,8 +2,9 @@
 
 Single-threaded, the same redis-py client settings for everyone (hiredis parser, no retries,
 the same timeout), 1,000 client keys in rotation, every check allowed (the common path).
-Each method runs `--rounds` times, interleaved with the others so background load hits all
-alike; the median round counts. Compared: a trivial `return 1` EVALSHA (the floor any
+Each method runs in `--rounds` short slices, interleaved with the others so that background
+load on a shared machine hits all methods alike; a method's figure is its total checks over
+its total time (the per-slice rates are kept in the JSON). Compared: a trivial `return 1` EVALSHA (the floor any
 script-based limiter pays), our check per call and in pipelined batches of 100, the `limits`
 library's fixed, moving and sliding windows on its Redis storage, pyrate-limiter's token bucket
 on Redis (StateBucket + TokenBucket + RedisStateStore), and our in-process LocalBucket.
@@ -16,7 +17,6 @@ import argparse
 import hashlib
 import importlib
 import os
-import statistics
 import time
 from collections.abc import Callable
 from itertools import cycle
@@ -39,23 +39,23 @@ TRIVIAL_SCRIPT = "return 1"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `ratepilot bench limiter`."""
-    parser.add_argument("--seconds", type=float, default=0.6, help="duration of one measurement (default 0.6)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per method; the median counts (default 5)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="total measuring time per method (default 3)")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved slices the time is cut into (default 30)")
     parser.add_argument("--http-seconds", type=float, default=5.0, help="duration of each HTTP measurement")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP part")
 
 
-def measure(operation: Callable[[], int], seconds: float) -> float:
-    """Checks per second of `operation` (which returns how many checks it made) over `seconds`."""
+def measure(operation: Callable[[], int], seconds: float) -> tuple[int, float]:
+    """(checks, elapsed s) of calling `operation` (which returns how many checks it made) for `seconds`."""
     checks = 0
     started = time.perf_counter()
     deadline = started + seconds
     while True:
-        for _ in range(20):
+        for _ in range(10):
             checks += operation()
         now = time.perf_counter()
         if now >= deadline:
-            return checks / (now - started)
+            return checks, now - started
 
 
 def build_methods(url: str) -> dict[str, Callable[[], int]]:
@@ -156,14 +156,16 @@ def run_http(seconds: float) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every method `rounds` times, interleaved; return the medians, ratios and the set-up."""
+    """Run the methods in interleaved slices; return checks/s per method, the ratios and the set-up."""
     if not (args.seconds > 0 and args.rounds >= 1 and args.http_seconds > 0):
         raise ValueError("--seconds and --http-seconds must be positive and --rounds at least 1")
     load_at_start = os.getloadavg()[0]
+    slice_s = args.seconds / args.rounds
     server = RedisServer()
     server.start()
     try:
         methods = build_methods(server.url)
+        totals = {name: [0, 0.0] for name in methods}
         samples: dict[str, list[float]] = {name: [] for name in methods}
         for operation in methods.values():  # warm-up: connections, scripts, first keys
             measure(operation, 0.05)
@@ -172,18 +174,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.rounds):
                 for name, operation in methods.items():
                     progress.update(task, description=name)
-                    samples[name].append(measure(operation, args.seconds))
+                    checks, elapsed = measure(operation, slice_s)
+                    totals[name][0] += checks
+                    totals[name][1] += elapsed
+                    samples[name].append(round(checks / elapsed, 1))
                     progress.advance(task)
     finally:
         server.stop()
-    figures = {name: statistics.median(values) for name, values in samples.items()}
+    figures = {name: checks / elapsed for name, (checks, elapsed) in totals.items()}
     result: dict[str, Any] = {**figures, "ratios": ratios(figures)}
     result["setup"] = {
-        "seconds_per_round": args.seconds,
-        "rounds": args.rounds,
+        "seconds_per_method": args.seconds,
+        "slices": args.rounds,
         "batch_size": BATCH,
         "keys": KEYS,
-        "samples": samples,
+        "slice_rates": samples,
         "loadavg_1m_start": load_at_start,  # other work on the machine skews absolute figures, less the ratios
         "loadavg_1m_end": os.getloadavg()[0],
         "redis_server": "redis-server 7 (ratepilot.servers.RedisServer), same host",
