@@ -122,6 +122,15 @@ def to_decisions(reply: Any, specs: Sequence[BucketSpec]) -> tuple[bool, list[De
     allowed = reply[0] == 1
     if len(reply) != 2 + 3 * len(specs):
         raise RedisUnavailable(f"unexpected script reply for {len(specs)} keys: {reply!r}")
+    if len(specs) == 1:  # the common shapes without the generic loop: this runs once per request
+        spec = specs[0]
+        return allowed, [Decision(allowed, reply[2] / MICRO, reply[3] / MICRO, reply[4] / MICRO, spec.capacity, "redis")]
+    if len(specs) == 2:
+        first, second = specs
+        return allowed, [
+            Decision(allowed, reply[2] / MICRO, reply[3] / MICRO, reply[4] / MICRO, first.capacity, "redis"),
+            Decision(allowed, reply[5] / MICRO, reply[6] / MICRO, reply[7] / MICRO, second.capacity, "redis"),
+        ]
     return allowed, [
         Decision(allowed, reply[i] / MICRO, reply[i + 1] / MICRO, reply[i + 2] / MICRO, spec.capacity, "redis")
         for i, spec in zip(range(2, 2 + 3 * len(specs), 3), specs, strict=True)
