@@ -167,6 +167,32 @@ def test_timed_out_check_is_never_replayed(redis_server: RedisServer) -> None:
     admin.close()
 
 
+def test_batch_timed_out_midway_leaves_no_stale_replies(redis_server: RedisServer) -> None:
+    """A batch that timed out is not resent, and the next batch reads its own replies, not the old ones."""
+    admin = redis.Redis.from_url(redis_server.url)
+    bucket = SyncRedisBucket.from_url(redis_server.url, timeout_s=HUNG_TIMEOUT_S)
+    bucket.backoff = Backoff(initial_s=0.01, max_s=0.02)
+    bucket.check_many([(["rp:{t}:c:warm"], [SLOW], 1)])
+    admin.config_resetstat()
+    redis_server.pause()
+    try:
+        try:
+            bucket.check_many([([f"rp:{{t}}:c:old{i}"], [SLOW], 1) for i in range(50)])
+        except RedisUnavailable:
+            pass
+        else:
+            raise AssertionError("a batch succeeded against a hung Redis")
+    finally:
+        redis_server.resume()
+    time.sleep(0.1)
+    # different costs per key: a reply read from the old batch would show the wrong remaining tokens
+    results = bucket.check_many([([f"rp:{{t}}:c:new{i}"], [SLOW], 1 + i) for i in range(5)])
+    assert [round(decisions[0].remaining) for _, decisions in results] == [99, 98, 97, 96, 95]
+    assert commandstat(admin, "evalsha") <= 50 + 5  # the timed-out batch ran at most once
+    bucket.close()
+    admin.close()
+
+
 def test_script_flush_under_load_fails_no_check_and_reloads_once_per_flush(redis_server: RedisServer) -> None:
     """SCRIPT FLUSH five times while 20 tasks check: zero failed checks, exactly five SCRIPT LOADs."""
     admin = redis.Redis.from_url(redis_server.url)
