@@ -510,9 +510,3 @@ def _fail(batch: list[_Pending], message: str) -> None:
         if not item.future.done():
             item.future.set_exception(RedisUnavailable(message))
 
-
-def server_time_us(client: redis.Redis) -> int:
-    """The Redis server clock in µs (what the script uses as now)."""
-    seconds, micros = client.time()
-    return int(seconds) * 1_000_000 + int(micros)
-
