@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -46,9 +46,12 @@ class BucketSpec:
         return to_micro(self.capacity)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Outcome of one check-and-consume: whether it passed and what the caller should be told."""
+class Decision(NamedTuple):
+    """Outcome of one check-and-consume: whether it passed and what the caller should be told.
+
+    A NamedTuple (immutable, compared by value): built once per bucket per request, it costs a
+    quarter of a frozen dataclass.
+    """
 
     allowed: bool
     remaining: float  # tokens left after this decision

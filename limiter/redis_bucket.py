@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from importlib import resources
+from math import ceil
 from typing import Any, NamedTuple
 
 import hiredis
@@ -39,15 +40,19 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from limiter.backoff import Backoff
-from limiter.bucket import MICRO, BucketError, BucketSpec, Decision, validate_cost
+from limiter.bucket import MICRO, BucketError, BucketSpec, Decision, decision_from, validate_cost, wait_us
 from limiter.errors import RedisUnavailable
 
 __all__ = [
     "SCRIPT",
     "SCRIPT_SHA",
     "CheckRequest",
+    "EncodedCheck",
     "RedisBucket",
     "ScriptResult",
+    "decisions_from_tokens",
+    "encode_check",
+    "result_decisions",
     "SyncRedisBucket",
     "make_async_client",
     "make_sync_client",
@@ -78,11 +83,34 @@ class CheckRequest(NamedTuple):
     cost: float
 
 
+class _BucketArgs(NamedTuple):
+    """One bucket of a check: its ARGV bytes and the numbers the reply is decoded with."""
+
+    argv: tuple[bytes, bytes, bytes]
+    rate: float
+    capacity_ut: int
+    cost_ut: int
+    capacity: float
+
+
+class EncodedCheck(NamedTuple):
+    """A validated check, ready to go into a (batch) EVALSHA."""
+
+    keys: Sequence[str]
+    argv: list[bytes]  # key count, then rate, capacity µt, cost µt per key
+    buckets: list[_BucketArgs]
+
+
+# What a check's reply decodes to before Decisions are built: (allowed, tokens µt per key, server µs).
+RawOutcome = tuple[bool, list[int], int]
+
+MAX_BATCH = 256  # checks per EVALSHA: bounds how long one script blocks the server
 _ARGS_CACHE_LIMIT = 10_000
-_args_cache: dict[tuple[float, float, float], tuple[bytes, bytes, bytes]] = {}
+_args_cache: dict[tuple[float, float, float], _BucketArgs] = {}
+_KEY_COUNTS = [str(n).encode() for n in range(17)]
 
 
-def _bucket_args(spec: BucketSpec, cost: float) -> tuple[bytes, bytes, bytes]:
+def _bucket_args(spec: BucketSpec, cost: float) -> _BucketArgs:
     """ARGV of one bucket: rate (repr round-trips to the same double in Lua), capacity µt, cost µt.
 
     Cached per (spec, cost): a limiter sees few distinct ones, and validation runs once each.
@@ -93,47 +121,85 @@ def _bucket_args(spec: BucketSpec, cost: float) -> tuple[bytes, bytes, bytes]:
         cost_ut = validate_cost(cost, spec)  # raises BucketError: nothing cached, nothing sent
         if len(_args_cache) >= _ARGS_CACHE_LIMIT:
             _args_cache.clear()
-        cached = (repr(spec.rate).encode(), str(spec.capacity_ut).encode(), str(cost_ut).encode())
+        capacity_ut = spec.capacity_ut
+        argv = (repr(spec.rate).encode(), str(capacity_ut).encode(), str(cost_ut).encode())
+        cached = _BucketArgs(argv, spec.rate, capacity_ut, cost_ut, spec.capacity)
         _args_cache[cache_key] = cached
     return cached
 
 
-def encode_check(keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> list[Any]:
-    """The EVALSHA command for one check; raises BucketError on bad input (nothing is sent)."""
-    if not keys or len(keys) != len(specs):
-        raise BucketError(f"a check needs one spec per key and at least one key, got {len(keys)} keys, {len(specs)} specs")
-    command: list[Any] = ["EVALSHA", SCRIPT_SHA, len(keys), *keys]
-    for spec in specs:
-        command += _bucket_args(spec, cost)
-    return command
+def encode_check(keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> EncodedCheck:
+    """One validated check; raises BucketError on bad input (nothing is sent)."""
+    count = len(keys)
+    if not count or count != len(specs):
+        raise BucketError(f"a check needs one spec per key and at least one key, got {count} keys, {len(specs)} specs")
+    buckets = [_bucket_args(spec, cost) for spec in specs]
+    argv = [_KEY_COUNTS[count] if count < len(_KEY_COUNTS) else str(count).encode()]
+    for bucket in buckets:
+        argv += bucket.argv
+    return EncodedCheck(keys, argv, buckets)
 
 
-def decode_reply(reply: Any) -> ScriptResult:
-    """ScriptResult from the script's flat integer array."""
+def batch_command(checks: Sequence[EncodedCheck]) -> list[Any]:
+    """The one EVALSHA that decides `checks` one after the other."""
+    if len(checks) == 1:
+        check = checks[0]
+        return ["EVALSHA", SCRIPT_SHA, len(check.keys), *check.keys, *check.argv]
+    keys = [key for check in checks for key in check.keys]
+    return ["EVALSHA", SCRIPT_SHA, len(keys), *keys, *(arg for check in checks for arg in check.argv)]
+
+
+def split_reply(reply: Any, checks: Sequence[EncodedCheck]) -> list[RawOutcome | RedisUnavailable]:
+    """Per check (allowed, tokens µt per key, server µs), or the error that check met."""
+    if not isinstance(reply, list) or not reply:
+        return [RedisUnavailable(f"unexpected script reply: {reply!r:.200}")] * len(checks)
+    now_us = reply[0]
+    outcomes: list[RawOutcome | RedisUnavailable] = []
+    at = 1
+    for check in checks:
+        head = reply[at] if at < len(reply) else None
+        if not isinstance(head, int):
+            outcomes.append(RedisUnavailable(f"redis refused the check: {head!r:.200}"))
+            at += 1
+            continue
+        count = len(check.keys)
+        tokens = reply[at + 1 : at + 1 + count]
+        if len(tokens) != count:
+            outcomes.append(RedisUnavailable(f"unexpected script reply for {count} keys: {reply!r:.200}"))
+        else:
+            outcomes.append((head == 1, tokens, now_us))
+        at += 1 + count
+    return outcomes
+
+
+def decisions_from_tokens(allowed: bool, tokens: list[int], buckets: list[_BucketArgs]) -> list[Decision]:
+    """One Decision per key; retry and reset are limiter.bucket.wait_us of the tokens, inlined (hot path)."""
+    decisions = []
+    for tokens_ut, bucket in zip(tokens, buckets, strict=True):
+        rate = bucket.rate
+        retry_us = 0 if allowed else ceil(max(bucket.cost_ut - tokens_ut, 0) / rate)
+        reset_us = ceil(max(bucket.capacity_ut - tokens_ut, 0) / rate)
+        decisions.append(Decision(allowed, tokens_ut / MICRO, retry_us / MICRO, reset_us / MICRO, bucket.capacity, "redis"))
+    return decisions
+
+
+def _script_result(outcome: RawOutcome, buckets: list[_BucketArgs]) -> ScriptResult:
+    """The integer answer of one check, retry and reset computed with limiter.bucket.wait_us."""
+    allowed, tokens, now_us = outcome
     return ScriptResult(
-        reply[0] == 1,
-        reply[1],
-        [(reply[i], reply[i + 1], reply[i + 2]) for i in range(2, len(reply), 3)],
+        allowed,
+        now_us,
+        [
+            (t, 0 if allowed else wait_us(b.cost_ut - t, b.rate), wait_us(b.capacity_ut - t, b.rate))
+            for t, b in zip(tokens, buckets, strict=True)
+        ],
     )
 
 
-def to_decisions(reply: Any, specs: Sequence[BucketSpec]) -> tuple[bool, list[Decision]]:
-    """(allowed, one Decision per key) from the script's flat integer array."""
-    allowed = reply[0] == 1
-    if len(reply) != 2 + 3 * len(specs):
-        raise RedisUnavailable(f"unexpected script reply for {len(specs)} keys: {reply!r}")
-    if len(specs) == 1:  # the common shapes without the generic loop: this runs once per request
-        spec = specs[0]
-        return allowed, [Decision(allowed, reply[2] / MICRO, reply[3] / MICRO, reply[4] / MICRO, spec.capacity, "redis")]
-    if len(specs) == 2:
-        first, second = specs
-        return allowed, [
-            Decision(allowed, reply[2] / MICRO, reply[3] / MICRO, reply[4] / MICRO, first.capacity, "redis"),
-            Decision(allowed, reply[5] / MICRO, reply[6] / MICRO, reply[7] / MICRO, second.capacity, "redis"),
-        ]
-    return allowed, [
-        Decision(allowed, reply[i] / MICRO, reply[i + 1] / MICRO, reply[i + 2] / MICRO, spec.capacity, "redis")
-        for i, spec in zip(range(2, 2 + 3 * len(specs), 3), specs, strict=True)
+def result_decisions(result: ScriptResult, specs: Sequence[BucketSpec], source: str = "redis") -> tuple[bool, list[Decision]]:
+    """(allowed, one Decision per key) from a ScriptResult."""
+    return result.allowed, [
+        decision_from(result.allowed, bucket, spec, source) for bucket, spec in zip(result.buckets, specs, strict=True)
     ]
 
 
@@ -203,23 +269,37 @@ class SyncRedisBucket:
 
     def check(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> tuple[bool, list[Decision]]:
         """Consume `cost` tokens from every bucket of `keys` if all hold it; one Decision per key."""
-        return to_decisions(self._call(encode_check(keys, specs, cost)), specs)
+        check = encode_check(keys, specs, cost)
+        allowed, tokens, _ = self._one(check)
+        return allowed, decisions_from_tokens(allowed, tokens, check.buckets)
 
     def check_raw(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> ScriptResult:
-        """Like check(), but the script's integer answer, server time included (tests, tools)."""
-        return decode_reply(self._call(encode_check(keys, specs, cost)))
+        """Like check(), but the integer answer, server time included (tests, tools)."""
+        check = encode_check(keys, specs, cost)
+        return _script_result(self._one(check), check.buckets)
 
     def check_many(self, requests: Sequence[CheckRequest | tuple[Any, Any, float]]) -> list[tuple[bool, list[Decision]]]:
-        """Check many requests in one pipelined round trip, each atomically, in order.
+        """Check many requests in one round trip, each atomically, in order.
 
         Every request is validated before anything is sent. If Redis fails any of them this
         raises RedisUnavailable for the whole batch (the others may have been charged).
         """
-        return [to_decisions(reply, request[1]) for reply, request in zip(self._call_many(requests), requests, strict=True)]
+        checks = [encode_check(*request) for request in requests]  # all validated before anything is sent
+        return [
+            (allowed, decisions_from_tokens(allowed, tokens, check.buckets))
+            for (allowed, tokens, _), check in zip(self._call_many(checks), checks, strict=True)
+        ]
 
     def check_many_raw(self, requests: Sequence[CheckRequest | tuple[Any, Any, float]]) -> list[ScriptResult]:
-        """Like check_many(), but the scripts' integer answers."""
-        return [decode_reply(reply) for reply in self._call_many(requests)]
+        """Like check_many(), but the integer answers."""
+        checks = [encode_check(*request) for request in requests]
+        return [_script_result(outcome, check.buckets) for outcome, check in zip(self._call_many(checks), checks, strict=True)]
+
+    def _one(self, check: EncodedCheck) -> RawOutcome:
+        outcome = split_reply(self._call(batch_command([check])), [check])[0]
+        if isinstance(outcome, RedisUnavailable):
+            raise outcome
+        return outcome
 
     def _call(self, command: list[Any]) -> Any:
         if self.backoff.blocked():
@@ -238,12 +318,13 @@ class SyncRedisBucket:
         self.backoff.success()
         return reply
 
-    def _call_many(self, requests: Sequence[CheckRequest | tuple[Any, Any, float]]) -> list[Any]:
-        commands = [encode_check(*request) for request in requests]  # all validated before anything is sent
-        if not commands:
+    def _call_many(self, checks: list[EncodedCheck]) -> list[RawOutcome]:
+        if not checks:
             return []
         if self.backoff.blocked():
             raise RedisUnavailable(f"redis backing off for {self.backoff.remaining_s:.3f} s after a failure")
+        groups = _groups(checks, batched=isinstance(self.client, redis.Redis))
+        commands = [batch_command(group) for group in groups]
         try:
             replies = self._pipeline(commands)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
@@ -256,11 +337,16 @@ class SyncRedisBucket:
             raise RedisUnavailable(f"redis unreachable: {error}") from error
         except RedisError as error:
             raise RedisUnavailable(f"redis refused the checks: {error}") from error
-        for reply in replies:
+        outcomes: list[RawOutcome] = []
+        for reply, group in zip(replies, groups, strict=True):
             if isinstance(reply, Exception):
                 raise RedisUnavailable(f"redis refused a check: {reply}") from reply
+            for outcome in split_reply(reply, group):
+                if isinstance(outcome, RedisUnavailable):
+                    raise outcome
+                outcomes.append(outcome)
         self.backoff.success()
-        return replies
+        return outcomes
 
     def _pipeline(self, commands: list[list[Any]]) -> list[Any]:
         """One round trip; error replies come back as exception objects in place."""
@@ -290,8 +376,8 @@ class SyncRedisBucket:
 
 
 class _Pending(NamedTuple):
-    command: list[Any]
-    future: asyncio.Future[Any]
+    check: EncodedCheck
+    future: asyncio.Future[RawOutcome]
 
 
 class RedisBucket:
@@ -369,21 +455,23 @@ class RedisBucket:
 
     async def check(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> tuple[bool, list[Decision]]:
         """Consume `cost` tokens from every bucket of `keys` if all hold it; one Decision per key."""
-        reply = await self._submit(encode_check(keys, specs, cost))
-        return to_decisions(reply, specs)
+        check = encode_check(keys, specs, cost)
+        allowed, tokens, _ = await self._submit(check)
+        return allowed, decisions_from_tokens(allowed, tokens, check.buckets)
 
     async def check_raw(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> ScriptResult:
-        """Like check(), but the script's integer answer, server time included (tests, tools)."""
-        return decode_reply(await self._submit(encode_check(keys, specs, cost)))
+        """Like check(), but the integer answer, server time included (tests, tools)."""
+        check = encode_check(keys, specs, cost)
+        return _script_result(await self._submit(check), check.buckets)
 
-    def _submit(self, command: list[Any]) -> asyncio.Future[Any]:
+    def _submit(self, check: EncodedCheck) -> asyncio.Future[RawOutcome]:
         if self.backoff.blocked():
             raise RedisUnavailable(f"redis backing off for {self.backoff.remaining_s:.3f} s after a failure")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._pending:
             self._pending_deadline = loop.time() + self.timeout_s
-        self._pending.append(_Pending(command, future))
+        self._pending.append(_Pending(check, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -410,7 +498,8 @@ class RedisBucket:
                 _fail(batch, f"checks waited longer than {self.timeout_s:g} s before they could be sent")
                 return
             async with asyncio.timeout_at(deadline):
-                replies = await self._execute([item.command for item in batch])
+                groups = _groups([item.check for item in batch], batched=self._connections is not None)
+                replies = await self._execute([batch_command(group) for group in groups])
         except _CONNECTION_ERRORS as error:
             self.backoff.failure()
             _fail(batch, f"redis unreachable or slower than {self.timeout_s:g} s: {error!r}")
@@ -421,13 +510,21 @@ class RedisBucket:
             raise
         else:
             self.backoff.success()
-            for item, reply in zip(batch, replies, strict=True):
-                if item.future.done():
-                    continue
-                if isinstance(reply, Exception):
-                    item.future.set_exception(RedisUnavailable(f"redis refused the check: {reply}"))
-                else:
-                    item.future.set_result(reply)
+            items = iter(batch)
+            for reply, group in zip(replies, groups, strict=True):
+                outcomes = (
+                    [RedisUnavailable(f"redis refused the check: {reply}")] * len(group)
+                    if isinstance(reply, Exception)
+                    else split_reply(reply, group)
+                )
+                for outcome in outcomes:
+                    future = next(items).future
+                    if future.done():
+                        continue
+                    if isinstance(outcome, RedisUnavailable):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
         finally:
             self._in_flight -= 1
             if self._pending and not self._flush_scheduled:
@@ -498,6 +595,14 @@ class RedisBucket:
         connection = self.client.connection_pool.connection_class(**kwargs)
         self._all_connections.append(connection)
         return connection
+
+
+def _groups(checks: list[EncodedCheck], batched: bool) -> list[list[EncodedCheck]]:
+    """Checks per EVALSHA: up to MAX_BATCH in one on a single Redis, one each on a cluster (keys of
+    different checks may live on different nodes)."""
+    if not batched:
+        return [[check] for check in checks]
+    return [checks[i : i + MAX_BATCH] for i in range(0, len(checks), MAX_BATCH)]
 
 
 def _pack(command: list[Any]) -> bytes:

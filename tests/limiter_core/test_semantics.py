@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import replace
 
 import pytest
 import redis
@@ -15,7 +14,14 @@ from hypothesis import strategies as st
 from limiter.bucket import MICRO, BucketError, BucketSpec, check_and_consume, validate_cost
 from limiter.errors import RedisUnavailable
 from limiter.local_bucket import LocalBucket
-from limiter.redis_bucket import SCRIPT_SHA, CheckRequest, RedisBucket, SyncRedisBucket, to_decisions
+from limiter.redis_bucket import (
+    SCRIPT_SHA,
+    CheckRequest,
+    RedisBucket,
+    SyncRedisBucket,
+    decisions_from_tokens,
+    encode_check,
+)
 
 from .conftest import Backend
 
@@ -72,9 +78,11 @@ def test_script_matches_reference_and_local_bucket(
         assert (reply.allowed, reply.buckets) == (allowed, results)
         server_now[0] = reply.now_us
         local_allowed, local_decisions = local.check(keys, specs, cost)
-        redis_allowed, redis_decisions = to_decisions([int(reply.allowed), reply.now_us, *sum(reply.buckets, ())], specs)
-        assert local_allowed == redis_allowed
-        assert [replace(d, source="redis") for d in local_decisions] == redis_decisions
+        # the request path's Decisions (retry / reset computed from the tokens) match LocalBucket's
+        tokens = [bucket_result[0] for bucket_result in reply.buckets]
+        redis_decisions = decisions_from_tokens(reply.allowed, tokens, encode_check(keys, specs, cost).buckets)
+        assert local_allowed == reply.allowed
+        assert [d._replace(source="redis") for d in local_decisions] == redis_decisions
 
 
 def test_all_or_nothing_across_client_and_tier(backend: Backend) -> None:
@@ -98,7 +106,7 @@ def test_clock_going_back_refills_nothing(backend: Backend) -> None:
     key = f"rp:{{{backend.tag()}}}:c:a"
     spec = BucketSpec(1000.0, 10)
     future_us = backend.server_time_us(key) + 60_000_000
-    backend.admin.hset(key, mapping={"t": 2 * MICRO, "ts": future_us})
+    backend.admin.set(key, f"{2 * MICRO}:{future_us}")
     reply = bucket.check_raw([key], [spec], 1)
     assert reply.allowed and reply.buckets[0][0] == 1 * MICRO  # 2 - 1, no refill for negative elapsed
     allowed, states, results = check_and_consume([(2 * MICRO, future_us)], [spec], [MICRO], reply.now_us)
@@ -116,7 +124,7 @@ def test_state_key_expires_once_full_and_full_bucket_is_deleted(backend: Backend
     expires_at_ms = backend.admin.pexpiretime(client_key)
     assert full_at_ms <= expires_at_ms <= full_at_ms + 1000 / spec.rate + 2
     # refused because the tier is empty: the client bucket was full and stays without a key
-    backend.admin.hset(tier_key, mapping={"t": 0, "ts": backend.server_time_us(tier_key)})
+    backend.admin.set(tier_key, f"0:{backend.server_time_us(tier_key)}")
     other = f"rp:{{{tag}}}:c:b"
     reply = bucket.check_raw([other, tier_key], [spec, BucketSpec(1e-3, 10)], 1)
     assert not reply.allowed and reply.buckets[0][2] == 0
@@ -238,3 +246,78 @@ def test_warm_up_loads_the_script_and_connects(backend: Backend) -> None:
         await bucket.aclose()
 
     asyncio.run(dead())
+
+
+def test_state_left_as_a_hash_by_the_previous_script_is_read_and_replaced(backend: Backend) -> None:
+    """Bucket state in the old hash form (fields t, ts) decides like the string form, then becomes one."""
+    bucket = backend.sync_bucket()
+    key = f"rp:{{{backend.tag()}}}:c:legacy"
+    spec = BucketSpec(1e-3, 10)  # no refill worth a token during the test
+    now_us = backend.server_time_us(key)
+    backend.admin.hset(key, mapping={"t": 3 * MICRO, "ts": now_us})
+    reply = bucket.check_raw([key], [spec], 1)
+    allowed, _, results = check_and_consume([(3 * MICRO, now_us)], [spec], [MICRO], reply.now_us)
+    assert (reply.allowed, reply.buckets) == (allowed, results)
+    assert backend.admin.type(key) == b"string"
+    assert backend.admin.get(key) == f"{results[0][0]}:{reply.now_us}".encode()
+
+
+def test_checks_of_one_turn_decide_as_separate_calls_in_order(backend: Backend) -> None:
+    """Checks coalesced into one round trip decide exactly as the reference run one after the other."""
+    tag = backend.tag()
+    tier = f"rp:{{{tag}}}:tier"
+    client_spec, tier_spec = BucketSpec(1e-3, 4), BucketSpec(1e-3, 9)
+    clients = [f"rp:{{{tag}}}:c:{i % 3}" for i in range(12)]
+    costs = [1.0, 2.0, 0.5, 3.0] * 3
+
+    async def scenario() -> list:
+        bucket = backend.async_bucket()
+        try:
+            await bucket.warm_up()
+            trips = bucket.round_trips
+            replies = await asyncio.gather(
+                *(bucket.check_raw([c, tier], [client_spec, tier_spec], cost) for c, cost in zip(clients, costs, strict=True))
+            )
+            return [replies, bucket.round_trips - trips]
+        finally:
+            await bucket.aclose()
+
+    replies, round_trips = asyncio.run(scenario())
+    assert round_trips == 1
+    states: dict[str, tuple[int, int] | None] = {}
+    for client, cost, reply in zip(clients, costs, replies, strict=True):
+        specs = [client_spec, tier_spec]
+        costs_ut = [validate_cost(cost, spec) for spec in specs]
+        allowed, new_states, results = check_and_consume(
+            [states.get(client), states.get(tier)], specs, costs_ut, reply.now_us
+        )
+        states[client], states[tier] = new_states
+        assert (reply.allowed, reply.buckets) == (allowed, results)
+    assert [r.allowed for r in replies].count(True) >= 3  # the scenario exercises both outcomes
+    assert not all(r.allowed for r in replies)
+
+
+def test_a_check_meeting_a_redis_error_fails_alone(backend: Backend) -> None:
+    """A key of the wrong type fails its own check; the other checks of the same round trip are decided."""
+    tag = backend.tag()
+    bad = f"rp:{{{tag}}}:c:bad"
+    backend.admin.rpush(bad, "not a bucket")
+    spec = BucketSpec(10.0, 10)
+
+    async def scenario() -> list:
+        bucket = backend.async_bucket()
+        try:
+            await bucket.warm_up()
+            return await asyncio.gather(
+                bucket.check([f"rp:{{{tag}}}:c:a"], [spec], 1),
+                bucket.check([bad], [spec], 1),
+                bucket.check([f"rp:{{{tag}}}:c:b"], [spec], 1),
+                return_exceptions=True,
+            )
+        finally:
+            await bucket.aclose()
+
+    first, failed, last = asyncio.run(scenario())
+    assert isinstance(failed, RedisUnavailable) and "WRONGTYPE" in str(failed)
+    assert first[0] and last[0]  # type: ignore[index]
+    assert backend.admin.lrange(bad, 0, -1) == [b"not a bucket"]
