@@ -278,7 +278,7 @@ def fit_imitation(z: np.ndarray, targets: np.ndarray, hidden: int, alpha: float,
     if hidden == 0:
         ridge = Ridge(alpha=alpha).fit(z, targets)
         return np.concatenate([ridge.coef_, [ridge.intercept_]])
-    mlp = MLPRegressor((hidden,), activation="tanh", alpha=alpha * 1e-3, max_iter=300, random_state=seed)
+    mlp = MLPRegressor(hidden_layer_sizes=(hidden,), activation="tanh", alpha=alpha * 1e-3, max_iter=300, random_state=seed)
     mlp.fit(z, targets)
     w0 = np.vstack([mlp.coefs_[0], mlp.intercepts_[0][None, :]])
     return np.concatenate([w0.reshape(-1), mlp.coefs_[1][:, 0], mlp.intercepts_[1]])

@@ -79,3 +79,17 @@ def test_ars_learns_a_linear_policy_on_badly_scaled_states_thanks_to_the_normali
     z = (states - ars.obs_stat.mean) / ars.obs_stat.std
     loss = np.mean((z @ ars.theta[:2] + ars.theta[2] - best) ** 2)
     assert loss < 0.02 * np.mean(best**2)  # below 2 % of the do-nothing policy's loss
+
+
+@pytest.mark.parametrize("hidden", [0, 6])
+def test_fit_imitation_regresses_the_target_for_linear_and_mlp_policies(hidden: int) -> None:
+    from policy.rl import N_FEATURES, batch_actions, n_params
+    from training.ars import fit_imitation
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(400, N_FEATURES))
+    target = np.clip(0.4 * z[:, 0] - 0.3 * z[:, 2], -1.0, 1.0)
+    theta = fit_imitation(z, target, hidden, alpha=1e-3, seed=0)
+    assert theta.shape == (n_params(hidden),)
+    predicted = batch_actions(theta[None], z[None], np.zeros(N_FEATURES), np.ones(N_FEATURES), hidden)[0]
+    assert np.mean((predicted - target) ** 2) < 0.25 * np.var(target)  # a constant would score 1.0 * var
