@@ -5,7 +5,8 @@ the same timeout), 1,000 client keys in rotation, every check allowed (the commo
 Each method runs in `--rounds` short slices, interleaved with the others so that background
 load on a shared machine hits all methods alike; a method's figure is its total checks over
 its total time (the per-slice rates are kept in the JSON). Compared: a trivial `return 1` EVALSHA (the floor any
-script-based limiter pays), our check per call and in pipelined batches of 100, the `limits`
+script-based limiter pays) through redis-py's execute_command and through the lean client path
+our SyncRedisBucket uses (one own connection, hiredis-packed commands), our check per call and in pipelined batches of 100, the `limits`
 library's fixed, moving and sliding windows on its Redis storage, pyrate-limiter's token bucket
 on Redis (StateBucket + TokenBucket + RedisStateStore), and our in-process LocalBucket.
 The HTTP figures come from benchmarks/bench_limiter_http.py when it exists.
@@ -23,6 +24,7 @@ from itertools import cycle
 from pathlib import Path
 from typing import Any
 
+import hiredis
 from rich.progress import Progress
 
 from limiter.bucket import BucketSpec
@@ -83,6 +85,16 @@ def build_methods(url: str) -> dict[str, Callable[[], int]]:
     raw_client.script_load(TRIVIAL_SCRIPT)
     trivial_sha = hashlib.sha1(TRIVIAL_SCRIPT.encode()).hexdigest()
     execute = raw_client.execute_command
+    # the same trivial script over one dedicated connection with hiredis-packed commands: the client
+    # path SyncRedisBucket itself uses, so ours / this ratio compares the scripts alone
+    lean = raw_client.connection_pool.connection_class(**raw_client.connection_pool.connection_kwargs)
+    trivial_call: tuple[Any, ...] = ("EVALSHA", trivial_sha, 0)
+    lean_command = [bytes(hiredis.pack_command(trivial_call))]
+
+    def lean_raw() -> int:
+        lean.send_packed_command(lean_command, check_health=False)
+        lean.read_response()
+        return 1
 
     ours = SyncRedisBucket(make_sync_client(url, TIMEOUT_S))
     ours.load_script()
@@ -120,6 +132,7 @@ def build_methods(url: str) -> dict[str, Callable[[], int]]:
 
     return {
         "raw_evalsha_per_s": lambda: (execute("EVALSHA", trivial_sha, 0), 1)[1],
+        "raw_evalsha_lean_client_per_s": lean_raw,
         "ours_per_call_per_s": lambda: expect(ours.check(next(key_lists), specs, 1.0)[0]),
         "ours_batch_per_s": lambda: len(ours.check_many(next(batches))),
         "limits_fixed_window_per_s": lambda: expect(fixed.hit(item, next(fixed_names))),
@@ -135,6 +148,7 @@ def ratios(figures: dict[str, float]) -> dict[str, float]:
     ours = figures["ours_per_call_per_s"]
     return {
         "ours_over_raw_evalsha": ours / figures["raw_evalsha_per_s"],
+        "ours_over_raw_evalsha_lean_client": ours / figures["raw_evalsha_lean_client_per_s"],
         "batch_over_per_call": figures["ours_batch_per_s"] / ours,
         "ours_over_limits_fixed_window": ours / figures["limits_fixed_window_per_s"],
         "ours_over_limits_moving_window": ours / figures["limits_moving_window_per_s"],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections.abc import Sequence
 from importlib import resources
 from math import ceil
@@ -246,6 +247,8 @@ class SyncRedisBucket:
         self.client = client
         self.backoff = backoff or Backoff()
         self.script_loads = 0  # how many times this bucket sent SCRIPT LOAD
+        self._connection: Any = None  # own connection (single Redis), made on first use
+        self._lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, cluster: bool = False) -> SyncRedisBucket:
@@ -253,7 +256,10 @@ class SyncRedisBucket:
         return cls(make_sync_client(url, timeout_s, cluster))
 
     def close(self) -> None:
-        """Close the client's connections."""
+        """Close the bucket's and the client's connections."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.disconnect()
         self.client.close()
 
     def load_script(self) -> None:
@@ -305,11 +311,19 @@ class SyncRedisBucket:
         if self.backoff.blocked():
             raise RedisUnavailable(f"redis backing off for {self.backoff.remaining_s:.3f} s after a failure")
         try:
-            try:
-                reply = self.client.execute_command(*command)
-            except NoScriptError:
-                self.load_script()
-                reply = self.client.execute_command(*command)  # NOSCRIPT: it did not run, safe to send
+            if isinstance(self.client, redis.Redis):  # the lean path: about half the client time of execute_command
+                reply = self._pipeline([command])[0]
+                if isinstance(reply, NoScriptError):
+                    self.load_script()
+                    reply = self._pipeline([command])[0]  # NOSCRIPT: it did not run, safe to send
+                if isinstance(reply, Exception):
+                    raise reply
+            else:
+                try:
+                    reply = self.client.execute_command(*command)
+                except NoScriptError:
+                    self.load_script()
+                    reply = self.client.execute_command(*command)  # NOSCRIPT: it did not run, safe to send
         except _CONNECTION_ERRORS as error:
             self.backoff.failure()
             raise RedisUnavailable(f"redis unreachable: {error}") from error
@@ -355,23 +369,25 @@ class SyncRedisBucket:
             for command in commands:
                 pipe.execute_command(*command)
             return list(pipe.execute(raise_on_error=False))
-        # Single Redis: pack with hiredis and read the replies straight off one pooled connection
-        # (redis-py's pipeline spends more per command than the script costs the server).
-        pool = self.client.connection_pool
-        connection = pool.get_connection()
-        try:
-            connection.send_packed_command([b"".join(map(_pack, commands))], check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(connection.read_response())
-                except ResponseError as error:
-                    replies.append(error)
-        except BaseException:
-            connection.disconnect()  # replies may be left unread: never reuse it as is
-            raise
-        finally:
-            pool.release(connection)
+        # Single Redis: pack with hiredis and read the replies straight off the bucket's own
+        # connection (redis-py's pipeline, and its pool's get/release, cost more per call than the
+        # script costs the server).
+        with self._lock:
+            connection = self._connection
+            if connection is None:
+                pool = self.client.connection_pool
+                connection = self._connection = pool.connection_class(**pool.connection_kwargs)
+            try:
+                connection.send_packed_command([b"".join(map(_pack, commands))], check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(connection.read_response())
+                    except ResponseError as error:
+                        replies.append(error)
+            except BaseException:
+                connection.disconnect()  # replies may be left unread: never reuse it as is (reconnects on use)
+                raise
         return replies
 
 
