@@ -155,6 +155,8 @@ class ControlLoop:
         if not self.lease.is_leader():
             return TickReport(self._count, started, time.perf_counter() - t0, "follower", mode)
         fence = self.lease.token()
+        # the queries run while Redis is read: a tick costs max(Prometheus, Redis read), not the sum
+        pending = self.source.start()
         try:
             world = self.store.read_world()
         except redis.RedisError as exc:
@@ -169,7 +171,7 @@ class ControlLoop:
             first = next(iter(override_problems.items()))
             self._fail(errors, "overrides", f"{len(override_problems)} tier(s), e.g. {first[0]}: {first[1]}")
 
-        reading = self.source.read(in_force.rates)
+        reading = pending.result(in_force.rates)
         if reading.errors:
             self._fail(errors, "prometheus", "; ".join(f"{k}: {v}" for k, v in reading.errors.items()))
         observation = self.builder.build(reading.metrics)

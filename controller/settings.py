@@ -66,21 +66,40 @@ class QuerySettings(_Strict):
     expr: str = Field(min_length=1)
     per_tier: bool = True  # False: one value for all tiers (e.g. the backend's CPU)
     fill: float | None = None  # value for tiers the result lacks when the query itself succeeded
+    fallback: str | None = Field(default=None, min_length=1)  # raw PromQL for when `expr` answers no tier at all
 
 
-def _default_queries() -> dict[str, QuerySettings]:
+# The recording rules of deploy/prometheus/rules/recording.yml (group ratepilot.controller) for a
+# 15s window; another window names series the deploy does not record, so the raw fallback answers.
+RECORDED_P99 = "tier:ratepilot_backend_latency_ms:p99_rate{window}"
+RECORDED_ERROR_RATIO = "tier:ratepilot_backend_error_ratio:zero_filled_rate{window}"  # 0, not NaN, without errors
+RECORDED_TOKENS = "tier_outcome:ratepilot_decision_tokens:rate{window}"
+
+
+def raw_queries() -> dict[str, str]:
+    """The raw PromQL of each per-tier input (what the recording rules precompute)."""
     tokens = "sum by ({tier_label}) (rate(ratepilot_decision_tokens_total{outcome=\"%s\"}[{window}]))"
     requests = "sum by ({tier_label}) (rate(ratepilot_backend_requests_total[{window}]))"
     errors = "sum by ({tier_label}) (rate(ratepilot_backend_requests_total{outcome=\"error\"}[{window}]))"
     return {
-        "p99_latency_ms": QuerySettings(
-            expr="1000 * histogram_quantile(0.99, sum by ({tier_label}, le) "
-            "(rate(ratepilot_backend_request_seconds_bucket[{window}])))"
-        ),
-        "error_rate": QuerySettings(expr=f"({errors} or 0 * {requests}) / {requests}"),
+        "p99_latency_ms": "1000 * histogram_quantile(0.99, sum by ({tier_label}, le) "
+        "(rate(ratepilot_backend_request_seconds_bucket[{window}])))",
+        "error_rate": f"({errors} or 0 * {requests}) / {requests}",
+        "admitted_rps": tokens % "allowed",
+        "throttled_rps": tokens % "throttled",
+    }
+
+
+def _default_queries() -> dict[str, QuerySettings]:
+    # per-tier inputs read the recording rules (5 cheap instant vectors per tick); the raw PromQL
+    # answers when the rules are not loaded. The recorded series carry the label `tier`.
+    raw = raw_queries()
+    return {
+        "p99_latency_ms": QuerySettings(expr=RECORDED_P99, fallback=raw["p99_latency_ms"]),
+        "error_rate": QuerySettings(expr=RECORDED_ERROR_RATIO, fallback=raw["error_rate"]),
         "cpu": QuerySettings(expr="max(ratepilot_backend_cpu_utilization)", per_tier=False),
-        "admitted_rps": QuerySettings(expr=tokens % "allowed", fill=0.0),
-        "throttled_rps": QuerySettings(expr=tokens % "throttled", fill=0.0),
+        "admitted_rps": QuerySettings(expr=RECORDED_TOKENS + '{outcome="allowed"}', fill=0.0, fallback=raw["admitted_rps"]),
+        "throttled_rps": QuerySettings(expr=RECORDED_TOKENS + '{outcome="throttled"}', fill=0.0, fallback=raw["throttled_rps"]),
     }
 
 

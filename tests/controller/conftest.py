@@ -20,6 +20,7 @@ from ratepilot.servers import PrometheusServer
 # "hot" is the tier tests inject latency into; "idle" has no traffic at all (its metrics are NaN/empty)
 EXPORTED_TIERS = ["free", "pro", "internal", "hot", "idle"]
 TOKEN = "test-admin-token-0123456789"
+RECORDING_RULES = Path(__file__).parents[2] / "deploy" / "prometheus" / "rules" / "recording.yml"
 
 
 def query(prometheus_url: str, expr: str) -> list[dict[str, Any]]:
@@ -51,8 +52,9 @@ def exporter() -> Iterator[SyntheticExporter]:
 
 @pytest.fixture(scope="package")
 def prometheus(exporter: SyntheticExporter, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
-    """A real Prometheus scraping the exporter every second, once it has data for a rate window."""
-    server = PrometheusServer([exporter.target], workdir=tmp_path_factory.mktemp("prom-controller"), scrape_interval_s=1.0)
+    """A real Prometheus scraping the exporter every second with the deploy's recording rules, once it has data for a rate window."""
+    server = PrometheusServer([exporter.target], workdir=tmp_path_factory.mktemp("prom-controller"), scrape_interval_s=1.0,
+                              rule_files=[RECORDING_RULES])  # fmt: skip
     server.start()
     expr = 'sum by (tier) (rate(ratepilot_decision_tokens_total{outcome="allowed"}[3s]))'
 

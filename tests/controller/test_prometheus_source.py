@@ -9,8 +9,9 @@ import numpy as np
 
 from controller.exporter import SyntheticExporter
 from controller.prometheus_source import PrometheusSource
-from controller.settings import PrometheusSettings, QuerySettings
+from controller.settings import PrometheusSettings, QuerySettings, raw_queries
 from ratepilot.servers import PrometheusServer, free_port
+from tests.controller.conftest import wait_for
 
 TIERS = ["free", "pro", "idle", "unknown"]
 
@@ -35,6 +36,41 @@ def test_values_per_tier_match_what_the_exporter_serves(prometheus: PrometheusSe
     assert math.isnan(m.p99_latency_ms[3]) and m.admitted_rps[3] == 0.0
     assert reading.missing["p99_latency_ms"] == 2
     assert m.rate.tolist() == [100.0, 400.0, 200.0, 50.0]
+    # the deploy records 15s windows only: for 3s the raw PromQL answered every per-tier query
+    assert set(reading.fallbacks) == {"p99_latency_ms", "error_rate", "admitted_rps", "throttled_rps"}
+
+
+def test_recording_rules_answer_the_default_queries_like_the_raw_promql(prometheus: PrometheusServer) -> None:
+    recorded = PrometheusSource(PrometheusSettings(url=prometheus.url, window="15s"), TIERS)
+    raw = PrometheusSource(
+        PrometheusSettings(url=prometheus.url, window="15s",
+                           queries={name: QuerySettings(expr=expr, fill=0.0 if name.endswith("_rps") else None)
+                                    for name, expr in raw_queries().items()}),
+        TIERS,
+    )  # fmt: skip
+
+    def settled() -> bool:  # the 5 s rule group has run over a full 15 s window
+        reading = recorded.read(np.ones(4))
+        return reading.fallbacks == () and bool(np.allclose(reading.metrics.admitted_rps[:2], 50.0, rtol=0.05))
+
+    wait_for(settled, timeout_s=40, step_s=1.0)
+    a, b = recorded.read(np.ones(4)), raw.read(np.ones(4))
+    assert a.errors == b.errors == {} and a.fallbacks == () and b.fallbacks == ()
+    for name in ("p99_latency_ms", "error_rate", "admitted_rps", "throttled_rps"):
+        x, y = getattr(a.metrics, name), getattr(b.metrics, name)
+        assert np.array_equal(np.isnan(x), np.isnan(y)), name
+        assert np.allclose(x[~np.isnan(x)], y[~np.isnan(y)], rtol=0.1), name
+    assert np.allclose(a.metrics.p99_latency_ms[:2], 24.85) and np.allclose(a.metrics.admitted_rps[:2], 50.0, rtol=0.1)
+    assert math.isnan(a.metrics.p99_latency_ms[2]) and a.metrics.error_rate[:2].tolist() == [0.0, 0.0]
+    recorded.close()
+    raw.close()
+
+
+def test_a_query_without_fallback_that_answers_no_tier_is_missing(prometheus: PrometheusServer) -> None:
+    queries = {"p99_latency_ms": QuerySettings(expr="tier:not_recorded_anywhere:p99")}
+    reading = source(prometheus.url, queries=queries).read(np.ones(4))
+    assert np.isnan(reading.metrics.p99_latency_ms).all() and reading.missing["p99_latency_ms"] == 4
+    assert "p99_latency_ms" not in reading.fallbacks and reading.errors == {}
 
 
 def test_prometheus_down_gives_nan_and_the_reason_fast() -> None:

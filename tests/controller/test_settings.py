@@ -26,12 +26,28 @@ def test_packaged_config_matches_the_limiter_tiers() -> None:
 
 
 def test_default_queries_use_the_contract_metric_names() -> None:
-    queries = {name: q.expr for name, q in load_settings(env={}).prometheus.queries.items()}
-    assert "ratepilot_backend_request_seconds_bucket" in queries["p99_latency_ms"]
-    assert 'ratepilot_backend_requests_total{outcome="error"}' in queries["error_rate"]
-    assert "ratepilot_backend_cpu_utilization" in queries["cpu"]
-    assert 'ratepilot_decision_tokens_total{outcome="allowed"}' in queries["admitted_rps"]
-    assert 'ratepilot_decision_tokens_total{outcome="throttled"}' in queries["throttled_rps"]
+    queries = load_settings(env={}).prometheus.queries
+    fallbacks = {name: q.fallback or "" for name, q in queries.items()}
+    assert "ratepilot_backend_request_seconds_bucket" in fallbacks["p99_latency_ms"]
+    assert 'ratepilot_backend_requests_total{outcome="error"}' in fallbacks["error_rate"]
+    assert "ratepilot_backend_cpu_utilization" in queries["cpu"].expr and queries["cpu"].fallback is None
+    assert 'ratepilot_decision_tokens_total{outcome="allowed"}' in fallbacks["admitted_rps"]
+    assert 'ratepilot_decision_tokens_total{outcome="throttled"}' in fallbacks["throttled_rps"]
+
+
+def test_default_queries_read_the_recording_rules_the_deploy_ships() -> None:
+    settings = load_settings(env={})
+    rules = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "prometheus" / "rules" / "recording.yml").read_text())
+    recorded = {rule["record"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
+    window, label = settings.prometheus.window, settings.prometheus.tier_label
+    for name in ("p99_latency_ms", "error_rate", "admitted_rps", "throttled_rps"):
+        query = settings.prometheus.queries[name]
+        series = query.expr.replace("{window}", window).split("{")[0]
+        assert series in recorded, f"{name} reads {series}, which deploy/prometheus/rules/recording.yml does not record"
+        assert query.fallback is not None
+        if name in ("p99_latency_ms", "error_rate"):  # the rule is the fallback's PromQL, spaces aside
+            fallback = query.fallback.replace("{window}", window).replace("{tier_label}", label)
+            assert "".join(recorded[series].split()) == "".join(fallback.split())
 
 
 def test_environment_overrides_the_file() -> None:
