@@ -400,9 +400,18 @@ class RedisBucket:
     """Asyncio check-and-consume on Redis that coalesces the checks of one event-loop turn.
 
     `await check(keys, specs, cost)` returns `(allowed, [Decision per key])` or raises
-    `RedisUnavailable` within `timeout_s` (measured from when the check was asked), or
-    `BucketError` at once for bad input. At most `max_in_flight` pipelines are outstanding;
-    checks arriving meanwhile gather into the next one (a bigger batch, fewer syscalls).
+    `RedisUnavailable`, or `BucketError` at once for bad input. At most `max_in_flight` round trips
+    are outstanding; checks arriving meanwhile gather into the next one (a bigger batch, fewer
+    syscalls). On a single Redis the checks of one round trip go out as ONE EVALSHA that decides
+    them one after the other.
+
+    The timeout is meant for Redis, not for our own event loop (decision): a batch's deadline is
+    `timeout_s` after it is sent, plus an allowance for loop lag equal to how long its checks
+    waited to be sent (about one loop turn; the reply is read about one turn later too). Without
+    it, a saturated edge (turns of several ms) timed out nearly every check against a healthy
+    Redis and decided them on the local guard. Checks that waited longer than `max_lag_s` are
+    failed unsent. A hung Redis is still noticed after `timeout_s` on an idle loop, and checks
+    queued behind a timed-out round trip fail at once (back-off).
     """
 
     def __init__(
@@ -411,18 +420,20 @@ class RedisBucket:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_in_flight: int = 2,
         backoff: Backoff | None = None,
+        max_lag_s: float = 0.05,
     ):
-        if not (timeout_s > 0) or max_in_flight < 1:
-            raise ValueError("timeout_s must be positive and max_in_flight at least 1")
+        if not (timeout_s > 0 and max_lag_s > 0) or max_in_flight < 1:
+            raise ValueError("timeout_s and max_lag_s must be positive and max_in_flight at least 1")
         _check_no_retries(client)
         self.client = client
         self.timeout_s = timeout_s
+        self.max_lag_s = max_lag_s
         self.max_in_flight = max_in_flight
         self.backoff = backoff or Backoff()
         self.script_loads = 0  # SCRIPT LOADs sent (once per NOSCRIPT episode, not per check)
         self.round_trips = 0  # pipelines sent to Redis
         self._pending: list[_Pending] = []
-        self._pending_deadline = 0.0
+        self._pending_since = 0.0  # loop time the oldest pending check was asked
         self._flush_scheduled = False
         self._in_flight = 0
         self._script_epoch = 0  # bumped by every SCRIPT LOAD
@@ -486,7 +497,7 @@ class RedisBucket:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._pending:
-            self._pending_deadline = loop.time() + self.timeout_s
+            self._pending_since = loop.time()
         self._pending.append(_Pending(check, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -498,21 +509,24 @@ class RedisBucket:
         self._flush_scheduled = False
         if not self._pending or self._in_flight >= self.max_in_flight:
             return
-        batch, deadline = self._pending, self._pending_deadline
+        batch, since = self._pending, self._pending_since
         self._pending = []
         if self.backoff.blocked():  # a pipeline failed while these waited: they were never sent
             _fail(batch, "redis backing off after a failure")
             return
         self._in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._run(batch, deadline))
+        task = asyncio.get_running_loop().create_task(self._run(batch, since))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[_Pending], deadline: float) -> None:
+    async def _run(self, batch: list[_Pending], since: float) -> None:
         try:
-            if asyncio.get_running_loop().time() >= deadline:  # a busy loop, not Redis: no back-off
-                _fail(batch, f"checks waited longer than {self.timeout_s:g} s before they could be sent")
+            now = asyncio.get_running_loop().time()
+            waited = now - since
+            if waited > self.max_lag_s:  # a busy loop, not Redis: no back-off
+                _fail(batch, f"checks waited {waited:.3f} s (more than {self.max_lag_s:g} s) before they could be sent")
                 return
+            deadline = now + self.timeout_s + waited
             async with asyncio.timeout_at(deadline):
                 groups = _groups([item.check for item in batch], batched=self._connections is not None)
                 replies = await self._execute([batch_command(group) for group in groups])
