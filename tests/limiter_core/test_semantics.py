@@ -304,7 +304,7 @@ def test_a_check_meeting_a_redis_error_fails_alone(backend: Backend) -> None:
     backend.admin.rpush(bad, "not a bucket")
     spec = BucketSpec(10.0, 10)
 
-    async def scenario() -> list:
+    async def scenario() -> tuple[object, ...]:
         bucket = backend.async_bucket()
         try:
             await bucket.warm_up()
