@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,9 +68,22 @@ class TickReport:
         return {k: v for k, v in self.__dict__.items() if k != "decisions"}
 
 
+def _nulls(text: str) -> str:
+    return text.replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null")
+
+
 def _json_numbers(values: np.ndarray) -> list[str]:
-    """JSON text per value: the float, or null where it is NaN or infinite."""
-    return [repr(v) if math.isfinite(v) else "null" for v in np.asarray(values, dtype=np.float64).tolist()]
+    """JSON text per value: the float, or null where it is NaN or infinite (one C-level json.dumps)."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1).tolist()
+    return _nulls(json.dumps(flat, separators=(",", ":")))[1:-1].split(",") if flat else []
+
+
+def _json_rows(matrix: np.ndarray) -> list[str]:
+    """JSON array text per row of a 2-D array, non-finite values as null."""
+    rows = np.asarray(matrix, dtype=np.float64).tolist()
+    if not rows or not rows[0]:
+        return ["[]"] * len(rows)
+    return ["[" + row + "]" for row in _nulls(json.dumps(rows, separators=(",", ":")))[2:-2].split("],[")]
 
 
 def _rules_json(code: int) -> tuple[str, str, str]:
@@ -225,7 +237,7 @@ class ControlLoop:
         with np.errstate(all="ignore"):
             action = rate_to_action(in_force, np.where(np.isfinite(safety.proposed), safety.proposed, in_force))
         columns = [_json_numbers(v) for v in (m.p99_latency_ms, m.error_rate, m.cpu, m.admitted_rps, m.throttled_rps)]
-        vectors = ["[" + ",".join(map(repr, row)) + "]" for row in observation.vector.tolist()]
+        vectors = _json_rows(observation.vector)
         proposed, rates = _json_numbers(safety.proposed), _json_numbers(safety.rates)
         forced, actions = _json_numbers(in_force), _json_numbers(action)
         # the fired rules of a tier as a bit code: few distinct codes, each formatted once
