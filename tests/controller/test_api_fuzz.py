@@ -49,7 +49,7 @@ def test_no_server_errors_with_or_without_the_token(served: ApiServer) -> None:
         @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def fuzz(case: schemathesis.Case) -> None:
             for headers in ({"Authorization": f"Bearer {TOKEN}"}, {}):
-                response = case.call(base_url=served.url, headers=headers)
+                response = case.call(base_url=served.url, headers=headers, timeout=60)
                 seen.append(response.status_code)
                 assert response.status_code < 500, (case.method, case.formatted_path, case.body, response.text[:300])
 
