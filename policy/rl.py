@@ -13,7 +13,7 @@ Decision for one tier, x = `Observation.vector[i]`:
     z   = clip((phi - obs_mean) / obs_std, -Z_CLIP, Z_CLIP) ++ [1]
     a   = clip(z @ W, -1, 1)                  # linear (hidden = 0)
     a   = clip(tanh(z @ W0) ++ [1]) @ W1      # MLP    (hidden = H)
-    new rate = action_to_rate(rate, a)        # rate * 2 ** a
+    new rate = action_to_rate(rate, a)        # rate * 4 ** a if a < 0 else rate * 2 ** a
 """
 
 from __future__ import annotations

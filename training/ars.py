@@ -168,19 +168,19 @@ class Args:
     """seed of the exploration noise and of the draw of training scenarios"""
     iterations: int = 400
     """ARS iterations at most (the time budget may stop the run earlier)"""
-    time_budget_s: float = 600.0
+    time_budget_s: float = 560.0
     """stop ARS after this many seconds of training (0 = no limit)"""
     n_directions: int = 8
     """N: random directions per iteration"""
     top_directions: int = 4
     """b: best directions used in the update"""
-    step_size: float = 0.02
+    step_size: float = 0.01
     """alpha: ARS step size"""
     noise: float = 0.03
     """nu: exploration noise on the parameters"""
     hidden: int = 0
     """hidden tanh units of the policy (0 = linear policy, as in the paper)"""
-    episodes_per_iteration: int = 9
+    episodes_per_iteration: int = 18
     """M: scenario episodes every perturbation is rolled out on (the same for all: common random numbers)"""
     episode_steps: int = 120
     """control intervals (5 s each) per training episode"""
@@ -192,7 +192,7 @@ class Args:
     """episodes per DAgger round"""
     ridge_alpha: float = 1.0
     """L2 regularisation of the imitation fit (scikit-learn Ridge)"""
-    validation_episodes: int = 18
+    validation_episodes: int = 36
     """fixed training-seed episodes that track progress and pick the best parameters"""
     eval_every: int = 10
     """iterations between validation runs (and checkpoints)"""

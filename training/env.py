@@ -32,7 +32,8 @@ class TrafficEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Action space
     `Box(-1, 1, (1,), float32)`: a bounded multiplicative change of the refill rate,
-    `rate_next = rate * 2 ** a` (`policy.base.action_to_rate`).
+    `rate_next = rate * 4 ** a` for a < 0 (a = -1 divides by 4) and `rate * 2 ** a` for a >= 0
+    (`policy.base.action_to_rate`: cutting, the safe direction, may go faster than raising).
 
     ## Observation space
     `Box(OBS_LOW, OBS_HIGH, (12,), float32)`, built by `policy.observation.ObservationBuilder`, the

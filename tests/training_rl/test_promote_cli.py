@@ -20,13 +20,13 @@ def tags(version: str) -> dict[str, str]:
     return dict(registry.client().get_model_version(registry.REGISTERED_MODEL, version).tags)
 
 
-def register_halving_policy(root: Path) -> str:
-    """A deliberately bad candidate: it halves the rate every interval."""
+def register_cutting_policy(root: Path) -> str:
+    """A deliberately bad candidate: it cuts the rate 4x (the fastest cut) every interval."""
     theta = np.zeros(n_params(0))
     theta[-1] = -1.0
     network = PolicyNetwork(theta, np.zeros(N_FEATURES), np.ones(N_FEATURES), 0)
-    path = save(RLPolicy(network, make_meta(network, "hand-made: halve")), root / "halving.npz")
-    with mlflow.start_run(run_name="halving"):
+    path = save(RLPolicy(network, make_meta(network, "hand-made: cut 4x")), root / "cutting.npz")
+    with mlflow.start_run(run_name="cutting"):
         return registry.register_candidate(registry.log_policy(path)).version
 
 
@@ -40,7 +40,7 @@ def test_promote_first_then_reject_then_force(tracked_store: tuple[str, Path], t
     assert load_rl().meta["training"]["iterations"] == 2  # `rl` now means the champion
     assert main(FAST) == 0 and "already the champion" in capsys.readouterr().out
 
-    worse = register_halving_policy(root)
+    worse = register_cutting_policy(root)
     assert main([*FAST, "--json", str(tmp_path / "second.json")]) == 0
     record = json.loads((tmp_path / "second.json").read_text())
     assert record["promote"] is False and "goodput_ratio lower" in record["reason"]

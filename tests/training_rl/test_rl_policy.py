@@ -68,8 +68,8 @@ def test_linear_action_is_the_normalised_dot_product_clipped() -> None:
     network = PolicyNetwork(theta, np.zeros(N_FEATURES), np.full(N_FEATURES, 2.0), 0)
     # p99 excess 0.5, normalised by std 2 -> 0.25; action = -0.4 * 0.25 + 0.1 = 0.0
     np.testing.assert_allclose(network.actions(observation(p99_ms=150.0).vector), [0.0], atol=1e-12)
-    # excess 9 -> 4.5 std -> -1.7 -> clipped to -1 -> rate halves
-    np.testing.assert_allclose(RLPolicy(network).act(observation(p99_ms=1000.0)), [50.0])
+    # excess 9 -> 4.5 std -> -1.7 -> clipped to -1 -> the fastest cut: rate / 4
+    np.testing.assert_allclose(RLPolicy(network).act(observation(p99_ms=1000.0)), [25.0])
 
 
 @pytest.mark.parametrize("hidden", [0, 8])

@@ -66,7 +66,9 @@ def test_action_changes_the_rate_multiplicatively() -> None:
     _, _, _, _, info = env.step(np.array([1.0], dtype=np.float32))
     assert info["rate"] == pytest.approx(2 * before)
     _, _, _, _, info = env.step(np.array([-0.5], dtype=np.float32))
-    assert info["rate"] == pytest.approx(2 * before * 2**-0.5)
+    assert info["rate"] == pytest.approx(2 * before * 4**-0.5)  # a cut goes up to 4x per interval
+    _, _, _, _, info = env.step(np.array([-1.0], dtype=np.float32))
+    assert info["rate"] == pytest.approx(before / 4)
 
 
 def test_trace_file_replay_and_bad_arguments(tmp_path: Path) -> None:
