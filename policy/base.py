@@ -17,6 +17,7 @@ from policy.observation import Observation
 
 ACTION_MAX_DOWN = 4.0  # the largest cut in one control interval: a = -1 divides the rate by this
 ACTION_MAX_UP = 2.0  # the largest raise in one control interval: a = +1 multiplies the rate by this
+ACTION_SPACE = f"log-multiplier:down={ACTION_MAX_DOWN:g},up={ACTION_MAX_UP:g}"  # recorded in model files
 MIN_RATE = 1e-3  # tokens/s: no policy output goes below this, whatever it says
 
 

@@ -4,7 +4,7 @@ Inference is numpy only and vectorised over tiers (and, for training, over many 
 vectors at once with `batch_actions`), so the code that trains the policy is the code that
 serves it. The artifact is one `.npz` file (a few hundred bytes to a few KB) holding the weights,
 the observation normaliser and a JSON `meta` record with the observation schema; `load` refuses a
-file whose schema, feature set or shapes do not match this build, or that is corrupt, with one
+file whose schema, feature set, action space or shapes do not match this build, or that is corrupt, with one
 error type, `ModelError`.
 
 Decision for one tier, x = `Observation.vector[i]`:
@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from policy.base import Policy, action_to_rate
+from policy.base import ACTION_SPACE, Policy, action_to_rate
 from policy.observation import OBS_DIM, OBS_FIELDS, OBS_SCHEMA, Observation
 
 FORMAT = "ratepilot-policy"
@@ -159,6 +159,7 @@ def make_meta(network: PolicyNetwork, algorithm: str, training: dict[str, Any] |
         "format_version": FORMAT_VERSION,
         "obs_schema": OBS_SCHEMA,
         "feature_set": FEATURE_SET,
+        "action_space": ACTION_SPACE,
         "features": list(FEATURES),
         "architecture": "linear" if network.hidden == 0 else "mlp",
         "hidden": network.hidden,
@@ -172,6 +173,7 @@ def save(policy: RLPolicy, path: str | Path) -> Path:
     path = Path(path)
     meta = dict(policy.meta) or make_meta(policy.network, "unknown")
     meta.update(obs_schema=OBS_SCHEMA, feature_set=FEATURE_SET, format=FORMAT, format_version=FORMAT_VERSION)
+    meta["action_space"] = ACTION_SPACE
     meta["hidden"] = policy.network.hidden
     buffer = io.BytesIO()
     np.savez_compressed(
@@ -220,6 +222,10 @@ def load(path: str | Path) -> RLPolicy:
         )
     if meta.get("feature_set") != FEATURE_SET:
         raise ModelError(f"{path}: feature set {meta.get('feature_set')!r}, this build has {FEATURE_SET!r}")
+    if meta.get("action_space") != ACTION_SPACE:  # same weights, other action space: other rates
+        raise ModelError(
+            f"{path}: trained for action space {meta.get('action_space')!r}, this build acts in {ACTION_SPACE!r}"
+        )
     try:
         network = PolicyNetwork(
             arrays["theta"].astype(np.float64),

@@ -119,6 +119,8 @@ def good_meta() -> dict:
     [
         ({"obs_schema": "ratepilot-obs-v0:p99"}, {}, "observation schema mismatch"),
         ({"feature_set": "other"}, {}, "feature set"),
+        ({"action_space": "log-multiplier:down=2,up=2"}, {}, "trained for action space"),
+        ({"action_space": None}, {}, "trained for action space"),
         ({"format_version": 99}, {}, "format version"),
         ({"format": "sklearn"}, {}, "not a ratepilot policy"),
         ({}, {"theta": np.zeros(3)}, "theta must have shape"),
