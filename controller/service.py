@@ -21,15 +21,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from controller.policies import LoadedPolicy, PolicyLoadError, load_policy
 from controller.settings import (
     ENV_CONFIG,
     ControllerSettings,
     SettingsError,
     apply_env,
-    default_config_text,
+    read_config_mapping,
     set_path,
     settings_from_mapping,
 )
@@ -80,15 +78,7 @@ def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = No
     env = dict(os.environ) if env is None else env
     path = args.config or env.get(ENV_CONFIG)
     where = str(path or "controller.yaml")
-    try:
-        text = Path(path).read_text() if path else default_config_text()
-        data = yaml.safe_load(text) or {}
-    except OSError as exc:
-        raise SettingsError(f"{where}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"{where}: the top level must be a mapping")
+    data = read_config_mapping(path)
     try:  # file, then environment, then command line
         return settings_from_mapping(_with_cli(apply_env(data, env), args), env={})
     except SettingsError as exc:

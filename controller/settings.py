@@ -324,19 +324,26 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None
         raise SettingsError(_describe(exc)) from None
 
 
-def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ControllerSettings:
-    """Read and validate the YAML config (see the module docstring for the order)."""
-    env = os.environ if env is None else env
-    path = path or env.get(ENV_CONFIG)
+def read_config_mapping(path: str | Path | None) -> dict[str, Any]:
+    """The YAML mapping in `path` (the packaged default when None); SettingsError naming the file."""
+    where = str(path or "controller.yaml")
     try:
         text = Path(path).read_text() if path else default_config_text()
         data = yaml.safe_load(text) or {}
     except OSError as exc:
-        raise SettingsError(f"{path}: cannot read ({exc.strerror})") from None
+        raise SettingsError(f"{where}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise SettingsError(f"{path or 'controller.yaml'}: not valid YAML ({exc})") from None
+        raise SettingsError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise SettingsError(f"{path or 'controller.yaml'}: the top level must be a mapping")
+        raise SettingsError(f"{where}: the top level must be a mapping")
+    return data
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ControllerSettings:
+    """Read and validate the YAML config (see the module docstring for the order)."""
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_CONFIG)
+    data = read_config_mapping(path)
     try:
         return settings_from_mapping(data, env)
     except SettingsError as exc:
