@@ -61,6 +61,7 @@ __all__ = [
 
 SCRIPT: str = resources.files("limiter.lua").joinpath("token_bucket.lua").read_text()
 SCRIPT_SHA: str = hashlib.sha1(SCRIPT.encode()).hexdigest()
+_SHA_BYTES = SCRIPT_SHA.encode()
 DEFAULT_TIMEOUT_S = 0.005  # per call: a limiter that waits longer than this had better fall back
 
 # Failures after which Redis is presumed unreachable (back off); other RedisErrors (a script
@@ -100,6 +101,7 @@ class EncodedCheck(NamedTuple):
     keys: Sequence[str]
     argv: list[bytes]  # key count, then rate, capacity µt, cost µt per key
     buckets: list[_BucketArgs]
+    argv_resp: bytes = b""  # RESP bytes of argv (the same for every check of these specs and cost)
 
 
 # What a check's reply decodes to before Decisions are built: (allowed, tokens µt per key, server µs).
@@ -109,6 +111,13 @@ MAX_BATCH = 256  # checks per EVALSHA: bounds how long one script blocks the ser
 _ARGS_CACHE_LIMIT = 10_000
 _args_cache: dict[tuple[float, float, float], _BucketArgs] = {}
 _KEY_COUNTS = [str(n).encode() for n in range(17)]
+_encoded_cache: dict[tuple[Any, ...], tuple[list[bytes], list[_BucketArgs], bytes]] = {}
+_new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
+
+
+def _resp(args: Sequence[bytes]) -> bytes:
+    """RESP bulk strings of `args` (as hiredis.pack_command writes them)."""
+    return b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args)
 
 
 def _bucket_args(spec: BucketSpec, cost: float) -> _BucketArgs:
@@ -134,11 +143,21 @@ def encode_check(keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) 
     count = len(keys)
     if not count or count != len(specs):
         raise BucketError(f"a check needs one spec per key and at least one key, got {count} keys, {len(specs)} specs")
-    buckets = [_bucket_args(spec, cost) for spec in specs]
-    argv = [_KEY_COUNTS[count] if count < len(_KEY_COUNTS) else str(count).encode()]
-    for bucket in buckets:
-        argv += bucket.argv
-    return EncodedCheck(keys, argv, buckets)
+    if count == 2:  # client + tier bucket, the edge's case: a flat tuple key hashes fastest
+        first, second = specs
+        cache_key: tuple[Any, ...] = (cost, first.rate, first.capacity, second.rate, second.capacity)
+    else:
+        cache_key = (cost, *[(spec.rate, spec.capacity) for spec in specs])
+    cached = _encoded_cache.get(cache_key)
+    if cached is None:
+        buckets = [_bucket_args(spec, cost) for spec in specs]  # raises BucketError: nothing cached
+        argv = [_KEY_COUNTS[count] if count < len(_KEY_COUNTS) else str(count).encode()]
+        for bucket in buckets:
+            argv += bucket.argv
+        if len(_encoded_cache) >= _ARGS_CACHE_LIMIT:
+            _encoded_cache.clear()
+        cached = _encoded_cache[cache_key] = (argv, buckets, _resp(argv))
+    return _new_tuple(EncodedCheck, (keys, *cached))  # type: ignore[no-any-return]
 
 
 def batch_command(checks: Sequence[EncodedCheck]) -> list[Any]:
@@ -148,6 +167,14 @@ def batch_command(checks: Sequence[EncodedCheck]) -> list[Any]:
         return ["EVALSHA", SCRIPT_SHA, len(check.keys), *check.keys, *check.argv]
     keys = [key for check in checks for key in check.keys]
     return ["EVALSHA", SCRIPT_SHA, len(keys), *keys, *(arg for check in checks for arg in check.argv)]
+
+
+def pack_batch(checks: Sequence[EncodedCheck]) -> bytes:
+    """RESP bytes of `batch_command(checks)`, built from each check's cached ARGV bytes."""
+    keys = [key.encode() for check in checks for key in check.keys]
+    arg_count = sum(len(check.argv) for check in checks)
+    head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + arg_count, _SHA_BYTES)
+    return b"".join((head, _resp((b"%d" % len(keys),)), _resp(keys), *[check.argv_resp for check in checks]))
 
 
 def split_reply(reply: Any, checks: Sequence[EncodedCheck]) -> list[RawOutcome | RedisUnavailable]:
@@ -178,9 +205,14 @@ def decisions_from_tokens(allowed: bool, tokens: list[int], buckets: list[_Bucke
     decisions = []
     for tokens_ut, bucket in zip(tokens, buckets, strict=True):
         rate = bucket.rate
-        retry_us = 0 if allowed else ceil(max(bucket.cost_ut - tokens_ut, 0) / rate)
-        reset_us = ceil(max(bucket.capacity_ut - tokens_ut, 0) / rate)
-        decisions.append(Decision(allowed, tokens_ut / MICRO, retry_us / MICRO, reset_us / MICRO, bucket.capacity, "redis"))
+        missing_ut = bucket.capacity_ut - tokens_ut
+        reset_s = (ceil(missing_ut / rate) if missing_ut > 0 else 0) / MICRO
+        if allowed:
+            retry_s = 0.0
+        else:
+            missing_ut = bucket.cost_ut - tokens_ut
+            retry_s = (ceil(missing_ut / rate) if missing_ut > 0 else 0) / MICRO
+        decisions.append(_new_tuple(Decision, (allowed, tokens_ut / MICRO, retry_s, reset_s, bucket.capacity, "redis")))
     return decisions
 
 
@@ -498,7 +530,7 @@ class RedisBucket:
         future = loop.create_future()
         if not self._pending:
             self._pending_since = loop.time()
-        self._pending.append(_Pending(check, future))
+        self._pending.append(_new_tuple(_Pending, (check, future)))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -529,7 +561,7 @@ class RedisBucket:
             deadline = now + self.timeout_s + waited
             async with asyncio.timeout_at(deadline):
                 groups = _groups([item.check for item in batch], batched=self._connections is not None)
-                replies = await self._execute([batch_command(group) for group in groups])
+                replies = await self._execute(groups)
         except _CONNECTION_ERRORS as error:
             self.backoff.failure()
             _fail(batch, f"redis unreachable or slower than {self.timeout_s:g} s: {error!r}")
@@ -561,14 +593,14 @@ class RedisBucket:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _execute(self, commands: list[list[Any]]) -> list[Any]:
-        """Send the batch; on NOSCRIPT load the script once and resend only those (they did not run)."""
+    async def _execute(self, groups: list[list[EncodedCheck]]) -> list[Any]:
+        """Send one EVALSHA per group; on NOSCRIPT load the script once and resend only those (they did not run)."""
         epoch = self._script_epoch
-        replies = await self._pipeline(commands)
+        replies = await self._pipeline(groups)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             await self._reload(epoch)
-            for i, reply in zip(missing, await self._pipeline([commands[i] for i in missing]), strict=True):
+            for i, reply in zip(missing, await self._pipeline([groups[i] for i in missing]), strict=True):
                 replies[i] = reply
         return replies
 
@@ -592,22 +624,23 @@ class RedisBucket:
         finally:
             self._loading = None
 
-    async def _pipeline(self, commands: list[list[Any]]) -> list[Any]:
-        """One round trip; error replies come back as exception objects in place."""
+    async def _pipeline(self, groups: list[list[EncodedCheck]]) -> list[Any]:
+        """One round trip, one EVALSHA per group; error replies come back as exception objects in place."""
         self.round_trips += 1
         if self._connections is None:  # a cluster client routes each command to its slot's node
             pipe = self.client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
+            for group in groups:
+                pipe.execute_command(*batch_command(group))
             return list(await pipe.execute(raise_on_error=False))
         # Single Redis: our own connections, one per pipeline in flight. redis-py's pool and
         # pipeline add per-batch locks, health checks and bookkeeping that cost more than the
         # round trip itself at the batch sizes of one event-loop turn.
+        packed = b"".join(map(pack_batch, groups))
         connection = self._connections.pop() if self._connections else self._new_connection()
         try:
-            await connection.send_packed_command(b"".join(map(_pack, commands)), check_health=False)
+            await connection.send_packed_command(packed, check_health=False)
             replies: list[Any] = []
-            for _ in commands:
+            for _ in groups:
                 try:
                     replies.append(await connection.read_response())
                 except ResponseError as error:

@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 
+import hiredis
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -19,8 +20,10 @@ from limiter.redis_bucket import (
     CheckRequest,
     RedisBucket,
     SyncRedisBucket,
+    batch_command,
     decisions_from_tokens,
     encode_check,
+    pack_batch,
 )
 
 from .conftest import Backend
@@ -83,6 +86,23 @@ def test_script_matches_reference_and_local_bucket(
         redis_decisions = decisions_from_tokens(reply.allowed, tokens, encode_check(keys, specs, cost).buckets)
         assert local_allowed == reply.allowed
         assert [d._replace(source="redis") for d in local_decisions] == redis_decisions
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    checks=st.lists(
+        st.tuples(specs_strategy, st.floats(min_value=1e-6, max_value=1.0), st.text(min_size=0, max_size=8)),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_packed_batch_is_the_resp_of_the_batch_command(checks: list[tuple[list[BucketSpec], float, str]]) -> None:
+    """The hand-built RESP of the edge's hot path equals hiredis' packing of the same EVALSHA."""
+    encoded = [
+        encode_check([f"rp:{{t}}:c:{client}{i}" for i in range(len(specs))], specs, fraction * min(s.capacity for s in specs))
+        for specs, fraction, client in checks
+    ]
+    assert pack_batch(encoded) == bytes(hiredis.pack_command(tuple(batch_command(encoded))))
 
 
 def test_all_or_nothing_across_client_and_tier(backend: Backend) -> None:
