@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import uuid
+from math import ceil
 from typing import Any
 
 from limiter.guard import Guard, Verdict
@@ -37,10 +38,13 @@ def tenant_fingerprint(client: str) -> str:
 def ratelimit_value(verdict: Verdict) -> bytes:
     """The `RateLimit` field for a verdict."""
     client_d, tier_d = verdict.decisions
-    return (
-        f'"client";r={int(client_d.remaining)};t={math.ceil(client_d.reset_after_s)}, '
-        f'"tier";r={int(tier_d.remaining)};t={math.ceil(tier_d.reset_after_s)}'
-    ).encode()
+    # bytes %-formatting: %d truncates toward zero as int() does, and no str is built and encoded
+    return b'"client";r=%d;t=%d, "tier";r=%d;t=%d' % (
+        client_d.remaining,
+        ceil(client_d.reset_after_s),
+        tier_d.remaining,
+        ceil(tier_d.reset_after_s),
+    )
 
 
 def retry_after_value(verdict: Verdict) -> bytes:
