@@ -203,6 +203,10 @@ class Args:
     tracking_weight: float = 2.0
     """weight of the rate tracking error (clipped at 2) in the objective"""
 
+    def ars_config(self) -> ARSConfig:
+        """The ARS hyperparameters of this run (ARSConfig validates them)."""
+        return ARSConfig(self.n_directions, self.top_directions, self.step_size, self.noise)
+
 
 def training_names(args: Args) -> tuple[list[str], list[str]]:
     """Scenario names trained on: the suite's generators and the packaged traces (training split)."""
@@ -331,7 +335,7 @@ class Trainer:
     def start(cls, args: Args) -> Trainer:
         """A new run: DAgger initialisation (or zeros), then ready for ARS iterations."""
         rng = np.random.default_rng(args.seed)
-        config = ARSConfig(args.n_directions, args.top_directions, args.step_size, args.noise)
+        config = args.ars_config()
         if args.dagger_rounds > 0:
             theta, stat = dagger_init(args, rng)
         else:
@@ -394,7 +398,7 @@ class Trainer:
             theta = np.array(state["theta"], dtype=np.float64)
             if theta.shape != (n_params(args.hidden),) or stat.mean.shape != (N_FEATURES,):
                 raise ValueError("parameter shapes do not match this policy architecture")
-            config = ARSConfig(args.n_directions, args.top_directions, args.step_size, args.noise)
+            config = args.ars_config()
             best = {k: (np.array(v) if k in ("theta", "obs_mean", "obs_std") else v) for k, v in state["best"].items()}
             return cls(args, ARS(theta, stat, config, rng, int(state["iteration"])), best, list(state["curve"]),
                        float(state["elapsed_s"]), int(state["env_steps"]))

@@ -33,7 +33,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from policy.observation import OBS_SCHEMA
 from policy.rl import DEFAULT_MODEL_PATH, RLPolicy, make_meta, save
-from training import ars
 from training.ars import Args, Trainer
 
 ENV_ID = "ratepilot/Traffic-v0"
@@ -77,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def args_from(ns: argparse.Namespace) -> Args:
     """Args from parsed options; ValueError on a value ARS cannot use."""
     args = Args(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(Args)})
-    ars.ARSConfig(args.n_directions, args.top_directions, args.step_size, args.noise)  # validates
+    args.ars_config()  # validates the ARS hyperparameters
     checks = {
         "iterations": args.iterations >= 0, "time_budget_s": args.time_budget_s >= 0, "hidden": 0 <= args.hidden <= 64,
         "episodes_per_iteration": args.episodes_per_iteration >= 1, "episode_steps": args.episode_steps >= 1,
