@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
+import time
 from collections.abc import Sequence
 from importlib import resources
 from math import ceil
@@ -43,6 +45,9 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from limiter.backoff import Backoff
 from limiter.bucket import MICRO, BucketError, BucketSpec, Decision, decision_from, validate_cost, wait_us
 from limiter.errors import RedisUnavailable
+from limiter.redis_connection import PipelinedConnection, pack_command
+
+log = logging.getLogger("ratepilot.redis_bucket")
 
 __all__ = [
     "SCRIPT",
@@ -423,9 +428,63 @@ class SyncRedisBucket:
         return replies
 
 
+
 class _Pending(NamedTuple):
     check: EncodedCheck
     future: asyncio.Future[RawOutcome]
+
+
+class _Abandoned(ConnectionError):
+    """The bucket dropped the connection itself (a batch timed out, or the bucket closed)."""
+
+
+class _Batch:
+    """Checks sent in one write on the bucket's connection: one EVALSHA per group, replies in order."""
+
+    __slots__ = ("bucket", "connection", "groups", "answered", "epoch", "resent", "timer", "noscript", "lost", "timed_out")
+
+    def __init__(self, bucket: RedisBucket, connection: PipelinedConnection, groups: list[list[_Pending]], resent: bool):
+        self.bucket = bucket
+        self.connection = connection
+        self.groups = groups
+        self.answered = 0  # groups whose reply (or failure) came
+        self.epoch = bucket._script_epoch
+        self.resent = resent  # already resent once after NOSCRIPT
+        self.timer: asyncio.TimerHandle | None = None
+        self.noscript: list[_Pending] = []
+        self.lost: Exception | None = None
+        self.timed_out = False
+
+    def on_reply(self, reply: Any) -> None:
+        """The reply of the next group: results to the futures, or the error each check met."""
+        group = self.groups[self.answered]
+        self.answered += 1
+        if type(reply) is list:
+            for item, outcome in zip(group, split_reply(reply, [item.check for item in group]), strict=True):
+                future = item.future
+                if future.done():
+                    continue
+                if type(outcome) is tuple:
+                    future.set_result(outcome)
+                else:
+                    future.set_exception(outcome)  # type: ignore[arg-type]
+        elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            self.noscript.extend(group)  # they did not run: safe to resend
+        elif isinstance(reply, ConnectionError):
+            self.lost = reply
+            _fail(group, f"redis unreachable: {reply}")
+        else:  # an error reply for the whole script (OOM, BUSY...): Redis answered, these checks failed
+            _fail(group, f"redis refused the checks: {reply!r:.200}")
+        if self.answered == len(self.groups):
+            self.bucket._finished(self)
+
+    def on_timeout(self) -> None:
+        """Deadline passed: fail what is unanswered and drop the connection (late replies must never be read)."""
+        self.timed_out = True
+        bucket = self.bucket
+        _fail([item for group in self.groups[self.answered :] for item in group], f"redis slower than {bucket.timeout_s:g} s")
+        bucket.backoff.failure()
+        self.connection.abort(_Abandoned("a batch timed out"))
 
 
 class RedisBucket:
@@ -435,15 +494,18 @@ class RedisBucket:
     `RedisUnavailable`, or `BucketError` at once for bad input. At most `max_in_flight` round trips
     are outstanding; checks arriving meanwhile gather into the next one (a bigger batch, fewer
     syscalls). On a single Redis the checks of one round trip go out as ONE EVALSHA that decides
-    them one after the other.
+    them one after the other, over the bucket's own pipelined connection (`PipelinedConnection`:
+    a Protocol, no task per round trip); on a cluster each check is its own EVALSHA in a redis-py
+    cluster pipeline. A bucket belongs to the event loop that first uses it.
 
     The timeout is meant for Redis, not for our own event loop (decision): a batch's deadline is
     `timeout_s` after it is sent, plus an allowance for loop lag equal to how long its checks
     waited to be sent (about one loop turn; the reply is read about one turn later too). Without
     it, a saturated edge (turns of several ms) timed out nearly every check against a healthy
     Redis and decided them on the local guard. Checks that waited longer than `max_lag_s` are
-    failed unsent. A hung Redis is still noticed after `timeout_s` on an idle loop, and checks
-    queued behind a timed-out round trip fail at once (back-off).
+    failed unsent. A hung Redis is still noticed after `timeout_s` on an idle loop; the connection
+    of a timed-out batch is dropped (its late replies are never read), so checks behind it fail at
+    once and the next probe after the back-off reconnects.
     """
 
     def __init__(
@@ -462,18 +524,23 @@ class RedisBucket:
         self.max_lag_s = max_lag_s
         self.max_in_flight = max_in_flight
         self.backoff = backoff or Backoff()
-        self.script_loads = 0  # SCRIPT LOADs sent (once per NOSCRIPT episode, not per check)
-        self.round_trips = 0  # pipelines sent to Redis
+        self.script_loads = 0  # SCRIPT LOADs sent (on connect, and once per NOSCRIPT episode)
+        self.round_trips = 0  # pipelines sent to Redis, connection attempts of the request path included
         self._pending: list[_Pending] = []
         self._pending_since = 0.0  # loop time the oldest pending check was asked
         self._flush_scheduled = False
         self._in_flight = 0
         self._script_epoch = 0  # bumped by every SCRIPT LOAD
-        self._loading: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        single = isinstance(client, redis.asyncio.Redis)
-        self._connections: list[Any] | None = [] if single else None  # idle own connections (single Redis)
-        self._all_connections: list[Any] = []
+        # Single Redis: our own pipelined connection, opened with the client's connection settings.
+        self._options: dict[str, Any] | None = None
+        if isinstance(client, redis.asyncio.Redis):
+            pool = client.connection_pool
+            self._options = {**pool.connection_kwargs, "connection_class": pool.connection_class}
+        self._connection: PipelinedConnection | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._loading: asyncio.Future[None] | None = None  # cluster: a SCRIPT LOAD under way
 
     @classmethod
     def from_url(
@@ -483,33 +550,38 @@ class RedisBucket:
         return cls(make_async_client(url, timeout_s, cluster), timeout_s=timeout_s, **options)
 
     async def warm_up(self, timeout_s: float = 1.0) -> None:
-        """Load the script and open the connections now, so the first checks need no connect.
+        """Load the script and open the connection now, so the first checks need no connect.
 
         Call it at start-up (a cold connect alone can exceed a 5 ms check timeout). Raises
         RedisUnavailable when Redis cannot be reached within `timeout_s`; checks then fail
         over as usual and connect later.
         """
         try:
+            if self._options is not None:
+                await self._open(timeout_s)
+                return
             async with asyncio.timeout(timeout_s):
                 await self.client.script_load(SCRIPT)
                 self.script_loads += 1
                 self._script_epoch += 1
-                if self._connections is not None:
-                    while len(self._all_connections) < self.max_in_flight:
-                        connection = self._new_connection()
-                        self._connections.append(connection)  # kept even if connect fails: reconnects on use
-                        await connection.connect()
-                elif hasattr(self.client, "initialize"):
+                if hasattr(self.client, "initialize"):
                     await self.client.initialize()  # cluster: discover the slots of every node
-        except (*_CONNECTION_ERRORS, RedisError) as error:
+        except (*_CONNECTION_ERRORS, RedisError, hiredis.ReplyError) as error:
             raise RedisUnavailable(f"redis not reachable at warm-up: {error!r}") from error
 
     async def aclose(self) -> None:
-        """Wait for outstanding pipelines, then close the client's connections."""
+        """Wait (a bounded time) for outstanding round trips, then close the connections."""
+        deadline = time.monotonic() + self.timeout_s + self.max_lag_s + 0.1
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for connection in self._all_connections:
-            await connection.disconnect()
+        if self._connection is not None:
+            self._connection.abort(_Abandoned("bucket closed"))
+            self._connection = None
+        pending, self._pending = self._pending, []
+        _fail(pending, "bucket closed")
+        self._loop = None
         await self.client.aclose()
 
     async def check(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> tuple[bool, list[Decision]]:
@@ -526,7 +598,9 @@ class RedisBucket:
     def _submit(self, check: EncodedCheck) -> asyncio.Future[RawOutcome]:
         if self.backoff.blocked():
             raise RedisUnavailable(f"redis backing off for {self.backoff.remaining_s:.3f} s after a failure")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # asyncio.get_running_loop() costs a getpid() system call on Python 3.11
+            loop = self._loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._pending:
             self._pending_since = loop.time()
@@ -536,32 +610,126 @@ class RedisBucket:
             loop.call_soon(self._flush)
         return future
 
+    def _schedule_flush(self) -> None:
+        if self._pending and not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
-        """End of the turn: send what gathered, unless enough pipelines are already out."""
+        """End of the turn: send what gathered, unless enough round trips are already out."""
         self._flush_scheduled = False
         if not self._pending or self._in_flight >= self.max_in_flight:
             return
+        loop = self._loop
+        assert loop is not None
+        connection = self._connection
+        if self._options is not None and (connection is None or connection.closed):
+            if self._connecting is None and not self.backoff.blocked():
+                self.round_trips += 1  # a connection attempt is a probe too
+                self._connecting = self._spawn(self._connect())
+            elif self._connecting is None:
+                batch, self._pending = self._pending, []
+                _fail(batch, "redis backing off after a failure")
+            return  # the connect flushes (or fails) what is pending when it is done
         batch, since = self._pending, self._pending_since
         self._pending = []
-        if self.backoff.blocked():  # a pipeline failed while these waited: they were never sent
+        if self.backoff.blocked():  # a round trip failed while these waited: they were never sent
             _fail(batch, "redis backing off after a failure")
             return
+        now = loop.time()
+        waited = now - since
+        if waited > self.max_lag_s:  # a busy loop, not Redis: no back-off
+            _fail(batch, f"checks waited {waited:.3f} s (more than {self.max_lag_s:g} s) before they could be sent")
+            return
+        if connection is None:  # cluster: redis-py's cluster pipeline routes each check to its node
+            self._in_flight += 1
+            self._spawn(self._run_cluster(batch, now + self.timeout_s + waited))
+            return
+        self._send(connection, batch, now + self.timeout_s + waited, resent=False)
+
+    def _send(self, connection: PipelinedConnection, items: list[_Pending], deadline: float, resent: bool) -> None:
+        """One write: up to MAX_BATCH checks per EVALSHA, a deadline timer for the lot."""
+        groups = [items[i : i + MAX_BATCH] for i in range(0, len(items), MAX_BATCH)]
+        batch = _Batch(self, connection, groups, resent)
+        packed = b"".join([pack_batch([item.check for item in group]) for group in groups])
         self._in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._run(batch, since))
+        self.round_trips += 1
+        batch.timer = self._loop.call_at(deadline, batch.on_timeout)  # type: ignore[union-attr]
+        try:
+            connection.send(packed, [batch.on_reply] * len(groups))
+        except ConnectionError as error:  # closed between the check and the write
+            for _ in groups:
+                batch.on_reply(error)
+
+    def _finished(self, batch: _Batch) -> None:
+        """Every group of `batch` answered (or failed): settle the back-off, resend NOSCRIPT checks, flush."""
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self._in_flight -= 1
+        if batch.lost is not None:
+            if not isinstance(batch.lost, _Abandoned):  # our own abort was counted where it happened
+                self.backoff.failure()
+        elif not batch.timed_out:
+            self.backoff.success()
+        if batch.noscript:
+            self._resend(batch)
+        self._schedule_flush()
+
+    def _resend(self, batch: _Batch) -> None:
+        """NOSCRIPT: load the script (once per episode) and resend those checks after it on the same connection."""
+        items = batch.noscript
+        connection = self._connection
+        if batch.resent or connection is None or connection.closed:
+            _fail(items, "redis lost the script again right after loading it" if batch.resent else "redis connection lost")
+            return
+        if batch.epoch == self._script_epoch:  # no load sent since this batch went out
+            self._script_epoch += 1
+            self.script_loads += 1
+            connection.send(_SCRIPT_LOAD, [_log_load_failure])
+        self._send(connection, items, self._loop.time() + self.timeout_s, resent=True)  # type: ignore[union-attr]
+
+    async def _open(self, timeout_s: float) -> None:
+        """Connect and load the script (a fresh server may not have it) within `timeout_s`."""
+        assert self._options is not None
+        async with asyncio.timeout(timeout_s):
+            connection = await PipelinedConnection.open(self._options, timeout_s)
+            try:
+                await connection.request("SCRIPT", "LOAD", SCRIPT)
+            except BaseException:
+                connection.abort(_Abandoned("script load failed"))
+                raise
+        self.script_loads += 1
+        self._script_epoch += 1
+        if self._connection is not None:
+            self._connection.abort(_Abandoned("replaced"))
+        self._connection = connection
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+
+    async def _connect(self) -> None:
+        """The request path's (re)connect: on failure back off and fail what waited for it."""
+        try:
+            await self._open(self.timeout_s)
+        except (*_CONNECTION_ERRORS, hiredis.ReplyError) as error:
+            self.backoff.failure()
+            pending, self._pending = self._pending, []
+            _fail(pending, f"redis unreachable: {error!r}")
+        finally:
+            self._connecting = None
+            self._schedule_flush()
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+        task = self._loop.create_task(coroutine)  # type: ignore[union-attr]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _run(self, batch: list[_Pending], since: float) -> None:
+    # -- Redis Cluster: redis-py's cluster pipeline, one EVALSHA per check ---------------------------
+
+    async def _run_cluster(self, batch: list[_Pending], deadline: float) -> None:
         try:
-            now = asyncio.get_running_loop().time()
-            waited = now - since
-            if waited > self.max_lag_s:  # a busy loop, not Redis: no back-off
-                _fail(batch, f"checks waited {waited:.3f} s (more than {self.max_lag_s:g} s) before they could be sent")
-                return
-            deadline = now + self.timeout_s + waited
             async with asyncio.timeout_at(deadline):
-                groups = _groups([item.check for item in batch], batched=self._connections is not None)
-                replies = await self._execute(groups)
+                replies = await self._execute_cluster([item.check for item in batch])
         except _CONNECTION_ERRORS as error:
             self.backoff.failure()
             _fail(batch, f"redis unreachable or slower than {self.timeout_s:g} s: {error!r}")
@@ -572,39 +740,34 @@ class RedisBucket:
             raise
         else:
             self.backoff.success()
-            items = iter(batch)
-            for reply, group in zip(replies, groups, strict=True):
-                outcomes = (
-                    [RedisUnavailable(f"redis refused the check: {reply}")] * len(group)
+            for item, reply in zip(batch, replies, strict=True):
+                outcome = (
+                    RedisUnavailable(f"redis refused the check: {reply}")
                     if isinstance(reply, Exception)
-                    else split_reply(reply, group)
+                    else split_reply(reply, [item.check])[0]
                 )
-                for outcome in outcomes:
-                    future = next(items).future
-                    if future.done():
-                        continue
-                    if isinstance(outcome, RedisUnavailable):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
+                if item.future.done():
+                    continue
+                if isinstance(outcome, RedisUnavailable):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)
         finally:
             self._in_flight -= 1
-            if self._pending and not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule_flush()
 
-    async def _execute(self, groups: list[list[EncodedCheck]]) -> list[Any]:
-        """Send one EVALSHA per group; on NOSCRIPT load the script once and resend only those (they did not run)."""
+    async def _execute_cluster(self, checks: list[EncodedCheck]) -> list[Any]:
+        """One EVALSHA per check; on NOSCRIPT load the script once and resend only those (they did not run)."""
         epoch = self._script_epoch
-        replies = await self._pipeline(groups)
+        replies = await self._cluster_pipeline(checks)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
-            await self._reload(epoch)
-            for i, reply in zip(missing, await self._pipeline([groups[i] for i in missing]), strict=True):
+            await self._reload_cluster(epoch)
+            for i, reply in zip(missing, await self._cluster_pipeline([checks[i] for i in missing]), strict=True):
                 replies[i] = reply
         return replies
 
-    async def _reload(self, seen_epoch: int) -> None:
+    async def _reload_cluster(self, seen_epoch: int) -> None:
         """Load the script unless another pipeline did since `seen_epoch`; concurrent callers share one load."""
         if self._script_epoch != seen_epoch:
             return
@@ -624,40 +787,21 @@ class RedisBucket:
         finally:
             self._loading = None
 
-    async def _pipeline(self, groups: list[list[EncodedCheck]]) -> list[Any]:
-        """One round trip, one EVALSHA per group; error replies come back as exception objects in place."""
+    async def _cluster_pipeline(self, checks: list[EncodedCheck]) -> list[Any]:
+        """One round trip; error replies come back as exception objects in place."""
         self.round_trips += 1
-        if self._connections is None:  # a cluster client routes each command to its slot's node
-            pipe = self.client.pipeline(transaction=False)
-            for group in groups:
-                pipe.execute_command(*batch_command(group))
-            return list(await pipe.execute(raise_on_error=False))
-        # Single Redis: our own connections, one per pipeline in flight. redis-py's pool and
-        # pipeline add per-batch locks, health checks and bookkeeping that cost more than the
-        # round trip itself at the batch sizes of one event-loop turn.
-        packed = b"".join(map(pack_batch, groups))
-        connection = self._connections.pop() if self._connections else self._new_connection()
-        try:
-            await connection.send_packed_command(packed, check_health=False)
-            replies: list[Any] = []
-            for _ in groups:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as error:
-                    replies.append(error)
-        except BaseException:
-            await connection.disconnect(nowait=True)  # replies may be left unread: never reuse it as is
-            raise
-        finally:
-            self._connections.append(connection)
-        return replies
+        pipe = self.client.pipeline(transaction=False)
+        for check in checks:
+            pipe.execute_command(*batch_command([check]))
+        return list(await pipe.execute(raise_on_error=False))
 
-    def _new_connection(self) -> Any:
-        """A connection like the client's, without a per-read timeout (the batch deadline bounds it)."""
-        kwargs = {**self.client.connection_pool.connection_kwargs, "socket_timeout": None}
-        connection = self.client.connection_pool.connection_class(**kwargs)
-        self._all_connections.append(connection)
-        return connection
+
+_SCRIPT_LOAD = pack_command("SCRIPT", "LOAD", SCRIPT)
+
+
+def _log_load_failure(reply: Any) -> None:
+    if isinstance(reply, Exception):
+        log.warning("SCRIPT LOAD after NOSCRIPT failed: %r", reply)
 
 
 def _groups(checks: list[EncodedCheck], batched: bool) -> list[list[EncodedCheck]]:
@@ -677,4 +821,3 @@ def _fail(batch: list[_Pending], message: str) -> None:
     for item in batch:
         if not item.future.done():
             item.future.set_exception(RedisUnavailable(message))
-
