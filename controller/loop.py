@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 import redis
 
 from controller.lease import LeaderLease
@@ -68,22 +69,18 @@ class TickReport:
         return {k: v for k, v in self.__dict__.items() if k != "decisions"}
 
 
-def _nulls(text: str) -> str:
-    return text.replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null")
-
-
 def _json_numbers(values: np.ndarray) -> list[str]:
-    """JSON text per value: the float, or null where it is NaN or infinite (one C-level json.dumps)."""
-    flat = np.asarray(values, dtype=np.float64).reshape(-1).tolist()
-    return _nulls(json.dumps(flat, separators=(",", ":")))[1:-1].split(",") if flat else []
+    """JSON text per value: the shortest text that reads back as the same float, null where it is NaN or infinite."""
+    flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+    return orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",") if flat.size else []
 
 
 def _json_rows(matrix: np.ndarray) -> list[str]:
     """JSON array text per row of a 2-D array, non-finite values as null."""
-    rows = np.asarray(matrix, dtype=np.float64).tolist()
-    if not rows or not rows[0]:
-        return ["[]"] * len(rows)
-    return ["[" + row + "]" for row in _nulls(json.dumps(rows, separators=(",", ":")))[2:-2].split("],[")]
+    rows = np.ascontiguousarray(matrix, dtype=np.float64)
+    if not rows.shape[0] or not rows.shape[1]:
+        return ["[]"] * rows.shape[0]
+    return ["[" + row + "]" for row in orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY)[2:-2].decode().split("],[")]
 
 
 def _rules_json(code: int) -> tuple[str, str, str]:
@@ -175,7 +172,7 @@ class ControlLoop:
             self._fail(errors, "redis_read", f"{type(exc).__name__}: {exc}")
             return TickReport(self._count, started, time.perf_counter() - t0, "failed", mode, fence=fence, errors=errors)
         mode = world.mode or mode
-        in_force = rates_in_force(world, self.tiers, self.static)
+        in_force = rates_in_force(world, self.tiers, self.static, self.store.last_written)
         for tier, problem in list(in_force.problems.items())[:MAX_TIER_LOG_LINES]:
             log.info("event=rate_entry_ignored tier=%s reason=%r action=rewrite", tier, problem)
         caps, override_problems = self.override_caps.caps(world.overrides, self.tiers, world.server_now_s)

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 TICK_RESULTS = ("written", "shadow", "follower", "fenced", "failed")
 ERROR_STAGES = ("redis_read", "prometheus", "policy", "safety", "redis_write", "overrides", "lease", "model_load", "tick")
+
+
+class RateGauge(Collector):
+    """`ratepilot_controller_rate{tier}` from the last tick's rate array, turned into samples when scraped.
+
+    A Gauge child per tier cost ~10 ms of every 10,000-tier tick; here a tick only swaps two references.
+    """
+
+    NAME, HELP = "ratepilot_controller_rate", "Rate decided for the tier, tokens/s"
+
+    def __init__(self) -> None:
+        self._latest: tuple[tuple[str, ...], np.ndarray] = ((), np.empty(0))
+
+    def set(self, tiers: Sequence[str], rates: np.ndarray) -> None:
+        """Publish the decided rate per tier (replaces the previous tick's)."""
+        self._latest = (tuple(tiers), np.array(rates, dtype=np.float64, copy=True))
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """The family without samples (registering does not collect)."""
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["tier"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One sample per tier of the last tick."""
+        tiers, rates = self._latest
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["tier"])
+        for tier, rate in zip(tiers, rates.tolist(), strict=True):
+            family.add_metric([tier], rate)
+        yield family
 
 
 class ControllerMetrics:
@@ -24,7 +54,8 @@ class ControllerMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
-        self.rate = Gauge("ratepilot_controller_rate", "Rate decided for the tier, tokens/s", ["tier"], registry=r)
+        self.rate = RateGauge()
+        r.register(self.rate)
         self.rule_firings = Counter(
             "ratepilot_controller_rule_firings", "Safety rules that fired, by tier", ["tier", "rule"], registry=r
         )
@@ -33,7 +64,6 @@ class ControllerMetrics:
         self.last_tick = Gauge(
             "ratepilot_controller_last_tick_timestamp_seconds", "Unix time of the last completed leader tick", registry=r
         )
-        self._rate_children: dict[str, Gauge] = {}
         for result in TICK_RESULTS:
             self.ticks.labels(result)
         for stage in ERROR_STAGES:
@@ -41,11 +71,7 @@ class ControllerMetrics:
 
     def record_rates(self, tiers: Sequence[str], rates: np.ndarray) -> None:
         """Publish the decided rate per tier."""
-        for tier, rate in zip(tiers, rates.tolist(), strict=True):
-            child = self._rate_children.get(tier)
-            if child is None:
-                child = self._rate_children[tier] = self.rate.labels(tier)
-            child.set(rate)
+        self.rate.set(tiers, rates)
 
     def record_rules(self, tiers: Sequence[str], fired: dict[str, np.ndarray]) -> None:
         """Count each fired rule per tier."""

@@ -63,21 +63,70 @@ def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-def rates_in_force(world: World, tiers: Sequence[str], static: np.ndarray) -> InForce:
-    """Per tier: the table's rate when valid and unexpired (server clock), else the static rate."""
+@dataclass(frozen=True)
+class Written:
+    """What this replica's last write stored: each tier's entry text exactly as write_rates.lua formats it, and its values."""
+
+    tiers: tuple[str, ...]
+    entries: list[bytes]
+    rates: np.ndarray
+    version: int
+    expires_at: float  # the value of the expires_at text, as a reader parses it
+    usable: np.ndarray  # per tier: the entry passes the limiter's checks (finite, positive, sane)
+
+
+def written_entries(
+    tiers: Sequence[str], rate_texts: Sequence[str], burst_texts: Sequence[str], sources: Sequence[str],
+    version: int, server_now_us: int, ttl_text: str,
+) -> Written:
+    """The entries write_rates.lua stored for a write stamped `server_now_us` (same text: Lua's %.6f, %.14g)."""
+    written_at = "%.6f" % (server_now_us / 1e6)
+    expires_at = "%.6f" % (server_now_us / 1e6 + float(ttl_text))
+    tail = f',"version":{version},"source":"'
+    end = f'","written_at":{written_at},"expires_at":{expires_at}}}'
+    entries = [f'{{"rate":{r},"burst":{b}{tail}{s}{end}'.encode()
+               for r, b, s in zip(rate_texts, burst_texts, sources, strict=True)]  # fmt: skip
+    rates = np.array(rate_texts, dtype=np.float64)
+    bursts = np.array(burst_texts, dtype=np.float64)
+    stamps_ok = 0 < float(written_at) <= 1e11 and 0 < float(expires_at) <= 1e11
+    with np.errstate(invalid="ignore"):
+        usable = (rates > 0) & (rates <= MAX_SANE_RATE) & (bursts > 0) & (bursts <= MAX_SANE_RATE) & stamps_ok
+    return Written(tuple(tiers), entries, rates, version, float(expires_at), usable)
+
+
+def rates_in_force(world: World, tiers: Sequence[str], static: np.ndarray, written: Written | None = None) -> InForce:
+    """Per tier: the table's rate when valid and unexpired (server clock), else the static rate.
+
+    An entry byte-for-byte equal to what `written` (this replica's last write) stored is read from
+    `written`'s values; any other entry (another writer, a hand edit, garbage) is parsed.
+    """
     rates = np.array(static, dtype=np.float64, copy=True)
     versions: list[int | None] = [None] * len(tiers)
     problems: dict[str, str] = {}
-    present = [(i, raw) for i, tier in enumerate(tiers) if (raw := world.rates.get(tier)) is not None]
-    matches = [_WRITTEN.fullmatch(_bytes(raw)) for _, raw in present]
+    raws = [world.rates.get(tier) for tier in tiers]
+    if written is not None and len(written.tiers) == len(tiers) and written.tiers == tuple(tiers):
+        same = np.fromiter((_bytes(raw) == entry if raw is not None else False
+                            for raw, entry in zip(raws, written.entries, strict=True)), dtype=bool, count=len(tiers))  # fmt: skip
+        known = same & written.usable
+        if world.server_now_s >= written.expires_at:
+            for i in np.flatnonzero(known).tolist():
+                problems[tiers[i]] = "entry expired"
+        else:
+            rates[known] = written.rates[known]
+            for i in np.flatnonzero(known).tolist():
+                versions[i] = written.version
+        present = [(i, raws[i]) for i in np.flatnonzero(~known).tolist() if raws[i] is not None]
+    else:
+        present = [(i, raw) for i, raw in enumerate(raws) if raw is not None]
+    matches = [_WRITTEN.fullmatch(_bytes(raw)) for _, raw in present]  # type: ignore[arg-type]
     fast = [(i, m.groups()) for (i, _), m in zip(present, matches, strict=True) if m is not None]
     slow = [(i, raw) for (i, raw), m in zip(present, matches, strict=True) if m is None]
     if fast:
         index = np.array([i for i, _ in fast], dtype=np.int64)
-        rate, burst, _, written, expires = np.array([[float(x) for x in g] for _, g in fast]).T
+        rate, burst, _, written_at, expires = np.array([[float(x) for x in g] for _, g in fast]).T
         with np.errstate(invalid="ignore"):
             valid = ((rate > 0) & (rate <= MAX_SANE_RATE) & (burst > 0) & (burst <= MAX_SANE_RATE)
-                     & (written > 0) & (written <= 1e11) & (expires > 0) & (expires <= 1e11))  # fmt: skip
+                     & (written_at > 0) & (written_at <= 1e11) & (expires > 0) & (expires <= 1e11))  # fmt: skip
         expired = valid & (world.server_now_s >= expires)
         used = valid & ~expired
         rates[index[used]] = rate[used]
@@ -85,11 +134,11 @@ def rates_in_force(world: World, tiers: Sequence[str], static: np.ndarray) -> In
             versions[fast[k][0]] = int(fast[k][1][2])
         for k in np.flatnonzero(expired).tolist():
             problems[tiers[fast[k][0]]] = "entry expired"
-        slow += [(fast[k][0], world.rates[tiers[fast[k][0]]]) for k in np.flatnonzero(~valid).tolist()]
+        slow += [(fast[k][0], raws[fast[k][0]]) for k in np.flatnonzero(~valid).tolist()]
     for i, raw in sorted(slow):
         tier = tiers[i]
         try:
-            entry = parse_entry(raw)
+            entry = parse_entry(raw)  # type: ignore[arg-type]
         except (RateEntryError, OverflowError) as exc:  # OverflowError: an integer too large for a float
             problems[tier] = f"unusable entry: {exc}"
             continue
@@ -108,6 +157,7 @@ class RateStore:
         self.ttl_s = ttl_s
         self.decisions_maxlen = decisions_maxlen
         self._write = client.register_script(lua("write_rates.lua"))
+        self.last_written: Written | None = None  # read back by the next tick without parsing (rates_in_force)
 
     def read_world(self) -> World:
         """Rate table, overrides, mode and server time in one round trip."""
@@ -137,14 +187,17 @@ class RateStore:
         write_rates: bool,
     ) -> tuple[int, float]:
         """Write rates (unless shadow) and decisions; returns (version, server time s). FencedError if refused."""
-        args: list[str | int | float] = [replica_id, fence, repr(float(self.ttl_s)), "1" if write_rates else "0"]
-        args += [self.decisions_maxlen, len(tiers)]
-        for tier, rate, burst, source, decision in zip(tiers, rates.tolist(), bursts.tolist(), sources, decisions, strict=True):
-            args += [tier, repr(rate), repr(burst), source, decision]
+        ttl = repr(float(self.ttl_s))
+        rate_texts, burst_texts = list(map(repr, rates.tolist())), list(map(repr, bursts.tolist()))
+        args: list[str | int | float] = [replica_id, fence, ttl, "1" if write_rates else "0", self.decisions_maxlen, len(tiers)]
+        for row in zip(tiers, rate_texts, burst_texts, sources, decisions, strict=True):
+            args += row
         keys = [RATES_KEY, VERSION_KEY, LEADER_KEY, FENCE_KEY, DECISIONS_KEY]
         version, stamp = self._write(keys=keys, args=args)
         if int(version) < 0:
             raise FencedError(_text(stamp))
+        if write_rates:
+            self.last_written = written_entries(tiers, rate_texts, burst_texts, sources, int(version), int(stamp), ttl)
         return int(version), int(stamp) / 1e6
 
     def set_mode(self, mode: str) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.rate_store import World, rates_in_force
+from controller.rate_store import World, rates_in_force, written_entries
 from limiter.rate_table import RateEntryError, parse_entry
 
 NOW = 1_700_000_000.0
@@ -76,3 +76,26 @@ def test_the_form_write_rates_lua_stores_is_read_fast_and_right() -> None:
     later = World(world.rates, {}, None, 1_700_000_030.000001)
     assert rates_in_force(later, ["free"], np.array([1.0])).problems == {"free": "entry expired"}
     assert not math.isnan(got.rates.sum())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=-1, max_value=2e7),
+                       st.one_of(entries, st.none(), st.just("written"))), min_size=1, max_size=12),  # fmt: skip
+    st.integers(min_value=0, max_value=2 * 10**15),
+    st.floats(min_value=0, max_value=2e9),
+)
+def test_entries_known_from_our_last_write_read_like_parsed_ones(
+    cells: list[tuple[float, float, str | None]], stamp_us: int, now: float
+) -> None:
+    tiers = [f"t{i}" for i in range(len(cells))]
+    written = written_entries(tiers, [repr(r) for r, _, _ in cells], [repr(b) for _, b, _ in cells],
+                              ["controller"] * len(cells), 7, stamp_us, "30.0")  # fmt: skip
+    raws = {t: (entry if raw == "written" else raw.encode())
+            for t, entry, (_, _, raw) in zip(tiers, written.entries, cells, strict=True) if raw is not None}  # fmt: skip
+    world = World(raws, {}, None, now)
+    static = np.arange(1.0, len(tiers) + 1.0)
+    got = rates_in_force(world, tiers, static, written)
+    rates, versions, problems = reference(world, tiers, static)
+    assert got.rates.tolist() == rates and got.versions == versions and got.problems == problems
+    assert list(got.problems) == [t for t in tiers if t in problems]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -62,6 +63,23 @@ def test_many_tiers_in_one_script_and_shadow_writes_only_decisions(redis_client:
     assert write(store, lease, tiers, [1.0] * 1234, shadow=True) == 0
     assert redis_client.hgetall(RATES_KEY) == before
     assert redis_client.xlen(DECISIONS_KEY) >= 2 * 1234 - 200  # MAXLEN ~ trims in whole nodes
+
+
+def test_the_store_knows_the_exact_bytes_lua_stored_and_the_next_reading_uses_them(redis_client: redis.Redis) -> None:
+    lease = LeaderLease(redis_client, "a", LeaseSettings(enabled=False))
+    store = RateStore(redis_client, ttl_s=7.25, decisions_maxlen=100)
+    tiers = ["a", "b", "c", "d", "e", "f"]
+    rates = np.array([1e-05, 1e16, 0.1 + 0.2, 123456789.125, 5e-324, 1e22])  # repr/Lua number edge cases
+    store.write(lease.replica_id, "", tiers, rates, rates * 3, ["controller", "override", "static", "fallback", "controller",
+                "controller"], ["{}"] * 6, True)  # fmt: skip
+    written = store.last_written
+    assert written is not None and written.entries == [redis_client.hget(RATES_KEY, t) for t in tiers]
+    world = store.read_world()
+    known, parsed = rates_in_force(world, tiers, np.ones(6), written), rates_in_force(world, tiers, np.ones(6))
+    assert known.rates.tolist() == parsed.rates.tolist() and known.versions == parsed.versions
+    assert known.problems == parsed.problems and list(known.problems) == ["b", "d", "f"]  # beyond MAX_SANE_RATE
+    assert store.write(lease.replica_id, "", tiers, rates, rates, ["controller"] * 6, ["{}"] * 6, False) == (0, ANY)
+    assert store.last_written is written  # a shadow write stores no rates
 
 
 def test_stale_fencing_token_is_refused_inside_redis(redis_client: redis.Redis) -> None:
