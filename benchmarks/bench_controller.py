@@ -8,12 +8,24 @@ every tier and appends every decision. Besides the whole tick it times the Prome
 Redis write on their own. Two variants per size: the raw PromQL (no rules loaded: the fallback path)
 and the default queries reading the deploy's `ratepilot.controller` recording rules, with
 Prometheus's own CPU use and rule-evaluation time recorded beside the tick figures. Target: 10,000 tiers under 1 s per tick, growth no worse than linear.
+
+Ticks are paced as the service runs them: one per `loop.tick_interval_s` (5 s) on average, each
+started at a random phase (spacing uniform in 0.5-1.5 intervals) so that the ticks sample every
+point of Prometheus's 5 s scrape and rule-evaluation cycle instead of locking onto one.
+`--back-to-back` runs them without pause (the measurement of earlier results): the controller then
+uses a core continuously and competes with the Prometheus it reads, which a real loop does not do.
+
+Everything runs on this machine. The synthetic exporter stands in for edge replicas that in
+production run elsewhere; it serves pre-built series text with the values formatted in (see
+controller/exporter.py), so its own CPU per scrape is small. Prometheus, the recording rules and
+Redis do their real work here and share the cores with the controller.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -44,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiers", type=int, nargs="+", default=[1, 100, 10_000], help="tier counts to measure")
     parser.add_argument("--ticks", type=int, default=20, help="measured ticks per size (after 2 warm-up ticks)")
     parser.add_argument("--raw-only", action="store_true", help="skip the recording-rules variant")
+    parser.add_argument("--back-to-back", action="store_true", help="tick without pause instead of once per tick interval")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -106,7 +119,13 @@ def _prometheus_self(url: str) -> dict[str, float]:
     return out
 
 
-def measure(n: int, ticks: int, workdir: Path, redis: RedisServer, recorded: bool) -> dict[str, float]:
+def _pause(interval_s: float, elapsed_s: float, rng: random.Random) -> None:
+    """Sleep so that tick starts are on average `interval_s` apart, at a random phase (0: no pause)."""
+    if interval_s > 0:
+        time.sleep(max(0.0, rng.uniform(0.5, 1.5) * interval_s - elapsed_s))
+
+
+def measure(n: int, ticks: int, workdir: Path, redis: RedisServer, recorded: bool, back_to_back: bool = False) -> dict[str, float]:
     """Tick, Prometheus-read and Redis-write latencies for n tiers (raw PromQL or recording rules)."""
     tiers = [f"t{i:05d}" for i in range(n)]
     port = free_port()
@@ -129,6 +148,7 @@ def measure(n: int, ticks: int, workdir: Path, redis: RedisServer, recorded: boo
         if not controller.lease.try_acquire_or_renew():
             raise RuntimeError("the benchmark replica could not take the lease")
         tick_ms, read_ms, write_ms = [], [], []
+        interval_s, rng = (0.0 if back_to_back else settings.loop.tick_interval_s), random.Random(n)
         before, started_at = _prometheus_self(prometheus.url), time.monotonic()
         for i in range(ticks + 2):
             controller.lease.try_acquire_or_renew()
@@ -139,6 +159,7 @@ def measure(n: int, ticks: int, workdir: Path, redis: RedisServer, recorded: boo
                 raise RuntimeError(f"tick {i} with {n} tiers: {report.result} {report.errors}")
             if i >= 2:
                 tick_ms.append(elapsed)
+            _pause(interval_s, elapsed / 1000, rng)
         after = _prometheus_self(prometheus.url)
         prometheus_cores = (after["cpu_s"] - before["cpu_s"]) / (time.monotonic() - started_at)
         in_force = controller.settings.tier_array("static_rate")
@@ -154,6 +175,7 @@ def measure(n: int, ticks: int, workdir: Path, redis: RedisServer, recorded: boo
             started = time.perf_counter()
             controller.store.write("bench", controller.lease.token(), tiers, in_force, bursts, ["controller"] * n, decisions, True)
             write_ms.append((time.perf_counter() - started) * 1000)
+            _pause(interval_s, (read_ms[-1] + write_ms[-1]) / 1000, rng)
         controller.stop()
     finally:
         prometheus.stop()
@@ -213,11 +235,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for recorded in variants:
                 for n in sorted(args.tiers):
                     progress.update(task, description=f"{n} tiers, {'recording rules' if recorded else 'raw PromQL'}")
-                    (recorded_sizes if recorded else sizes)[str(n)] = measure(n, args.ticks, workdir, redis, recorded)
+                    (recorded_sizes if recorded else sizes)[str(n)] = measure(n, args.ticks, workdir, redis, recorded,
+                                                                              getattr(args, "back_to_back", False))  # fmt: skip
                     progress.advance(task)
     finally:
         redis.stop()
-    result: dict[str, Any] = {"sizes": sizes, "scrape_interval_s": SCRAPE_S, "ticks_per_size": args.ticks}
+    pacing = "back-to-back" if getattr(args, "back_to_back", False) else "one per tick interval (5 s), random phase"
+    result: dict[str, Any] = {"sizes": sizes, "scrape_interval_s": SCRAPE_S, "ticks_per_size": args.ticks, "tick_pacing": pacing}
     if recorded_sizes:
         result["recording_rules"] = {"sizes": recorded_sizes}
         for n, figures in recorded_sizes.items():
