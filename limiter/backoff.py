@@ -31,28 +31,28 @@ class Backoff:
         self.jitter = jitter
         self._clock = clock
         self._window_s = 0.0
-        self._blocked_until = 0.0
+        self.blocked_until = 0.0  # clock time the window ends; 0.0 when none is open (cheap to test first)
         self.failures = 0  # consecutive failures
 
     def blocked(self) -> bool:
         """True while the back-off window after the last failure is still open."""
-        return self._blocked_until > 0.0 and self._clock() < self._blocked_until
+        return self.blocked_until > 0.0 and self._clock() < self.blocked_until
 
     def failure(self) -> None:
         """Record a failure: open (or widen) the window."""
         self.failures += 1
         self._window_s = self.initial_s if self._window_s == 0.0 else min(self.max_s, self._window_s * self.factor)
         spread = 1.0 + random.uniform(-self.jitter, self.jitter)
-        self._blocked_until = self._clock() + self._window_s * spread
+        self.blocked_until = self._clock() + self._window_s * spread
 
     def success(self) -> None:
         """Record a success: close the window and start small again next time."""
-        if self._blocked_until or self.failures:
+        if self.blocked_until or self.failures:
             self.failures = 0
             self._window_s = 0.0
-            self._blocked_until = 0.0
+            self.blocked_until = 0.0
 
     @property
     def remaining_s(self) -> float:
         """Seconds left in the current window (0 when not blocked)."""
-        return max(0.0, self._blocked_until - self._clock()) if self._blocked_until else 0.0
+        return max(0.0, self.blocked_until - self._clock()) if self.blocked_until else 0.0

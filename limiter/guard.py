@@ -13,30 +13,43 @@ Redis bucket's back-off decides when to probe).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from math import ceil
 from typing import Any, Protocol
 
-from limiter.bucket import BucketError, BucketSpec, Decision
+from limiter.bucket import MICRO, BucketError, BucketSpec, Decision
 from limiter.config import LimiterConfig
 from limiter.costs import CostTable
 from limiter.metrics import LimiterMetrics
 from limiter.rate_reader import TierRates, static_rates
+from limiter.redis_bucket import (
+    CheckTemplate,
+    EncodedCheck,
+    RawOutcome,
+    check_template,
+    decisions_from_tokens,
+    keys_resp,
+)
 
 log = logging.getLogger("ratepilot.guard")
+_new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
 
 MAX_CLIENT_ID = 128  # longer API keys are hashed into the bucket key
 TIER_CACHE_LIMIT = 65536  # remembered client -> tier lookups
+TEMPLATE_CACHE_LIMIT = 256  # distinct request costs remembered per tier
 FAIL_CLOSED_RETRY_S = 1.0
 
 
 class AsyncBucket(Protocol):
-    """What the guard needs of the Redis bucket."""
+    """What the guard needs of the Redis bucket (limiter.redis_bucket.RedisBucket)."""
 
-    async def check(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> tuple[bool, list[Decision]]:
-        """Atomic all-or-nothing check-and-consume."""
+    def submit(self, check: EncodedCheck) -> asyncio.Future[RawOutcome]:
+        """Queue an atomic all-or-nothing check-and-consume; the future gets the script's answer."""
         ...
 
 
@@ -72,7 +85,7 @@ class TierRuntime:
 
     __slots__ = (
         "name", "failure_policy", "rates", "specs", "local_specs", "tier_key", "client_prefix",
-        "policy_header", "counters", "last_remaining", "last_time",
+        "policy_header", "counters", "last_remaining", "last_time", "templates",
     )  # fmt: skip
 
     def __init__(self, name: str, failure_policy: str, rates: TierRates, local_fraction: float, metrics: LimiterMetrics):
@@ -91,6 +104,17 @@ class TierRuntime:
         self.specs = [BucketSpec(rates.client_rate, rates.client_burst), BucketSpec(rates.rate, rates.burst)]
         self.local_specs = [BucketSpec(s.rate * local_fraction, s.capacity * local_fraction) for s in self.specs]
         self.policy_header = policy_header(rates)
+        self.templates: dict[float, CheckTemplate] = {}  # cost -> its encoded check (for these specs)
+
+    def template(self, cost: float) -> CheckTemplate:
+        """The encoded check of `cost` on this tier's buckets; raises BucketError if no bucket can hold it."""
+        template = self.templates.get(cost)
+        if template is None:
+            template = check_template(self.specs, cost)
+            if len(self.templates) >= TEMPLATE_CACHE_LIMIT:
+                self.templates.clear()
+            self.templates[cost] = template
+        return template
 
     def remaining_now(self) -> float:
         """Tier-bucket tokens: the last decision's remainder refilled to now (scrape time)."""
@@ -103,9 +127,13 @@ class TierRuntime:
 
 
 class Verdict:
-    """The decision for one request and what the response should say about it."""
+    """The decision for one request and what the response should say about it.
 
-    __slots__ = ("allowed", "tier", "client", "cost", "source", "decisions", "policy_header", "limited_by")
+    A Redis decision keeps the script's integer answer and builds the `Decision`s only when asked
+    (most responses need just the RateLimit field, which is formatted from the integers).
+    """
+
+    __slots__ = ("allowed", "tier", "client", "cost", "source", "_decisions", "policy_header", "limited_by", "_tokens", "_buckets")
 
     def __init__(
         self,
@@ -114,17 +142,29 @@ class Verdict:
         client: str,
         cost: float,
         source: str,
-        decisions: list[Decision],
+        decisions: list[Decision] | None,
         limited_by: str | None,
+        tokens: list[int] | None = None,
+        buckets: list[Any] | None = None,
     ):
         self.allowed = allowed
         self.tier = tier
         self.client = client
         self.cost = cost
         self.source = source
-        self.decisions = decisions  # [client bucket, tier bucket]
+        self._decisions = decisions  # [client bucket, tier bucket]; None: built from tokens on first use
+        self._tokens = tokens  # µt per bucket after the decision (Redis decisions)
+        self._buckets = buckets  # their encoded bucket arguments
         self.policy_header = tier.policy_header
         self.limited_by = limited_by  # None, "client", "tier", "redis_unavailable" or "cost"
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """[client bucket, tier bucket] decisions."""
+        decisions = self._decisions
+        if decisions is None:
+            decisions = self._decisions = decisions_from_tokens(self.allowed, self._tokens, self._buckets)  # type: ignore[arg-type]
+        return decisions
 
     @property
     def retry_after_s(self) -> float:
@@ -136,9 +176,34 @@ class Verdict:
         """Tokens the caller may still spend now: the smaller of its client and tier buckets."""
         return min(d.remaining for d in self.decisions)
 
+    def ratelimit_field(self) -> bytes:
+        """The IETF `RateLimit` field: whole tokens left and whole seconds until full, per bucket."""
+        tokens = self._tokens
+        if tokens is not None and self._decisions is None:
+            # from the integers: ceil(Decision.reset_after_s) = whole seconds up of limiter.bucket.wait_us
+            client_ut, tier_ut = tokens
+            client_b, tier_b = self._buckets  # type: ignore[misc]
+            client_missing = client_b.capacity_ut - client_ut
+            tier_missing = tier_b.capacity_ut - tier_ut
+            return RATELIMIT_FORMAT % (
+                client_ut // MICRO,
+                -(-ceil(client_missing / client_b.rate) // MICRO) if client_missing > 0 else 0,
+                tier_ut // MICRO,
+                -(-ceil(tier_missing / tier_b.rate) // MICRO) if tier_missing > 0 else 0,
+            )
+        client_d, tier_d = self.decisions
+        # %d truncates toward zero as int() does
+        return RATELIMIT_FORMAT % (client_d.remaining, ceil(client_d.reset_after_s), tier_d.remaining, ceil(tier_d.reset_after_s))
+
+
+RATELIMIT_FORMAT = b'"client";r=%d;t=%d, "tier";r=%d;t=%d'
+
 
 class Guard:
-    """Decides requests: `await guard.decide(client_id, method, path, content_length) -> Verdict`."""
+    """Decides requests: `await guard.decide(client_id, method, path, content_length) -> Verdict`.
+
+    `guard.config` is the config in force (replaced as a whole by `apply_config`).
+    """
 
     def __init__(
         self,
@@ -153,14 +218,11 @@ class Guard:
         self._metrics = metrics
         self._clock = clock
         self._observe = metrics.check_latency.observe
+        self._latency = metrics.check_latency
         self._tiers: dict[str, TierRuntime] = {}
         self._tier_cache: dict[str, TierRuntime] = {}
+        self._routes: dict[str, tuple[TierRuntime, list[str], bytes]] = {}
         self.apply_config(config)
-
-    @property
-    def config(self) -> LimiterConfig:
-        """The config in force."""
-        return self._config
 
     @property
     def tiers(self) -> dict[str, TierRuntime]:
@@ -186,7 +248,7 @@ class Guard:
                 self._metrics.set_rate(name, rates.rate, rates.source, rates.age_s)
         for name in set(self._tiers) - set(tiers):
             self._metrics.forget_tier(name)
-        self._config = config
+        self.config = config
         self._costs = CostTable(config.costs)
         self._clients = dict(config.clients)
         self._prefixes = sorted(
@@ -197,10 +259,11 @@ class Guard:
         self._anonymous = tiers[config.anonymous_tier or config.default_tier]
         self._tiers = tiers
         self._tier_cache = {}
+        self._routes = {}
 
     def apply_rates(self, rates: dict[str, TierRates]) -> None:
         """Switch tiers to the rates the rate reader resolved (unknown tiers are ignored)."""
-        fraction = self._config.local_guard.fraction
+        fraction = self.config.local_guard.fraction
         for name, tier_rates in rates.items():
             runtime = self._tiers.get(name)
             if runtime is not None and tier_rates != runtime.rates:
@@ -226,31 +289,60 @@ class Guard:
         """Tokens a request costs."""
         return self._costs.cost(method, path, content_length)
 
+    def _route(self, client: str) -> tuple[TierRuntime, list[str], bytes]:
+        """A client's tier, bucket keys and their RESP bytes (cached per client)."""
+        route = self._routes.get(client)
+        if route is None:
+            tier = self.tier_for(client)
+            bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
+            keys = [tier.client_prefix + bucket_client, tier.tier_key]
+            route = (tier, keys, keys_resp(keys))
+            if len(self._routes) >= TIER_CACHE_LIMIT:
+                self._routes.clear()
+            self._routes[client] = route
+        return route
+
     async def decide(self, client: str, method: str, path: str, content_length: int = 0) -> Verdict:
         """Check and consume the request's cost from its client and tier buckets; never raises on Redis."""
         started = self._clock()
-        tier = self.tier_for(client)
+        tier, keys, resp = self._routes.get(client) or self._route(client)
         cost = self._costs.cost(method, path, content_length)
-        bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
-        keys = [tier.client_prefix + bucket_client, tier.tier_key]
-        source = "redis"
         try:
-            if self.redis_bucket is None:
+            template = tier.templates.get(cost) or tier.template(cost)
+            bucket = self.redis_bucket
+            if bucket is None:
                 raise ConnectionError("no Redis bucket configured")
-            allowed, decisions = await self.redis_bucket.check(keys, tier.specs, cost)
+            allowed, tokens, _ = await bucket.submit(_new_tuple(EncodedCheck, (keys, *template, resp)))
         except BucketError as exc:
             return self._refuse_cost(tier, client, cost, exc, started)
         except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
-            self._metrics.redis_errors.labels(type(exc).__name__).inc()
-            if tier.failure_policy == "fail_closed":
-                source = "fail_closed"
-                allowed, decisions = False, self._closed_decisions(tier)
-            else:
-                source = "local"
-                try:
-                    allowed, decisions = self._local.check(keys, tier.local_specs, cost)
-                except BucketError as local_exc:
-                    return self._refuse_cost(tier, client, cost, local_exc, started)
+            return self._fall_back(tier, client, keys, cost, exc, started)
+        tier.last_remaining = tokens[1] / MICRO
+        tier.last_time = time.monotonic()
+        verdict = Verdict(allowed, tier, client, cost, "redis", None, None, tokens, template[1])
+        if not allowed:
+            client_d, tier_d = verdict.decisions
+            verdict.limited_by = "client" if client_d.retry_after_s >= tier_d.retry_after_s else "tier"
+        tier.counters.decisions["allowed" if allowed else "throttled", "redis"] += 1
+        tier.counters.tokens["allowed" if allowed else "throttled"] += cost
+        elapsed = self._clock() - started
+        latency = self._latency  # LatencyHistogram.observe, inlined (hot path)
+        latency.counts[bisect_left(latency.bounds, elapsed)] += 1
+        latency.total += elapsed
+        return verdict
+
+    def _fall_back(self, tier: TierRuntime, client: str, keys: list[str], cost: float, exc: Exception, started: float) -> Verdict:
+        """Redis could not decide: fail_closed refuses, fail_open asks the local guard bucket."""
+        self._metrics.redis_errors.labels(type(exc).__name__).inc()
+        if tier.failure_policy == "fail_closed":
+            source = "fail_closed"
+            allowed, decisions = False, self._closed_decisions(tier)
+        else:
+            source = "local"
+            try:
+                allowed, decisions = self._local.check(keys, tier.local_specs, cost)
+            except BucketError as local_exc:
+                return self._refuse_cost(tier, client, cost, local_exc, started)
         limited_by = None
         if not allowed:
             if source == "fail_closed":

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import uuid
-from math import ceil
 from typing import Any
 
 from limiter.guard import Guard, Verdict
@@ -37,14 +36,7 @@ def tenant_fingerprint(client: str) -> str:
 
 def ratelimit_value(verdict: Verdict) -> bytes:
     """The `RateLimit` field for a verdict."""
-    client_d, tier_d = verdict.decisions
-    # bytes %-formatting: %d truncates toward zero as int() does, and no str is built and encoded
-    return b'"client";r=%d;t=%d, "tier";r=%d;t=%d' % (
-        client_d.remaining,
-        ceil(client_d.reset_after_s),
-        tier_d.remaining,
-        ceil(tier_d.reset_after_s),
-    )
+    return verdict.ratelimit_field()
 
 
 def retry_after_value(verdict: Verdict) -> bytes:
@@ -102,12 +94,15 @@ class RateLimitMiddleware:
         if not verdict.allowed:
             await self._refuse(scope, verdict, send)
             return
-        extra = [(b"ratelimit-policy", verdict.policy_header), (b"ratelimit", ratelimit_value(verdict))]
-
-        async def send_with_headers(message: dict[str, Any]) -> None:
+        def send_with_headers(message: dict[str, Any]) -> Any:
+            # returns the inner send's awaitable: no coroutine of its own per message
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"ratelimit-policy", verdict.policy_header),
+                    (b"ratelimit", verdict.ratelimit_field()),
+                ]
+            return send(message)
 
         await self.app(scope, receive, send_with_headers)
 

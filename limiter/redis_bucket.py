@@ -60,6 +60,8 @@ __all__ = [
     "encode_check",
     "result_decisions",
     "SyncRedisBucket",
+    "check_template",
+    "keys_resp",
     "make_async_client",
     "make_sync_client",
 ]
@@ -106,7 +108,12 @@ class EncodedCheck(NamedTuple):
     keys: Sequence[str]
     argv: list[bytes]  # key count, then rate, capacity µt, cost µt per key
     buckets: list[_BucketArgs]
-    argv_resp: bytes = b""  # RESP bytes of argv (the same for every check of these specs and cost)
+    argv_resp: bytes  # RESP bytes of argv (the same for every check of these specs and cost)
+    keys_resp: bytes  # RESP bytes of the keys
+
+
+# The key-independent part of an EncodedCheck: argv, buckets, argv_resp (see check_template).
+CheckTemplate = tuple[list[bytes], list[_BucketArgs], bytes]
 
 
 # What a check's reply decodes to before Decisions are built: (allowed, tokens µt per key, server µs).
@@ -143,11 +150,9 @@ def _bucket_args(spec: BucketSpec, cost: float) -> _BucketArgs:
     return cached
 
 
-def encode_check(keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> EncodedCheck:
-    """One validated check; raises BucketError on bad input (nothing is sent)."""
-    count = len(keys)
-    if not count or count != len(specs):
-        raise BucketError(f"a check needs one spec per key and at least one key, got {count} keys, {len(specs)} specs")
+def check_template(specs: Sequence[BucketSpec], cost: float) -> CheckTemplate:
+    """The key-independent encoding of a check of `cost` on buckets `specs`; raises BucketError (cached)."""
+    count = len(specs)
     if count == 2:  # client + tier bucket, the edge's case: a flat tuple key hashes fastest
         first, second = specs
         cache_key: tuple[Any, ...] = (cost, first.rate, first.capacity, second.rate, second.capacity)
@@ -162,7 +167,20 @@ def encode_check(keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) 
         if len(_encoded_cache) >= _ARGS_CACHE_LIMIT:
             _encoded_cache.clear()
         cached = _encoded_cache[cache_key] = (argv, buckets, _resp(argv))
-    return _new_tuple(EncodedCheck, (keys, *cached))  # type: ignore[no-any-return]
+    return cached
+
+
+def keys_resp(keys: Sequence[str]) -> bytes:
+    """RESP bytes of a check's keys (callers on the request path cache them per client)."""
+    return _resp([key.encode() for key in keys])
+
+
+def encode_check(keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> EncodedCheck:
+    """One validated check; raises BucketError on bad input (nothing is sent)."""
+    count = len(keys)
+    if not count or count != len(specs):
+        raise BucketError(f"a check needs one spec per key and at least one key, got {count} keys, {len(specs)} specs")
+    return _new_tuple(EncodedCheck, (keys, *check_template(specs, cost), keys_resp(keys)))  # type: ignore[no-any-return]
 
 
 def batch_command(checks: Sequence[EncodedCheck]) -> list[Any]:
@@ -175,11 +193,14 @@ def batch_command(checks: Sequence[EncodedCheck]) -> list[Any]:
 
 
 def pack_batch(checks: Sequence[EncodedCheck]) -> bytes:
-    """RESP bytes of `batch_command(checks)`, built from each check's cached ARGV bytes."""
-    keys = [key.encode() for check in checks for key in check.keys]
+    """RESP bytes of `batch_command(checks)`, joined from each check's cached key and ARGV bytes."""
+    key_count = sum(len(check.keys) for check in checks)
     arg_count = sum(len(check.argv) for check in checks)
-    head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + arg_count, _SHA_BYTES)
-    return b"".join((head, _resp((b"%d" % len(keys),)), _resp(keys), *[check.argv_resp for check in checks]))
+    head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + key_count + arg_count, _SHA_BYTES)
+    count = b"%d" % key_count
+    return b"".join(
+        (head, b"$%d\r\n%s\r\n" % (len(count), count), *[check.keys_resp for check in checks], *[check.argv_resp for check in checks])
+    )
 
 
 def split_reply(reply: Any, checks: Sequence[EncodedCheck]) -> list[RawOutcome | RedisUnavailable]:
@@ -587,17 +608,22 @@ class RedisBucket:
     async def check(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> tuple[bool, list[Decision]]:
         """Consume `cost` tokens from every bucket of `keys` if all hold it; one Decision per key."""
         check = encode_check(keys, specs, cost)
-        allowed, tokens, _ = await self._submit(check)
+        allowed, tokens, _ = await self.submit(check)
         return allowed, decisions_from_tokens(allowed, tokens, check.buckets)
 
     async def check_raw(self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: float) -> ScriptResult:
         """Like check(), but the integer answer, server time included (tests, tools)."""
         check = encode_check(keys, specs, cost)
-        return _script_result(await self._submit(check), check.buckets)
+        return _script_result(await self.submit(check), check.buckets)
 
-    def _submit(self, check: EncodedCheck) -> asyncio.Future[RawOutcome]:
-        if self.backoff.blocked():
-            raise RedisUnavailable(f"redis backing off for {self.backoff.remaining_s:.3f} s after a failure")
+    def submit(self, check: EncodedCheck) -> asyncio.Future[RawOutcome]:
+        """Queue an encoded check for this turn's round trip; the future gets (allowed, tokens µt per key, server µs).
+
+        Raises RedisUnavailable at once while backing off; the future fails with RedisUnavailable.
+        """
+        backoff = self.backoff
+        if backoff.blocked_until and backoff.blocked():
+            raise RedisUnavailable(f"redis backing off for {backoff.remaining_s:.3f} s after a failure")
         loop = self._loop
         if loop is None:  # asyncio.get_running_loop() costs a getpid() system call on Python 3.11
             loop = self._loop = asyncio.get_running_loop()
