@@ -40,3 +40,16 @@ def test_tiny_limiter_run_writes_json_and_png(tmp_path: Path) -> None:
     assert all(result[key] > 0 for key in PROMISED_KEYS)
     assert set(result["ratios"]) >= {"ours_over_raw_evalsha", "batch_over_per_call", "ours_over_pyrate_token_bucket"}
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_cpu_bench_runs_both_apps_and_refuses_bad_sizes(tmp_path: Path) -> None:
+    """`bench_limiter_cpu` serves every request with 200 through both apps and reports both costs."""
+    from benchmarks import bench_limiter_cpu
+
+    out = tmp_path / "cpu.json"
+    assert bench_limiter_cpu.main(["--requests", "64", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["cpu_us_per_request"]) == {"bare", "limited"}
+    assert all(value > 0 for value in result["cpu_us_per_request"].values())
+    with pytest.raises(SystemExit):
+        bench_limiter_cpu.main(["--requests", "33"])
