@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := redis-server prometheus faketime
 SYSTEM_BINARIES := redis-server prometheus promtool faketime
 
-.PHONY: setup system-deps test lint unit demo train evaluate bench clean
+.PHONY: setup system-deps bench-deps test lint unit demo train evaluate bench clean
 
 setup: system-deps $(STAMP)
 
@@ -47,7 +47,15 @@ train: setup
 evaluate: setup
 	$(BIN)/ratepilot evaluate --suite default --policies rl,static,threshold,aimd,gradient,pid,oracle --seeds 5 --json benchmarks/results/evaluate.json $(ARGS)
 
-bench: setup
+# wrk (C, Debian package) loads the HTTP benchmark; without it a Python client is used, which takes
+# more of the shared cores from the edge under test
+bench-deps:
+	@command -v wrk >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; \
+		elif command -v sudo >/dev/null 2>&1; then sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; \
+		else echo "note: wrk missing (apt-get install wrk as root); the HTTP benchmark falls back to a Python client" >&2; fi; }
+
+bench: setup bench-deps
 	$(BIN)/ratepilot bench limiter --json benchmarks/results/limiter.json
 	$(BIN)/ratepilot bench sim --json benchmarks/results/sim.json
 	$(BIN)/ratepilot bench controller --json benchmarks/results/controller.json
