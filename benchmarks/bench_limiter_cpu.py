@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cli import print_and_save
+
 CONCURRENCY = 32
 WARMUP = 320
 CONFIG = """\
@@ -170,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args.worker, args.redis_url, args.requests)
         return 0
     result = run_cpu(args.requests, args.callgrind)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    print_and_save(result, args.json)
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import multiprocessing
 import os
 import re
@@ -43,6 +42,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cli import print_and_save
 from ratepilot.servers import RedisServer, free_port, port_open
 
 OFFERED_RPS = 1000.0
@@ -361,11 +361,7 @@ def main(argv: list[str]) -> int:
         print("bench_limiter_http: --seconds and --redis-timeout-ms must be positive, --rounds >= 1", file=sys.stderr)
         return 2
     result = run_http(args.seconds, args.redis_timeout_ms, args.pin, args.rounds)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    print_and_save(result, args.json)
     return 0
 
 

@@ -24,6 +24,15 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def print_and_save(result: dict[str, Any], path: str | None) -> None:
+    """Print a standalone benchmark's result as JSON, and write it to `path` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+
+
 def usage() -> str:
     """The help text listing the benchmarks."""
     lines = ["usage: ratepilot bench BENCHMARK [options] [--json FILE]   (ratepilot bench BENCHMARK --help)", ""]
