@@ -33,20 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_limiter_http import BENCH_CONFIG
 from benchmarks.cli import print_and_save
 
 CONCURRENCY = 32
 WARMUP = 320
-CONFIG = """\
-redis: {{url: "{url}", timeout_ms: 10000}}
-default_tier: bench
-tiers:
-  bench:
-    client:    {{rate: 1000000, burst: 1000000}}
-    aggregate: {{rate: 10000000, burst: 10000000}}
-    key_prefixes: [bench_]
-rate_table: {{poll_s: 5}}
-"""
 
 
 def _scope(i: int) -> dict[str, Any]:
@@ -64,7 +55,7 @@ async def _serve(limited: bool, redis_url: str, requests: int) -> float:
     from limiter.edge import Edge, EdgeOptions
     from limiter.redis_bucket import RedisBucket
 
-    edge = Edge(parse_config(CONFIG.format(url=redis_url)), EdgeOptions(backend="echo", limited=limited, admin=False))
+    edge = Edge(parse_config(BENCH_CONFIG.format(url=redis_url, timeout_ms=10_000)), EdgeOptions(backend="echo", limited=limited, admin=False))
     bucket = None
     if limited:
         bucket = RedisBucket.from_url(redis_url, timeout_s=10.0, max_lag_s=10.0)  # every decision a Redis one

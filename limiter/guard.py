@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import logging
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from math import ceil
 from typing import Any, Protocol
@@ -218,7 +217,6 @@ class Guard:
         self._metrics = metrics
         self._clock = clock
         self._observe = metrics.check_latency.observe
-        self._latency = metrics.check_latency
         self._tiers: dict[str, TierRuntime] = {}
         self._tier_cache: dict[str, TierRuntime] = {}
         self._routes: dict[str, tuple[TierRuntime, list[str], bytes]] = {}
@@ -305,10 +303,10 @@ class Guard:
     async def decide(self, client: str, method: str, path: str, content_length: int = 0) -> Verdict:
         """Check and consume the request's cost from its client and tier buckets; never raises on Redis."""
         started = self._clock()
-        tier, keys, resp = self._routes.get(client) or self._route(client)
+        tier, keys, resp = self._route(client)
         cost = self._costs.cost(method, path, content_length)
         try:
-            template = tier.templates.get(cost) or tier.template(cost)
+            template = tier.template(cost)
             bucket = self.redis_bucket
             if bucket is None:
                 raise ConnectionError("no Redis bucket configured")
@@ -325,10 +323,7 @@ class Guard:
             verdict.limited_by = "client" if client_d.retry_after_s >= tier_d.retry_after_s else "tier"
         tier.counters.decisions["allowed" if allowed else "throttled", "redis"] += 1
         tier.counters.tokens["allowed" if allowed else "throttled"] += cost
-        elapsed = self._clock() - started
-        latency = self._latency  # LatencyHistogram.observe, inlined (hot path)
-        latency.counts[bisect_left(latency.bounds, elapsed)] += 1
-        latency.total += elapsed
+        self._observe(self._clock() - started)
         return verdict
 
     def _fall_back(self, tier: TierRuntime, client: str, keys: list[str], cost: float, exc: Exception, started: float) -> Verdict:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from importlib import resources
 from math import ceil
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import hiredis
 import redis
@@ -124,6 +124,7 @@ _ARGS_CACHE_LIMIT = 10_000
 _args_cache: dict[tuple[float, float, float], _BucketArgs] = {}
 _KEY_COUNTS = [str(n).encode() for n in range(17)]
 _encoded_cache: dict[tuple[Any, ...], tuple[list[bytes], list[_BucketArgs], bytes]] = {}
+_Item = TypeVar("_Item")
 _new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
 
 
@@ -675,7 +676,7 @@ class RedisBucket:
 
     def _send(self, connection: PipelinedConnection, items: list[_Pending], deadline: float, resent: bool) -> None:
         """One write: up to MAX_BATCH checks per EVALSHA, a deadline timer for the lot."""
-        groups = [items[i : i + MAX_BATCH] for i in range(0, len(items), MAX_BATCH)]
+        groups = _groups(items, batched=True)
         batch = _Batch(self, connection, groups, resent)
         packed = b"".join([pack_batch([item.check for item in group]) for group in groups])
         self._in_flight += 1
@@ -830,7 +831,7 @@ def _log_load_failure(reply: Any) -> None:
         log.warning("SCRIPT LOAD after NOSCRIPT failed: %r", reply)
 
 
-def _groups(checks: list[EncodedCheck], batched: bool) -> list[list[EncodedCheck]]:
+def _groups(checks: list[_Item], batched: bool) -> list[list[_Item]]:
     """Checks per EVALSHA: up to MAX_BATCH in one on a single Redis, one each on a cluster (keys of
     different checks may live on different nodes)."""
     if not batched:

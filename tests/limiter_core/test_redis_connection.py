@@ -75,3 +75,27 @@ def test_password_and_db_from_the_url_are_used(tmp_path: Path) -> None:
         asyncio.run(wrong_password())
     finally:
         server.stop()
+
+
+def test_bucket_over_a_unix_socket_url(tmp_path: Path) -> None:
+    """`unix://PATH?db=2` (allowed by limiter.yaml) reaches a redis-server on its socket, db 2."""
+    socket_path = tmp_path / "redis.sock"
+    server = RedisServer(workdir=tmp_path, extra_args=["--unixsocket", str(socket_path), "--unixsocketperm", "700"])
+    server.start()
+    try:
+        url = f"unix://{socket_path}?db=2"
+
+        async def scenario() -> tuple[list[bool], Any]:
+            bucket = RedisBucket.from_url(url, timeout_s=1.0)
+            await bucket.warm_up()
+            outcomes = [(await bucket.check(["rp:{t}:c:u"], [BucketSpec(1e-3, 2)], 1))[0] for _ in range(3)]
+            probe = await PipelinedConnection.open(connection_options(url), 1.0)
+            in_db2 = await probe.request("EXISTS", "rp:{t}:c:u")
+            probe.abort()
+            await bucket.aclose()
+            return outcomes, in_db2
+
+        outcomes, in_db2 = asyncio.run(scenario())
+        assert outcomes == [True, True, False] and in_db2 == 1
+    finally:
+        server.stop()
