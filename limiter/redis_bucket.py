@@ -515,7 +515,12 @@ class RedisBucket:
     `await check(keys, specs, cost)` returns `(allowed, [Decision per key])` or raises
     `RedisUnavailable`, or `BucketError` at once for bad input. At most `max_in_flight` round trips
     are outstanding; checks arriving meanwhile gather into the next one (a bigger batch, fewer
-    syscalls). On a single Redis the checks of one round trip go out as ONE EVALSHA that decides
+    syscalls). On a single Redis a turn's checks go out as soon as `chunk` of them have gathered
+    (while a round trip is free), the rest at the end of the turn (decision): on a saturated edge
+    Redis then decides the first requests of a turn while the edge is still parsing the next ones.
+    With one batch per turn the edge sat idle for a whole round trip each cycle, every request of
+    the closed loop parked in Redis (12 % idle, HTTP 0.62× bare; with chunks of 8, 0.70×, the edge
+    never idle). The checks of one round trip go out as ONE EVALSHA that decides
     them one after the other, over the bucket's own pipelined connection (`PipelinedConnection`:
     a Protocol, no task per round trip); on a cluster each check is its own EVALSHA in a redis-py
     cluster pipeline. A bucket belongs to the event loop that first uses it.
@@ -534,12 +539,13 @@ class RedisBucket:
         self,
         client: Any,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_in_flight: int = 2,
+        max_in_flight: int = 4,
+        chunk: int = 8,
         backoff: Backoff | None = None,
         max_lag_s: float = 0.05,
     ):
-        if not (timeout_s > 0 and max_lag_s > 0) or max_in_flight < 1:
-            raise ValueError("timeout_s and max_lag_s must be positive and max_in_flight at least 1")
+        if not (timeout_s > 0 and max_lag_s > 0) or max_in_flight < 1 or chunk < 1:
+            raise ValueError("timeout_s and max_lag_s must be positive, max_in_flight and chunk at least 1")
         _check_no_retries(client)
         self.client = client
         self.timeout_s = timeout_s
@@ -560,6 +566,9 @@ class RedisBucket:
         if isinstance(client, redis.asyncio.Redis):
             pool = client.connection_pool
             self._options = {**pool.connection_kwargs, "connection_class": pool.connection_class}
+        # checks that go out before the turn ends; off on a cluster, whose pipelines of one turn
+        # may run in any order across nodes and connections
+        self.chunk = chunk if self._options is not None else 1 << 62
         self._connection: PipelinedConnection | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._loading: asyncio.Future[None] | None = None  # cluster: a SCRIPT LOAD under way
@@ -631,8 +640,11 @@ class RedisBucket:
         future = loop.create_future()
         if not self._pending:
             self._pending_since = loop.time()
-        self._pending.append(_new_tuple(_Pending, (check, future)))
-        if not self._flush_scheduled:
+        pending = self._pending
+        pending.append(_new_tuple(_Pending, (check, future)))
+        if len(pending) >= self.chunk and self._in_flight < self.max_in_flight:
+            self._send_pending()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return future
@@ -645,6 +657,10 @@ class RedisBucket:
     def _flush(self) -> None:
         """End of the turn: send what gathered, unless enough round trips are already out."""
         self._flush_scheduled = False
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        """Send the pending checks now (one round trip), unless enough round trips are already out."""
         if not self._pending or self._in_flight >= self.max_in_flight:
             return
         loop = self._loop

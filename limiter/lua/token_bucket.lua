@@ -17,9 +17,10 @@
 -- that met a Redis error answers the error text instead, in one element, and the others still
 -- run. Retry-after and reset-after follow from the tokens (limiter/bucket.py wait_us), so the
 -- caller computes them and the reply stays short.
--- Every key's state is written back (refilled, and charged when allowed); a bucket that is
--- full again is deleted (a missing key reads as full), otherwise the key expires (PX) once the
--- bucket would be full again, so idle clients cost no memory.
+-- Every key's state is written back once, after the last check of the batch (refilled, and
+-- charged when allowed); a bucket that is full again is deleted (a missing key reads as full),
+-- otherwise the key expires (PX) once the bucket would be full again, so idle clients cost no
+-- memory. A write-back that Redis refuses (OOM) fails the whole script: no check is answered.
 
 local floor, ceil, min, max, format, find, sub = math.floor, math.ceil, math.min, math.max, string.format, string.find, string.sub
 local call, pcall, tonumber = redis.call, pcall, tonumber
@@ -29,8 +30,20 @@ local now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local now_suffix = format(':%d', now_us)
 
 local rates, capacities, costs, tokens = {}, {}, {}, {}
+-- A key's state once this script has read or decided it: {tokens_ut, last_us}, or false for a
+-- bucket that is full (a missing key). Later checks of the same key in this batch (the tier bucket
+-- in every check) read it from here, and each key is written back once, after the last check:
+-- the same end state as a write per check, because every check runs at the same instant.
+local states, written, order = {}, {}, {}
 
 local function read_state(key)
+  local cached = states[key]
+  if cached ~= nil then
+    if cached then
+      return cached[1], cached[2]
+    end
+    return nil, nil
+  end
   local state = redis.pcall('GET', key)
   if type(state) == 'table' and state.err then
     -- a hash written by an earlier version of this script (fields t, ts); SET replaces it
@@ -62,7 +75,7 @@ local function check(first, arg, n, reply)
     end
     rates[i], capacities[i], costs[i], tokens[i] = rate, capacity_ut, cost_ut, tokens_ut
   end
-  -- pass 2: charge (when allowed), write back
+  -- pass 2: charge (when allowed), remember the new state for the write-back
   local answer = {allowed and 1 or 0}
   for i = 1, n do
     local rate, tokens_ut = rates[i], tokens[i]
@@ -71,12 +84,13 @@ local function check(first, arg, n, reply)
     end
     local reset_us = ceil(max(capacities[i] - tokens_ut, 0) / rate) -- wait_us()
     local key = KEYS[first + i]
+    if written[key] == nil then
+      order[#order + 1] = key
+    end
     if reset_us == 0 then
-      call('DEL', key)
+      states[key], written[key] = false, false
     else
-      -- keep the key until the bucket is surely full again: one extra µt of refill time covers
-      -- the rounding of reset_us; capped at ~300 years so PX never overflows
-      call('SET', key, format('%d', tokens_ut) .. now_suffix, 'PX', format('%d', min(ceil((reset_us + ceil(1 / rate)) / 1000) + 1, 1e13)))
+      states[key], written[key] = {tokens_ut, now_us}, {tokens_ut, reset_us, rate}
     end
     answer[i + 1] = tokens_ut
   end
@@ -94,5 +108,19 @@ while arg <= argc do
     reply[#reply + 1] = type(err) == 'table' and (err.err or 'error') or tostring(err)
   end
   first, arg = first + n, arg + 3 * n + 1
+end
+
+-- write-back: a bucket that is full again is deleted; otherwise the key is kept until the bucket
+-- is surely full again (one extra µt of refill time covers the rounding of reset_us; capped at
+-- ~300 years so PX never overflows)
+for i = 1, #order do
+  local key = order[i]
+  local state = written[key]
+  if state then
+    local reset_us, rate = state[2], state[3]
+    call('SET', key, format('%d', state[1]) .. now_suffix, 'PX', format('%d', min(ceil((reset_us + ceil(1 / rate)) / 1000) + 1, 1e13)))
+  else
+    call('DEL', key)
+  end
 end
 return reply

@@ -188,10 +188,10 @@ def test_batch_equals_calls_in_order(backend: Backend) -> None:
 
 
 def test_async_checks_of_one_turn_share_one_round_trip(backend: Backend) -> None:
-    """Checks gathered in one event-loop turn go out as one pipeline; each is still atomic."""
+    """Checks gathered in one event-loop turn go out as one pipeline (chunking off); each is still atomic."""
 
     async def scenario() -> tuple[list[bool], int, int]:
-        bucket = backend.async_bucket()
+        bucket = backend.async_bucket(chunk=1000)
         key = f"rp:{{{backend.tag()}}}:c:a"
         results = await asyncio.gather(*(bucket.check([key], [BucketSpec(1e-3, 10)], 1) for _ in range(40)))
         trips = bucket.round_trips - bucket.script_loads  # a NOSCRIPT resend is one extra trip
@@ -202,6 +202,27 @@ def test_async_checks_of_one_turn_share_one_round_trip(backend: Backend) -> None
     outcomes, trips, loads = asyncio.run(scenario())
     assert outcomes == [True] * 10 + [False] * 30
     assert trips == 1 and loads <= 1
+
+
+def test_a_turn_goes_out_in_chunks_and_decides_in_order(backend: Backend) -> None:
+    """Single Redis: every `chunk` checks of a turn go out at once while a round trip is free, the rest
+    at the end of the turn; the checks still decide in the order they were asked. A cluster sends one
+    pipeline per turn."""
+
+    async def scenario() -> tuple[list[bool], int]:
+        bucket = backend.async_bucket(chunk=8, max_in_flight=3)
+        await bucket.warm_up()
+        key = f"rp:{{{backend.tag()}}}:c:a"
+        before = bucket.round_trips
+        results = await asyncio.gather(*(bucket.check([key], [BucketSpec(1e-3, 20)], 1) for _ in range(40)))
+        trips = bucket.round_trips - before
+        await bucket.aclose()
+        return [allowed for allowed, _ in results], trips
+
+    outcomes, trips = asyncio.run(scenario())
+    assert outcomes == [True] * 20 + [False] * 20
+    # 3 chunks of 8 while round trips are free, the other 16 at the end of the turn
+    assert trips == (1 if backend.cluster else 4)
 
 
 def test_async_queues_behind_in_flight_pipelines(backend: Backend) -> None:
@@ -291,7 +312,7 @@ def test_checks_of_one_turn_decide_as_separate_calls_in_order(backend: Backend) 
     costs = [1.0, 2.0, 0.5, 3.0] * 3
 
     async def scenario() -> list:
-        bucket = backend.async_bucket()
+        bucket = backend.async_bucket(chunk=1000)  # all twelve in one script
         try:
             await bucket.warm_up()
             trips = bucket.round_trips
@@ -315,6 +336,52 @@ def test_checks_of_one_turn_decide_as_separate_calls_in_order(backend: Backend) 
         assert (reply.allowed, reply.buckets) == (allowed, results)
     assert [r.allowed for r in replies].count(True) >= 3  # the scenario exercises both outcomes
     assert not all(r.allowed for r in replies)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    spec_pairs=st.lists(specs_strategy.filter(lambda specs: len(specs) >= 2), min_size=1, max_size=2),
+    steps=st.lists(
+        st.tuples(st.integers(0, 2), st.floats(min_value=1e-6, max_value=1.0), st.integers(0, 1)), min_size=1, max_size=30
+    ),
+)
+def test_one_script_writes_back_the_state_of_calls_in_order(
+    module_backend: Backend,
+    module_bucket: SyncRedisBucket,
+    spec_pairs: list[list[BucketSpec]],
+    steps: list[tuple[int, float, int]],
+) -> None:
+    """A batch (one script on a single Redis) that touches keys again and again, even with rates changed
+    between its checks, answers as the reference run call by call, and leaves every key as the last of
+    those calls would: the state string, no key for a full bucket, an expiry once it is full again."""
+    tag = module_backend.tag()
+    tier = f"rp:{{{tag}}}:tier"
+    clients = [f"rp:{{{tag}}}:c:{i}" for i in range(3)]
+    requests = []
+    for client, fraction, pair in steps:
+        specs = spec_pairs[pair % len(spec_pairs)][:2]
+        smallest = min(spec.capacity for pair_specs in spec_pairs for spec in pair_specs[:2])
+        requests.append(CheckRequest([clients[client], tier], specs, max(smallest * fraction, 1e-6)))
+    replies = module_bucket.check_many_raw(requests)
+    states: dict[str, tuple[int, int] | None] = {}
+    resets: dict[str, int] = {}
+    for request, reply in zip(requests, replies, strict=True):
+        costs_ut = [validate_cost(request.cost, spec) for spec in request.specs]
+        allowed, new_states, results = check_and_consume(
+            [states.get(request.keys[0]), states.get(tier)], list(request.specs), costs_ut, reply.now_us
+        )
+        assert (reply.allowed, reply.buckets) == (allowed, results)
+        for key, state, result in zip(request.keys, new_states, results, strict=True):
+            # a bucket full again has no key: the next check reads it as full at its own capacity
+            states[key], resets[key] = (state if result[2] else None), result[2]
+    admin = module_backend.admin
+    for key, state in states.items():
+        stored = admin.get(key)
+        if state is None:
+            assert stored is None
+            continue
+        assert stored == f"{state[0]}:{state[1]}".encode()
+        assert (state[1] + resets[key]) / 1000 <= admin.pexpiretime(key)
 
 
 def test_a_check_meeting_a_redis_error_fails_alone(backend: Backend) -> None:
