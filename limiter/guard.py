@@ -17,19 +17,22 @@ import asyncio
 import hashlib
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from math import ceil
+from operator import itemgetter
 from typing import Any, Protocol
 
 from limiter.bucket import MICRO, BucketError, BucketSpec, Decision
 from limiter.config import LimiterConfig
 from limiter.costs import CostTable
-from limiter.metrics import LimiterMetrics
+from limiter.metrics import ALLOWED, ALLOWED_REDIS, LimiterMetrics
 from limiter.rate_reader import TierRates, static_rates
 from limiter.redis_bucket import (
     CheckTemplate,
     EncodedCheck,
     RawOutcome,
+    Resolver,
     check_template,
     decisions_from_tokens,
     keys_resp,
@@ -47,8 +50,8 @@ FAIL_CLOSED_RETRY_S = 1.0
 class AsyncBucket(Protocol):
     """What the guard needs of the Redis bucket (limiter.redis_bucket.RedisBucket)."""
 
-    def submit(self, check: EncodedCheck) -> asyncio.Future[RawOutcome]:
-        """Queue an atomic all-or-nothing check-and-consume; the future gets the script's answer."""
+    def submit_to(self, check: EncodedCheck, future: asyncio.Future[Any], resolve: Resolver | None, context: Any) -> None:
+        """Queue an atomic all-or-nothing check-and-consume; `resolve(future, context, outcome)` settles the future."""
         ...
 
 
@@ -84,17 +87,26 @@ class TierRuntime:
 
     __slots__ = (
         "name", "failure_policy", "rates", "specs", "local_specs", "tier_key", "client_prefix",
-        "policy_header", "counters", "last_remaining", "last_time", "templates",
+        "policy_header", "counters", "clock", "last_remaining", "last_time", "templates",
     )  # fmt: skip
 
-    def __init__(self, name: str, failure_policy: str, rates: TierRates, local_fraction: float, metrics: LimiterMetrics):
+    def __init__(
+        self,
+        name: str,
+        failure_policy: str,
+        rates: TierRates,
+        local_fraction: float,
+        metrics: LimiterMetrics,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.name = name
         self.failure_policy = failure_policy
         self.tier_key = tier_key(name)
         self.client_prefix = client_key(name, "")
         self.counters = metrics.tier_counters(name)
+        self.clock = clock  # the guard's: last_time is a reading of it
         self.last_remaining = rates.burst
-        self.last_time = time.monotonic()
+        self.last_time = clock()
         self.set_rates(rates, local_fraction)
 
     def set_rates(self, rates: TierRates, local_fraction: float) -> None:
@@ -117,7 +129,7 @@ class TierRuntime:
 
     def remaining_now(self) -> float:
         """Tier-bucket tokens: the last decision's remainder refilled to now (scrape time)."""
-        elapsed = time.monotonic() - self.last_time
+        elapsed = self.clock() - self.last_time
         return min(self.rates.burst, self.last_remaining + self.rates.rate * elapsed)
 
     def utilization_now(self) -> float:
@@ -125,17 +137,27 @@ class TierRuntime:
         return 100.0 * (1.0 - self.remaining_now() / self.rates.burst)
 
 
-class Verdict:
+class Verdict(tuple):  # type: ignore[type-arg]
     """The decision for one request and what the response should say about it.
 
-    A Redis decision keeps the script's integer answer and builds the `Decision`s only when asked
-    (most responses need just the RateLimit field, which is formatted from the integers).
+    A tuple (the request path builds one per request with `tuple.__new__`, a quarter of the cost of
+    an `__init__`). A Redis decision keeps the script's integer answer and builds the `Decision`s
+    only when asked (most responses need just the RateLimit field, formatted from the integers).
     """
 
-    __slots__ = ("allowed", "tier", "client", "cost", "source", "_decisions", "policy_header", "limited_by", "_tokens", "_buckets")
+    __slots__ = ()
 
-    def __init__(
-        self,
+    allowed: bool = property(itemgetter(0))  # type: ignore[assignment]
+    tier: TierRuntime = property(itemgetter(1))  # type: ignore[assignment]
+    client: str = property(itemgetter(2))  # type: ignore[assignment]
+    cost: float = property(itemgetter(3))  # type: ignore[assignment]
+    source: str = property(itemgetter(4))  # type: ignore[assignment]
+    # None, "client", "tier", "redis_unavailable" or "cost"
+    limited_by: str | None = property(itemgetter(6))  # type: ignore[assignment]
+    policy_header: bytes = property(itemgetter(9))  # type: ignore[assignment]
+
+    def __new__(
+        cls,
         allowed: bool,
         tier: TierRuntime,
         client: str,
@@ -145,24 +167,17 @@ class Verdict:
         limited_by: str | None,
         tokens: list[int] | None = None,
         buckets: list[Any] | None = None,
-    ):
-        self.allowed = allowed
-        self.tier = tier
-        self.client = client
-        self.cost = cost
-        self.source = source
-        self._decisions = decisions  # [client bucket, tier bucket]; None: built from tokens on first use
-        self._tokens = tokens  # µt per bucket after the decision (Redis decisions)
-        self._buckets = buckets  # their encoded bucket arguments
-        self.policy_header = tier.policy_header
-        self.limited_by = limited_by  # None, "client", "tier", "redis_unavailable" or "cost"
+    ) -> Verdict:
+        """decisions: [client bucket, tier bucket], or None for a Redis decision given as `tokens`
+        (µt per bucket after the decision) and `buckets` (their encoded arguments)."""
+        return tuple.__new__(cls, (allowed, tier, client, cost, source, decisions, limited_by, tokens, buckets, tier.policy_header))
 
     @property
     def decisions(self) -> list[Decision]:
         """[client bucket, tier bucket] decisions."""
-        decisions = self._decisions
+        decisions: list[Decision] | None = self[5]
         if decisions is None:
-            decisions = self._decisions = decisions_from_tokens(self.allowed, self._tokens, self._buckets)  # type: ignore[arg-type]
+            return decisions_from_tokens(self[0], self[7], self[8])
         return decisions
 
     @property
@@ -177,11 +192,11 @@ class Verdict:
 
     def ratelimit_field(self) -> bytes:
         """The IETF `RateLimit` field: whole tokens left and whole seconds until full, per bucket."""
-        tokens = self._tokens
-        if tokens is not None and self._decisions is None:
+        tokens = self[7]
+        if tokens is not None:
             # from the integers: ceil(Decision.reset_after_s) = whole seconds up of limiter.bucket.wait_us
             client_ut, tier_ut = tokens
-            client_b, tier_b = self._buckets  # type: ignore[misc]
+            client_b, tier_b = self[8]
             client_missing = client_b.capacity_ut - client_ut
             tier_missing = tier_b.capacity_ut - tier_ut
             return RATELIMIT_FORMAT % (
@@ -190,6 +205,10 @@ class Verdict:
                 tier_ut // MICRO,
                 -(-ceil(tier_missing / tier_b.rate) // MICRO) if tier_missing > 0 else 0,
             )
+        return self.ratelimit_field_from_decisions()
+
+    def ratelimit_field_from_decisions(self) -> bytes:
+        """The same field computed from the Decisions (the reference the integer path is tested against)."""
         client_d, tier_d = self.decisions
         # %d truncates toward zero as int() does
         return RATELIMIT_FORMAT % (client_d.remaining, ceil(client_d.reset_after_s), tier_d.remaining, ceil(tier_d.reset_after_s))
@@ -216,10 +235,11 @@ class Guard:
         self._local = local_bucket
         self._metrics = metrics
         self._clock = clock
-        self._observe = metrics.check_latency.observe
+        self._latency = metrics.check_latency
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tiers: dict[str, TierRuntime] = {}
         self._tier_cache: dict[str, TierRuntime] = {}
-        self._routes: dict[str, tuple[TierRuntime, list[str], bytes]] = {}
+        self._routes: dict[bytes, tuple[TierRuntime, str, list[str], bytes]] = {}
         self.apply_config(config)
 
     @property
@@ -237,7 +257,7 @@ class Guard:
                 rates = old.rates  # the next rate poll re-resolves against the new config
             else:
                 rates = static_rates(tier)
-            runtime = old or TierRuntime(name, tier.failure_policy, rates, fraction, self._metrics)
+            runtime = old or TierRuntime(name, tier.failure_policy, rates, fraction, self._metrics, self._clock)
             runtime.failure_policy = tier.failure_policy
             runtime.set_rates(rates, fraction)
             tiers[name] = runtime
@@ -248,6 +268,7 @@ class Guard:
             self._metrics.forget_tier(name)
         self.config = config
         self._costs = CostTable(config.costs)
+        self._cost = self._costs.cost
         self._clients = dict(config.clients)
         self._prefixes = sorted(
             ((prefix, tiers[name]) for name, tier in config.tiers.items() for prefix in tier.key_prefixes),
@@ -287,44 +308,78 @@ class Guard:
         """Tokens a request costs."""
         return self._costs.cost(method, path, content_length)
 
-    def _route(self, client: str) -> tuple[TierRuntime, list[str], bytes]:
-        """A client's tier, bucket keys and their RESP bytes (cached per client)."""
-        route = self._routes.get(client)
+    def _route(self, key: bytes) -> tuple[TierRuntime, str, list[str], bytes]:
+        """An API key's tier, client id, bucket keys and their RESP bytes (cached per raw header value)."""
+        route = self._routes.get(key)
         if route is None:
+            client = key.decode("latin-1").strip()
             tier = self.tier_for(client)
             bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
             keys = [tier.client_prefix + bucket_client, tier.tier_key]
-            route = (tier, keys, keys_resp(keys))
+            route = (tier, client, keys, keys_resp(keys))
             if len(self._routes) >= TIER_CACHE_LIMIT:
                 self._routes.clear()
-            self._routes[client] = route
+            self._routes[key] = route
         return route
 
     async def decide(self, client: str, method: str, path: str, content_length: int = 0) -> Verdict:
         """Check and consume the request's cost from its client and tier buckets; never raises on Redis."""
+        pending = self.start(client.encode("latin-1"), method, path, content_length)
+        return pending if type(pending) is Verdict else await pending  # type: ignore[misc]
+
+    def start(self, key: bytes, method: str, path: str, content_length: int = 0) -> Verdict | asyncio.Future[Verdict]:
+        """decide() without a coroutine, for the middleware's hot path: the Verdict when it is known at once
+        (Redis backing off or absent, a cost no bucket holds), else a future that gets it (never an
+        exception). `key` is the API-key header as it came (b"" is anonymous)."""
         started = self._clock()
-        tier, keys, resp = self._route(client)
-        cost = self._costs.cost(method, path, content_length)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._route(key)
+        tier, client, keys, resp = route
+        cost = self._cost(method, path, content_length)
         try:
-            template = tier.template(cost)
+            template = tier.templates.get(cost)
+            if template is None:
+                template = tier.template(cost)
             bucket = self.redis_bucket
             if bucket is None:
                 raise ConnectionError("no Redis bucket configured")
-            allowed, tokens, _ = await bucket.submit(_new_tuple(EncodedCheck, (keys, *template, resp)))
+            loop = self._loop
+            if loop is None:  # asyncio.get_running_loop() costs a getpid() system call on Python 3.11
+                loop = self._loop = asyncio.get_running_loop()
+            future: asyncio.Future[Verdict] = loop.create_future()
+            check = _new_tuple(EncodedCheck, (keys, *template, resp))
+            bucket.submit_to(check, future, self._resolve, (tier, client, keys, cost, template[1], started))
         except BucketError as exc:
             return self._refuse_cost(tier, client, cost, exc, started)
         except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
             return self._fall_back(tier, client, keys, cost, exc, started)
+        return future
+
+    def _resolve(self, future: asyncio.Future[Verdict], context: tuple[Any, ...], outcome: RawOutcome | Exception) -> None:
+        """The Redis bucket's answer for one check: its Verdict to the request's future (never raises)."""
+        tier, client, keys, cost, buckets, started = context
+        if type(outcome) is not tuple:
+            future.set_result(self._fall_back(tier, client, keys, cost, outcome, started))  # type: ignore[arg-type]
+            return
+        allowed, tokens, _ = outcome
+        now = self._clock()
         tier.last_remaining = tokens[1] / MICRO
-        tier.last_time = time.monotonic()
-        verdict = Verdict(allowed, tier, client, cost, "redis", None, None, tokens, template[1])
-        if not allowed:
-            client_d, tier_d = verdict.decisions
-            verdict.limited_by = "client" if client_d.retry_after_s >= tier_d.retry_after_s else "tier"
-        tier.counters.decisions["allowed" if allowed else "throttled", "redis"] += 1
-        tier.counters.tokens["allowed" if allowed else "throttled"] += cost
-        self._observe(self._clock() - started)
-        return verdict
+        tier.last_time = now
+        counters = tier.counters
+        if allowed:
+            counters.decisions[ALLOWED_REDIS] += 1
+            counters.tokens[ALLOWED] += cost
+            verdict: Verdict = _new_tuple(Verdict, (True, tier, client, cost, "redis", None, None, tokens, buckets, tier.policy_header))
+        else:
+            counters.count("throttled", "redis", cost)
+            client_d, tier_d = decisions = decisions_from_tokens(False, tokens, buckets)
+            limited_by = "client" if client_d.retry_after_s >= tier_d.retry_after_s else "tier"
+            verdict = Verdict(False, tier, client, cost, "redis", decisions, limited_by, tokens, buckets)
+        latency = self._latency  # LatencyHistogram.observe, inlined
+        latency.counts[bisect_left(latency.bounds, now - started)] += 1
+        latency.total += now - started
+        future.set_result(verdict)
 
     def _fall_back(self, tier: TierRuntime, client: str, keys: list[str], cost: float, exc: Exception, started: float) -> Verdict:
         """Redis could not decide: fail_closed refuses, fail_open asks the local guard bucket."""
@@ -344,12 +399,11 @@ class Guard:
                 limited_by = "redis_unavailable"
             else:
                 limited_by = "client" if decisions[0].retry_after_s >= decisions[1].retry_after_s else "tier"
+        now = self._clock()
         tier.last_remaining = decisions[1].remaining
-        tier.last_time = time.monotonic()
-        outcome = "allowed" if allowed else "throttled"
-        tier.counters.decisions[outcome, source] += 1
-        tier.counters.tokens[outcome] += cost
-        self._observe(self._clock() - started)
+        tier.last_time = now
+        tier.counters.count("allowed" if allowed else "throttled", source, cost)
+        self._latency.observe(now - started)
         return Verdict(allowed, tier, client, cost, source, decisions, limited_by)
 
     def _closed_decisions(self, tier: TierRuntime) -> list[Decision]:
@@ -361,9 +415,8 @@ class Guard:
     def _refuse_cost(self, tier: TierRuntime, client: str, cost: float, exc: Exception, started: float) -> Verdict:
         """A cost no bucket can hold (rates changed under a cost rule): refuse, log, never raise."""
         log.error("request cost %g cannot pass tier %s: %s", cost, tier.name, exc)
-        tier.counters.decisions["throttled", "redis"] += 1
-        tier.counters.tokens["throttled"] += cost
-        self._observe(self._clock() - started)
+        tier.counters.count("throttled", "redis", cost)
+        self._latency.observe(self._clock() - started)
         decisions = [Decision(False, 0.0, FAIL_CLOSED_RETRY_S, 0.0, spec.capacity, "redis") for spec in tier.specs]
         return Verdict(False, tier, client, cost, "redis", decisions, "cost")
 

@@ -23,14 +23,30 @@ DECISION_SOURCES = ("redis", "local", "fail_closed")
 CHECK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
+# positions in TierCounters.decisions (list indexing is the cheapest count on the request path)
+DECISION_KEYS = tuple((outcome, source) for outcome in OUTCOMES for source in DECISION_SOURCES)
+DECISION_INDEX = {key: index for index, key in enumerate(DECISION_KEYS)}
+ALLOWED_REDIS = DECISION_INDEX["allowed", "redis"]
+THROTTLED_REDIS = DECISION_INDEX["throttled", "redis"]
+ALLOWED, THROTTLED = OUTCOMES.index("allowed"), OUTCOMES.index("throttled")  # positions in .tokens
+
+
 class TierCounters:
-    """One tier's decisions by (outcome, source) and tokens asked by outcome, as plain numbers."""
+    """One tier's decisions by (outcome, source) and tokens asked by outcome, as plain numbers.
+
+    `decisions[DECISION_INDEX[outcome, source]]` and `tokens[OUTCOMES.index(outcome)]`.
+    """
 
     __slots__ = ("decisions", "tokens")
 
     def __init__(self) -> None:
-        self.decisions = {(outcome, source): 0 for outcome in OUTCOMES for source in DECISION_SOURCES}
-        self.tokens = dict.fromkeys(OUTCOMES, 0.0)
+        self.decisions = [0] * len(DECISION_KEYS)
+        self.tokens = [0.0] * len(OUTCOMES)
+
+    def count(self, outcome: str, source: str, tokens: float) -> None:
+        """Count one decision and the tokens it asked for."""
+        self.decisions[DECISION_INDEX[outcome, source]] += 1
+        self.tokens[OUTCOMES.index(outcome)] += tokens
 
 
 class LatencyHistogram:
@@ -70,9 +86,9 @@ class _RequestPathCollector:
         )
         tokens = CounterMetricFamily("ratepilot_decision_tokens", "Tokens asked by decisions", labels=["tier", "outcome"])
         for tier, counters in list(self._tiers.items()):
-            for (outcome, source), count in counters.decisions.items():
+            for (outcome, source), count in zip(DECISION_KEYS, counters.decisions, strict=True):
                 decisions.add_metric([tier, outcome, source], count)
-            for outcome, asked in counters.tokens.items():
+            for outcome, asked in zip(OUTCOMES, counters.tokens, strict=True):
                 tokens.add_metric([tier, outcome], asked)
         yield decisions
         yield tokens

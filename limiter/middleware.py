@@ -75,18 +75,19 @@ class RateLimitMiddleware:
         if scope["path"] in self._exempt:
             await self.app(scope, receive, send)
             return
-        client = ""
+        key = b""
         length = 0
         client_header = self._client_header
         for name, value in scope["headers"]:
             if name == client_header:
-                client = value.decode("latin-1").strip()
+                key = value  # decoded and stripped by the guard, once per distinct key
             elif name == b"content-length":
                 try:
                     length = int(value)
                 except ValueError:
                     length = 0
-        verdict = await self.guard.decide(client, scope["method"], scope["path"], length)
+        pending = self.guard.start(key, scope["method"], scope["path"], length)
+        verdict = pending if type(pending) is Verdict else await pending  # type: ignore[misc]
         state = scope.get("state")
         if state is None:
             scope["state"] = state = {}

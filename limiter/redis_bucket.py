@@ -27,9 +27,10 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from math import ceil
+from operator import itemgetter
 from typing import Any, NamedTuple, TypeVar
 
 import hiredis
@@ -55,6 +56,7 @@ __all__ = [
     "CheckRequest",
     "EncodedCheck",
     "RedisBucket",
+    "Resolver",
     "ScriptResult",
     "decisions_from_tokens",
     "encode_check",
@@ -126,6 +128,7 @@ _KEY_COUNTS = [str(n).encode() for n in range(17)]
 _encoded_cache: dict[tuple[Any, ...], tuple[list[bytes], list[_BucketArgs], bytes]] = {}
 _Item = TypeVar("_Item")
 _new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
+_KEYS, _ARGV = itemgetter(0), itemgetter(1)  # EncodedCheck.keys, .argv, for map() over a batch
 
 
 def _resp(args: Sequence[bytes]) -> bytes:
@@ -195,8 +198,8 @@ def batch_command(checks: Sequence[EncodedCheck]) -> list[Any]:
 
 def pack_batch(checks: Sequence[EncodedCheck]) -> bytes:
     """RESP bytes of `batch_command(checks)`, joined from each check's cached key and ARGV bytes."""
-    key_count = sum(len(check.keys) for check in checks)
-    arg_count = sum(len(check.argv) for check in checks)
+    key_count = sum(map(len, map(_KEYS, checks)))
+    arg_count = sum(map(len, map(_ARGV, checks)))
     head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + key_count + arg_count, _SHA_BYTES)
     count = b"%d" % key_count
     return b"".join(
@@ -451,9 +454,30 @@ class SyncRedisBucket:
 
 
 
+# What a caller of submit_to() gets per check instead of a future result: (future, its context,
+# the outcome or the RedisUnavailable the check met). It settles the future itself and must not raise.
+Resolver = Callable[[asyncio.Future[Any], Any, "RawOutcome | RedisUnavailable"], None]
+
+
 class _Pending(NamedTuple):
     check: EncodedCheck
-    future: asyncio.Future[RawOutcome]
+    future: asyncio.Future[Any]
+    resolve: Resolver | None  # None: the future gets the outcome (result) or the error (exception)
+    context: Any
+
+
+def _settle(item: _Pending, outcome: RawOutcome | RedisUnavailable) -> None:
+    """Hand one check's outcome (or the error it met) to its future, or to its resolver."""
+    future = item.future
+    if future.done():
+        return
+    resolve = item.resolve
+    if resolve is not None:
+        resolve(future, item.context, outcome)
+    elif type(outcome) is tuple:
+        future.set_result(outcome)
+    else:
+        future.set_exception(outcome)  # type: ignore[arg-type]
 
 
 class _Abandoned(ConnectionError):
@@ -463,12 +487,17 @@ class _Abandoned(ConnectionError):
 class _Batch:
     """Checks sent in one write on the bucket's connection: one EVALSHA per group, replies in order."""
 
-    __slots__ = ("bucket", "connection", "groups", "answered", "epoch", "resent", "timer", "noscript", "lost", "timed_out")
+    __slots__ = (
+        "bucket", "connection", "groups", "sizes", "answered", "epoch", "resent", "timer", "noscript", "lost", "timed_out",
+    )  # fmt: skip
 
-    def __init__(self, bucket: RedisBucket, connection: PipelinedConnection, groups: list[list[_Pending]], resent: bool):
+    def __init__(
+        self, bucket: RedisBucket, connection: PipelinedConnection, groups: list[list[_Pending]], sizes: list[int], resent: bool
+    ):
         self.bucket = bucket
         self.connection = connection
         self.groups = groups
+        self.sizes = sizes  # per group, the reply length when every check is answered: 1 + per check 1 + keys
         self.answered = 0  # groups whose reply (or failure) came
         self.epoch = bucket._script_epoch
         self.resent = resent  # already resent once after NOSCRIPT
@@ -482,14 +511,20 @@ class _Batch:
         group = self.groups[self.answered]
         self.answered += 1
         if type(reply) is list:
-            for item, outcome in zip(group, split_reply(reply, [item.check for item in group]), strict=True):
-                future = item.future
-                if future.done():
-                    continue
-                if type(outcome) is tuple:
-                    future.set_result(outcome)
-                else:
-                    future.set_exception(outcome)  # type: ignore[arg-type]
+            if len(reply) == self.sizes[self.answered - 1]:  # every check answered: split_reply() inlined
+                now_us = reply[0]
+                at = 1
+                for item in group:
+                    end = at + 1 + len(item.check.keys)
+                    outcome = (reply[at] == 1, reply[at + 1 : end], now_us)
+                    at = end
+                    if item.resolve is not None and not item.future.done():
+                        item.resolve(item.future, item.context, outcome)
+                    else:
+                        _settle(item, outcome)
+            else:  # some check met an error (its answer is one element), or a malformed reply
+                for item, answer in zip(group, split_reply(reply, [item.check for item in group]), strict=True):
+                    _settle(item, answer)
         elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             self.noscript.extend(group)  # they did not run: safe to resend
         elif isinstance(reply, ConnectionError):
@@ -631,23 +666,34 @@ class RedisBucket:
 
         Raises RedisUnavailable at once while backing off; the future fails with RedisUnavailable.
         """
+        loop = self._loop
+        if loop is None:  # asyncio.get_running_loop() costs a getpid() system call on Python 3.11
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[RawOutcome] = loop.create_future()
+        self.submit_to(check, future, None, None)
+        return future
+
+    def submit_to(self, check: EncodedCheck, future: asyncio.Future[Any], resolve: Resolver | None, context: Any) -> None:
+        """Like submit(), but the outcome (or the RedisUnavailable met) goes to `resolve(future, context, outcome)`,
+        which settles `future` itself (the guard builds its verdict there: no coroutine resumes per check).
+
+        Raises RedisUnavailable at once while backing off (nothing is queued).
+        """
         backoff = self.backoff
         if backoff.blocked_until and backoff.blocked():
             raise RedisUnavailable(f"redis backing off for {backoff.remaining_s:.3f} s after a failure")
         loop = self._loop
-        if loop is None:  # asyncio.get_running_loop() costs a getpid() system call on Python 3.11
+        if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if not self._pending:
-            self._pending_since = loop.time()
         pending = self._pending
-        pending.append(_new_tuple(_Pending, (check, future)))
+        if not pending:
+            self._pending_since = loop.time()
+        pending.append(_new_tuple(_Pending, (check, future, resolve, context)))
         if len(pending) >= self.chunk and self._in_flight < self.max_in_flight:
             self._send_pending()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return future
 
     def _schedule_flush(self) -> None:
         if self._pending and not self._flush_scheduled and self._loop is not None:
@@ -692,14 +738,19 @@ class RedisBucket:
 
     def _send(self, connection: PipelinedConnection, items: list[_Pending], deadline: float, resent: bool) -> None:
         """One write: up to MAX_BATCH checks per EVALSHA, a deadline timer for the lot."""
-        groups = _groups(items, batched=True)
-        batch = _Batch(self, connection, groups, resent)
-        packed = b"".join([pack_batch([item.check for item in group]) for group in groups])
+        groups = [items] if len(items) <= MAX_BATCH else _groups(items, batched=True)
+        packed = []
+        sizes = []
+        for group in groups:
+            checks = [item.check for item in group]
+            packed.append(pack_batch(checks))
+            sizes.append(1 + len(checks) + sum(map(len, map(_KEYS, checks))))
+        batch = _Batch(self, connection, groups, sizes, resent)
         self._in_flight += 1
         self.round_trips += 1
         batch.timer = self._loop.call_at(deadline, batch.on_timeout)  # type: ignore[union-attr]
         try:
-            connection.send(packed, [batch.on_reply] * len(groups))
+            connection.send(b"".join(packed), [batch.on_reply] * len(groups))
         except ConnectionError as error:  # closed between the check and the write
             for _ in groups:
                 batch.on_reply(error)
@@ -789,12 +840,7 @@ class RedisBucket:
                     if isinstance(reply, Exception)
                     else split_reply(reply, [item.check])[0]
                 )
-                if item.future.done():
-                    continue
-                if isinstance(outcome, RedisUnavailable):
-                    item.future.set_exception(outcome)
-                else:
-                    item.future.set_result(outcome)
+                _settle(item, outcome)
         finally:
             self._in_flight -= 1
             self._schedule_flush()
@@ -862,5 +908,4 @@ def _pack(command: list[Any]) -> bytes:
 
 def _fail(batch: list[_Pending], message: str) -> None:
     for item in batch:
-        if not item.future.done():
-            item.future.set_exception(RedisUnavailable(message))
+        _settle(item, RedisUnavailable(message))

@@ -30,7 +30,6 @@ def test_ratelimit_field_from_integers_equals_the_one_from_decisions(
     _, buckets, _ = check_template(specs, 1.0 if client_burst >= 1 and tier_burst >= 1 else 0.5)
     tokens = [int(client_burst * MICRO * client_fill), int(tier_burst * MICRO * tier_fill)]
     args: list[Any] = [allowed, _Tier, "client", 1.0, "redis", None, None, tokens, buckets]
-    fast = Verdict(*args).ratelimit_field()
-    slow_verdict = Verdict(*args)
-    assert len(slow_verdict.decisions) == 2  # built: the field now comes from the Decisions
-    assert slow_verdict.ratelimit_field() == fast
+    verdict = Verdict(*args)
+    assert len(verdict.decisions) == 2
+    assert verdict.ratelimit_field() == verdict.ratelimit_field_from_decisions()
