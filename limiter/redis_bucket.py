@@ -129,6 +129,7 @@ _encoded_cache: dict[tuple[Any, ...], tuple[list[bytes], list[_BucketArgs], byte
 _Item = TypeVar("_Item")
 _new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
 _KEYS, _ARGV = itemgetter(0), itemgetter(1)  # EncodedCheck.keys, .argv, for map() over a batch
+_CHECK = itemgetter(0)  # _Pending.check
 
 
 def _resp(args: Sequence[bytes]) -> bytes:
@@ -515,11 +516,12 @@ class _Batch:
                 now_us = reply[0]
                 at = 1
                 for item in group:
-                    end = at + 1 + len(item.check.keys)
+                    check, future, resolve, context = item
+                    end = at + 1 + len(check[0])  # check.keys
                     outcome = (reply[at] == 1, reply[at + 1 : end], now_us)
                     at = end
-                    if item.resolve is not None and not item.future.done():
-                        item.resolve(item.future, item.context, outcome)
+                    if resolve is not None and not future.done():
+                        resolve(future, context, outcome)
                     else:
                         _settle(item, outcome)
             else:  # some check met an error (its answer is one element), or a malformed reply
@@ -742,7 +744,7 @@ class RedisBucket:
         packed = []
         sizes = []
         for group in groups:
-            checks = [item.check for item in group]
+            checks = list(map(_CHECK, group))
             packed.append(pack_batch(checks))
             sizes.append(1 + len(checks) + sum(map(len, map(_KEYS, checks))))
         batch = _Batch(self, connection, groups, sizes, resent)
@@ -763,7 +765,7 @@ class RedisBucket:
         if batch.lost is not None:
             if not isinstance(batch.lost, _Abandoned):  # our own abort was counted where it happened
                 self.backoff.failure()
-        elif not batch.timed_out:
+        elif not batch.timed_out and (self.backoff.blocked_until or self.backoff.failures):
             self.backoff.success()
         if batch.noscript:
             self._resend(batch)
