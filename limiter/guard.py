@@ -325,7 +325,11 @@ class Guard:
 
     async def decide(self, client: str, method: str, path: str, content_length: int = 0) -> Verdict:
         """Check and consume the request's cost from its client and tier buckets; never raises on Redis."""
-        pending = self.start(client.encode("latin-1"), method, path, content_length)
+        try:
+            key = client.encode("latin-1")  # what an HTTP header decodes from
+        except UnicodeEncodeError:
+            key = client.encode()  # not from a header: a stable key all the same
+        pending = self.start(key, method, path, content_length)
         return pending if type(pending) is Verdict else await pending  # type: ignore[misc]
 
     def start(self, key: bytes, method: str, path: str, content_length: int = 0) -> Verdict | asyncio.Future[Verdict]:

@@ -114,6 +114,20 @@ def test_middleware_passes_non_http_scopes_and_validates_arguments(tmp_path: Pat
         RateLimitMiddleware(None, guard)
 
 
+def test_decide_takes_any_client_string_and_keys_it_stably(tmp_path: Path) -> None:
+    """A client id no HTTP header could carry (not latin-1) is decided, not an error, and keeps one bucket."""
+    config = load_config(write_config(tmp_path / "c.yaml", "redis://127.0.0.1:1/0"), environ={})
+    guard = Guard(config, None, LocalBucket(), LimiterMetrics(CollectorRegistry()))  # no Redis: the local guard
+
+    async def twice() -> list[Any]:
+        return [await guard.decide("клиент", "GET", "/v1/items") for _ in range(2)]
+
+    first, second = asyncio.run(twice())
+    assert first.source == second.source == "local"
+    assert first.client == second.client
+    assert second.decisions[0].remaining < first.decisions[0].remaining  # the same client bucket paid twice
+
+
 @pytest.mark.cluster
 def test_edge_on_a_redis_cluster(edge_factory: Callable[..., RunningEdge], tmp_path: Path) -> None:
     from tests.limiter_core.conftest import RedisCluster
