@@ -4,20 +4,23 @@ How it measures (all processes local, on this machine's cores):
 
 - a throwaway redis-server (`ratepilot.servers.RedisServer`);
 - the edge (`ratepilot edge --backend echo`, one uvicorn worker, uvloop + httptools, gc frozen) in
-  its own process, once without the limiter (`--no-limit`, "bare") and once with it (strict Redis
+  its own process, once without the limiter (`--no-limit`, "bare"), once with it (strict Redis
   checks: every request runs the Lua check-and-consume on Redis; the tier's rates are set so high
   that nothing is refused, so both runs serve the same 200s). The Redis timeout is 100 ms here, not
   the 5 ms default: at saturation the event loop's own lag counts toward the timeout, and a check
   that times out is decided by the local guard, which is not what this measures. The share of
-  decisions Redis made is reported (`http_limited_redis_decision_share`);
+  decisions Redis made is reported (`http_limited_redis_decision_share`); and, at saturation only,
+  a third time with the same limiter sending one batch per loop turn (`redis.chunk` set past any
+  turn's size: the design before chunked sends), so the gain of `chunk` is measured side by side
+  (`http_chunked_over_one_batch_per_turn`);
 - the load generator in a third process. Saturation: `wrk` (C, one thread, 64 connections, 100 API
   keys in rotation) when installed, else a Python closed-loop raw-socket client. Latency: an
   OPEN-LOOP Python client (arrivals on a fixed 1,000 req/s schedule, independent of responses,
   64 keep-alive connections; a request's latency counts from its scheduled send, minus only the
   client's own timer lateness, and includes any wait for a free connection).
 
-Both edges run side by side and each measurement is split into rounds that alternate bare and
-limited, so both see the same background load; throughput is the best round of each, latency
+The edges run side by side and each measurement is split into rounds that alternate their order,
+so all see the same background load; throughput is the best round of each, latency
 percentiles pool the samples of all rounds.
 
 With `pin=True` (and at least two cores) the edge is pinned to core 0 and Redis plus the load
@@ -51,10 +54,12 @@ KEYS = 100
 PATH = "/v1/items"
 WARMUP_S = 1.0
 ROUNDS = 3
+CHUNK = 8  # the limiter's default (redis.chunk): checks sent before the loop turn ends
+ONE_BATCH = 1_000_000  # the same edge sending one batch per loop turn, side by side (the earlier design)
 
 BENCH_CONFIG = """\
 # benchmark config: one tier whose limits are never reached, so every request runs the full Redis check
-redis: {{url: "{url}", timeout_ms: {timeout_ms}}}
+redis: {{url: "{url}", timeout_ms: {timeout_ms}, chunk: {chunk}}}
 default_tier: bench
 tiers:
   bench:
@@ -284,23 +289,27 @@ def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = Fal
     redis_server.start()
     _pin(redis_server.process.pid if redis_server.process else 0, load_cores)
     config_path = workdir / "limiter.yaml"
-    config_path.write_text(BENCH_CONFIG.format(url=redis_server.url, timeout_ms=redis_timeout_ms))
-    names = ("bare", "limited")
+    config_path.write_text(BENCH_CONFIG.format(url=redis_server.url, timeout_ms=redis_timeout_ms, chunk=CHUNK))
+    one_batch_path = workdir / "limiter-one-batch.yaml"
+    one_batch_path.write_text(BENCH_CONFIG.format(url=redis_server.url, timeout_ms=redis_timeout_ms, chunk=ONE_BATCH))
+    names = ("bare", "limited", "one_batch")
     rps: dict[str, list[float]] = {name: [] for name in names}
     latencies: dict[str, list[float]] = {name: [] for name in names}
     lateness: dict[str, list[float]] = {name: [] for name in names}
     achieved: dict[str, list[float]] = {name: [] for name in names}
     non_200 = dict.fromkeys(names, 0)
-    decided: dict[str, dict[str, float]] = {"saturation": {}, "open_loop": {}}
+    decided: dict[str, dict[str, float]] = {"saturation": {}, "open_loop": {}, "saturation_one_batch_per_turn": {}}
     edges: dict[str, EdgeProcess] = {}
     try:
         for name in names:
-            edges[name] = EdgeProcess(config_path, name == "limited", edge_cores, workdir)
+            edges[name] = EdgeProcess(one_batch_path if name == "one_batch" else config_path, name != "bare", edge_cores, workdir)
         for index in range(rounds):
             order = names if index % 2 == 0 else names[::-1]
             for phase in ("saturation", "open_loop"):
                 for name in order:
-                    before = _decision_sources(edges[name].metrics()) if name == "limited" else {}
+                    if phase == "open_loop" and name == "one_batch":
+                        continue  # latency is measured for the shipped setting only
+                    before = _decision_sources(edges[name].metrics()) if name != "bare" else {}
                     if phase == "saturation":
                         result = (
                             _wrk(edges[name].port, round_s, load_cores, workdir)
@@ -314,20 +323,23 @@ def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = Fal
                         lateness[name] += result["lateness_ms"]
                         achieved[name].append(result["achieved_rps"])
                     non_200[name] += result["non_200"]
-                    if name == "limited":
-                        after = _decision_sources(edges[name].metrics())
-                        for key, value in after.items():
-                            decided[phase][key] = decided[phase].get(key, 0.0) + value - before.get(key, 0.0)
+                    if name != "bare":
+                        counted = decided[phase if name == "limited" else "saturation_one_batch_per_turn"]
+                        for key, value in _decision_sources(edges[name].metrics()).items():
+                            counted[key] = counted.get(key, 0.0) + value - before.get(key, 0.0)
     finally:
         for edge in edges.values():
             edge.stop()
         redis_server.stop()
-    p99 = {name: _quantile(latencies[name], 0.99) for name in names}
-    p50 = {name: _quantile(latencies[name], 0.50) for name in names}
+    p99 = {name: _quantile(latencies[name], 0.99) for name in ("bare", "limited")}
+    p50 = {name: _quantile(latencies[name], 0.50) for name in ("bare", "limited")}
     return {
         "http_bare_rps": round(max(rps["bare"]), 1),
         "http_limited_rps": round(max(rps["limited"]), 1),
         "http_limited_over_bare": round(max(rps["limited"]) / max(rps["bare"]), 3),
+        "http_limited_one_batch_per_turn_rps": round(max(rps["one_batch"]), 1),
+        "http_one_batch_per_turn_over_bare": round(max(rps["one_batch"]) / max(rps["bare"]), 3),
+        "http_chunked_over_one_batch_per_turn": round(max(rps["limited"]) / max(rps["one_batch"]), 3),
         "http_added_p99_ms": round(p99["limited"] - p99["bare"], 3),
         "http_bare_p99_ms": round(p99["bare"], 3),
         "http_limited_p99_ms": round(p99["limited"], 3),
@@ -335,8 +347,8 @@ def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = Fal
         "http_limited_p50_ms": round(p50["limited"], 3),
         "http_rounds_rps": {name: [round(x, 1) for x in rps[name]] for name in names},
         "http_open_loop_offered_rps": OFFERED_RPS,
-        "http_open_loop_achieved_rps": {name: round(min(achieved[name]), 1) for name in names},
-        "http_client_lateness_p99_ms": {name: round(_quantile(lateness[name], 0.99), 3) for name in names},
+        "http_open_loop_achieved_rps": {name: round(min(achieved[name]), 1) for name in ("bare", "limited")},
+        "http_client_lateness_p99_ms": {name: round(_quantile(lateness[name], 0.99), 3) for name in ("bare", "limited")},
         "http_non_200": non_200,
         "http_limited_redis_decision_share": {phase: _redis_share(counts) for phase, counts in decided.items()},
         "http_load_generator": "wrk -t1 -c64" if use_wrk else "python closed-loop, 64 connections",

@@ -116,6 +116,9 @@ class RedisConfig(_Strict):
     url: str = "redis://127.0.0.1:6379/0"
     timeout_ms: float = Field(default=5.0, gt=0, le=10_000, allow_inf_nan=False)
     cluster: bool = False  # url is a seed node of a Redis Cluster (keys of a tier share one slot)
+    # checks sent as soon as this many have gathered in a loop turn (the rest at its end): Redis then
+    # works while the edge still parses the turn's next requests; a very large value sends one batch per turn
+    chunk: int = Field(default=8, ge=1, le=1_000_000)
 
     @field_validator("url")
     @classmethod

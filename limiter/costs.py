@@ -10,25 +10,24 @@ CACHE_LIMIT = 4096  # distinct (method, path) pairs remembered; unbounded paths 
 class CostTable:
     """Compiled cost rules; `cost(method, path, content_length)` is the hot-path lookup."""
 
-    __slots__ = ("_rules", "_default", "_bytes_per_token", "_max_extra", "route_costs")
+    __slots__ = ("_rules", "_default", "_bytes_per_token", "_max_extra", "_cache")
 
     def __init__(self, config: CostsConfig):
         self._rules = config.routes  # first match wins, as the config documents
         self._default = config.default
         self._bytes_per_token = config.payload.bytes_per_token
         self._max_extra = config.payload.max_extra
-        # (method, path) -> route cost, filled by route_cost(); the guard reads it first for bodiless requests
-        self.route_costs: dict[tuple[str, str], float] = {}
+        self._cache: dict[tuple[str, str], float] = {}
 
     def route_cost(self, method: str, path: str) -> float:
         """Tokens for a method and path before the size surcharge."""
         key = (method, path)
-        cost = self.route_costs.get(key)
+        cost = self._cache.get(key)
         if cost is None:
             cost = self._match(method, path)
-            if len(self.route_costs) >= CACHE_LIMIT:
-                self.route_costs.clear()
-            self.route_costs[key] = cost
+            if len(self._cache) >= CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = cost
         return cost
 
     def _match(self, method: str, path: str) -> float:
@@ -44,10 +43,8 @@ class CostTable:
 
     def cost(self, method: str, path: str, content_length: int = 0) -> float:
         """Tokens this request costs: its route's cost plus one per started size unit beyond the first."""
-        cost = self.route_costs.get((method, path))  # route_cost() inlined: this runs for every request
-        if cost is None:
-            cost = self.route_cost(method, path)
-        if content_length > self._bytes_per_token and self._max_extra:
+        cost = self.route_cost(method, path)
+        if self._max_extra and content_length > self._bytes_per_token:
             extra = (content_length - 1) // self._bytes_per_token
             cost += min(float(extra), self._max_extra)
         return cost

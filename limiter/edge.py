@@ -176,8 +176,9 @@ class Edge:
         if self.options.limited:
             redis_config = config.redis
             self.guard.redis_bucket = RedisBucket.from_url(
-                redis_config.url, timeout_s=redis_config.timeout_ms / 1000, cluster=redis_config.cluster
-            )
+                redis_config.url, timeout_s=redis_config.timeout_ms / 1000, cluster=redis_config.cluster,
+                chunk=redis_config.chunk,
+            )  # fmt: skip
             client_class = redis.asyncio.RedisCluster if redis_config.cluster else redis.asyncio.Redis
             self._rate_client = client_class.from_url(
                 redis_config.url, socket_timeout=RATE_CLIENT_TIMEOUT_S, socket_connect_timeout=RATE_CLIENT_TIMEOUT_S

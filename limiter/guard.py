@@ -269,7 +269,6 @@ class Guard:
         self.config = config
         self._costs = CostTable(config.costs)
         self._cost = self._costs.cost
-        self._route_costs = self._costs.route_costs
         self._clients = dict(config.clients)
         self._prefixes = sorted(
             ((prefix, tiers[name]) for name, tier in config.tiers.items() for prefix in tier.key_prefixes),
@@ -341,9 +340,7 @@ class Guard:
         if route is None:
             route = self._route(key)
         tier, client, keys, resp = route
-        cost = self._route_costs.get((method, path)) if not content_length else None  # no size surcharge
-        if cost is None:
-            cost = self._cost(method, path, content_length)
+        cost = self._cost(method, path, content_length)
         try:
             template = tier.templates.get(cost)
             if template is None:

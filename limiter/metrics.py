@@ -27,8 +27,7 @@ CHECK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05
 DECISION_KEYS = tuple((outcome, source) for outcome in OUTCOMES for source in DECISION_SOURCES)
 DECISION_INDEX = {key: index for index, key in enumerate(DECISION_KEYS)}
 ALLOWED_REDIS = DECISION_INDEX["allowed", "redis"]
-THROTTLED_REDIS = DECISION_INDEX["throttled", "redis"]
-ALLOWED, THROTTLED = OUTCOMES.index("allowed"), OUTCOMES.index("throttled")  # positions in .tokens
+ALLOWED = OUTCOMES.index("allowed")  # position in TierCounters.tokens
 
 
 class TierCounters:

@@ -199,13 +199,20 @@ def batch_command(checks: Sequence[EncodedCheck]) -> list[Any]:
 
 def pack_batch(checks: Sequence[EncodedCheck]) -> bytes:
     """RESP bytes of `batch_command(checks)`, joined from each check's cached key and ARGV bytes."""
+    return _pack_batch(checks)[0]
+
+
+def _pack_batch(checks: Sequence[EncodedCheck]) -> tuple[bytes, int]:
+    """pack_batch(), and the length of the script's reply when every check is answered (now, then per
+    check its verdict and one number per key)."""
     key_count = sum(map(len, map(_KEYS, checks)))
     arg_count = sum(map(len, map(_ARGV, checks)))
     head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + key_count + arg_count, _SHA_BYTES)
     count = b"%d" % key_count
-    return b"".join(
+    packed = b"".join(
         (head, b"$%d\r\n%s\r\n" % (len(count), count), *[check.keys_resp for check in checks], *[check.argv_resp for check in checks])
     )
+    return packed, 1 + len(checks) + key_count
 
 
 def split_reply(reply: Any, checks: Sequence[EncodedCheck]) -> list[RawOutcome | RedisUnavailable]:
@@ -521,8 +528,8 @@ class _Batch:
                     outcome = (reply[at] == 1, reply[at + 1 : end], now_us)
                     at = end
                     if resolve is not None and not future.done():
-                        resolve(future, context, outcome)
-                    else:
+                        resolve(future, context, outcome)  # _settle() inlined for the guard's checks:
+                    else:  # 4k of ~183k instructions per request (callgrind)
                         _settle(item, outcome)
             else:  # some check met an error (its answer is one element), or a malformed reply
                 for item, answer in zip(group, split_reply(reply, [item.check for item in group]), strict=True):
@@ -740,14 +747,9 @@ class RedisBucket:
 
     def _send(self, connection: PipelinedConnection, items: list[_Pending], deadline: float, resent: bool) -> None:
         """One write: up to MAX_BATCH checks per EVALSHA, a deadline timer for the lot."""
-        groups = [items] if len(items) <= MAX_BATCH else _groups(items, batched=True)
-        packed = []
-        sizes = []
-        for group in groups:
-            checks = list(map(_CHECK, group))
-            packed.append(pack_batch(checks))
-            sizes.append(1 + len(checks) + sum(map(len, map(_KEYS, checks))))
-        batch = _Batch(self, connection, groups, sizes, resent)
+        groups = _groups(items, batched=True)
+        packed, sizes = zip(*[_pack_batch(list(map(_CHECK, group))) for group in groups], strict=True)
+        batch = _Batch(self, connection, groups, list(sizes), resent)
         self._in_flight += 1
         self.round_trips += 1
         batch.timer = self._loop.call_at(deadline, batch.on_timeout)  # type: ignore[union-attr]

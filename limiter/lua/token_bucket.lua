@@ -20,7 +20,8 @@
 -- Every key's state is written back once, after the last check of the batch (refilled, and
 -- charged when allowed); a bucket that is full again is deleted (a missing key reads as full),
 -- otherwise the key expires (PX) once the bucket would be full again, so idle clients cost no
--- memory. A write-back that Redis refuses (OOM) fails the whole script: no check is answered.
+-- memory. A write-back that Redis refuses fails the whole script: no check is answered and the
+-- caller falls back (under OOM Redis refuses the first write, so nothing is charged).
 
 local floor, ceil, min, max, format, find, sub = math.floor, math.ceil, math.min, math.max, string.format, string.find, string.sub
 local call, pcall, tonumber = redis.call, pcall, tonumber

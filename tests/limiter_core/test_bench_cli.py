@@ -53,3 +53,16 @@ def test_cpu_bench_runs_both_apps_and_refuses_bad_sizes(tmp_path: Path) -> None:
     assert all(value > 0 for value in result["cpu_us_per_request"].values())
     with pytest.raises(SystemExit):
         bench_limiter_cpu.main(["--requests", "33"])
+
+
+def test_tiny_http_run_measures_all_three_edges_on_redis() -> None:
+    """`bench_limiter_http` serves only 200s through bare, chunked and one-batch-per-turn edges, every
+    limited decision a Redis one, and reports each promised figure (no timing asserted)."""
+    from benchmarks import bench_limiter_http
+
+    result = bench_limiter_http.run_http(1.0, rounds=1)
+    for key in ("http_bare_rps", "http_limited_rps", "http_limited_one_batch_per_turn_rps"):
+        assert result[key] > 0
+    assert set(result) >= {"http_limited_over_bare", "http_chunked_over_one_batch_per_turn", "http_added_p99_ms"}
+    assert result["http_non_200"] == {"bare": 0, "limited": 0, "one_batch": 0}
+    assert set(result["http_limited_redis_decision_share"].values()) == {1.0}

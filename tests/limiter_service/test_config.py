@@ -53,6 +53,7 @@ def test_config_path_from_env(tmp_path: Path) -> None:
         (("cost: 3}", "cost: .nan}"), "cost"),
         (("timeout_ms: 1000", "timeout_ms: 1000\n  retries: 3"), "retries"),
         (("url: REDIS_URL", "url: http://x"), "redis.url"),
+        (("timeout_ms: 1000", "timeout_ms: 1000\n  chunk: 0"), "redis.chunk"),
     ],
 )
 def test_invalid_config_names_the_problem(change: tuple[str, str], message: str) -> None:

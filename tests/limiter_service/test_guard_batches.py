@@ -1,0 +1,92 @@
+"""The guard's request path through real batches on a real redis-server: verdicts settled as the reply is read."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import limiter.redis_bucket
+from limiter.config import parse_config
+from limiter.edge import Edge, EdgeOptions
+from limiter.guard import Guard, Verdict
+from limiter.local_bucket import LocalBucket
+from limiter.metrics import LimiterMetrics
+from limiter.redis_bucket import RedisBucket
+from ratepilot.servers import RedisServer
+from tests.limiter_service.conftest import BASE_CONFIG
+
+
+def _guard(url: str, **bucket_options: Any) -> tuple[Guard, RedisBucket]:
+    config = parse_config(BASE_CONFIG.replace("REDIS_URL", url), {})
+    guard = Guard(config, None, LocalBucket(), LimiterMetrics(CollectorRegistry()))
+    bucket = RedisBucket.from_url(url, timeout_s=1.0, **bucket_options)
+    guard.redis_bucket = bucket
+    return guard, bucket
+
+
+def test_a_cancelled_request_does_not_disturb_the_others_of_its_batch(redis_server: RedisServer) -> None:
+    """A request whose future is cancelled (client gone) while its check is out: the rest of the same
+    script still get their Redis verdicts, and the bucket keeps working."""
+
+    async def scenario() -> tuple[list[Verdict], bool, Verdict]:
+        guard, bucket = _guard(redis_server.url, chunk=1000)  # all three in one script
+        await bucket.warm_up()
+        try:
+            pending = [guard.start(f"free_{i}".encode(), "GET", "/v1/items") for i in range(3)]
+            assert all(isinstance(p, asyncio.Future) for p in pending)
+            pending[1].cancel()  # type: ignore[union-attr]
+            # bounded: a reply loop that broke on the cancelled future would leave the others unsettled
+            others = [await asyncio.wait_for(pending[0], 5), await asyncio.wait_for(pending[2], 5)]  # type: ignore[arg-type]
+            after = await guard.decide("free_3", "GET", "/v1/items")
+            return others, pending[1].cancelled(), after  # type: ignore[union-attr]
+        finally:
+            await bucket.aclose()
+
+    others, cancelled, after = asyncio.run(scenario())
+    assert cancelled
+    assert [(v.allowed, v.source) for v in others] == [(True, "redis"), (True, "redis")]
+    assert (after.allowed, after.source) == (True, "redis")
+
+
+def test_answered_batches_take_the_inlined_reply_path(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When every check of a script is answered, the reply is split in the reply loop itself (split_reply
+    is only for replies with an error in them); the verdicts are the Redis ones."""
+
+    def refuse(*_: Any) -> None:
+        raise AssertionError("split_reply used for a reply whose checks were all answered")
+
+    monkeypatch.setattr(limiter.redis_bucket, "split_reply", refuse)
+
+    async def scenario() -> list[Verdict]:
+        guard, bucket = _guard(redis_server.url, chunk=4)
+        await bucket.warm_up()
+        try:
+            checks = asyncio.gather(*(guard.decide(f"free_{i % 3}", "GET", "/v1/items") for i in range(10)))
+            return await asyncio.wait_for(checks, 10)
+        finally:
+            await bucket.aclose()
+
+    verdicts = asyncio.run(scenario())
+    assert [v.source for v in verdicts] == ["redis"] * 10
+    assert [v.allowed for v in verdicts] == [True] * 8 + [False] * 2  # the free tier's aggregate burst is 8
+
+
+def test_the_edge_sends_checks_in_the_configured_chunks(redis_server: RedisServer) -> None:
+    """`redis.chunk` reaches the edge's Redis bucket."""
+    config = parse_config(BASE_CONFIG.replace("REDIS_URL", redis_server.url).replace("timeout_ms: 1000", "timeout_ms: 1000\n  chunk: 3"), {})
+    assert config.redis.chunk == 3
+    edge = Edge(config, EdgeOptions(backend="echo", admin=False))
+
+    async def scenario() -> int:
+        await edge.start()
+        try:
+            bucket = edge.guard.redis_bucket
+            assert isinstance(bucket, RedisBucket)
+            return bucket.chunk
+        finally:
+            await edge.stop()
+
+    assert asyncio.run(scenario()) == 3
