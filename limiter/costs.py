@@ -43,7 +43,9 @@ class CostTable:
 
     def cost(self, method: str, path: str, content_length: int = 0) -> float:
         """Tokens this request costs: its route's cost plus one per started size unit beyond the first."""
-        cost = self.route_cost(method, path)
+        cost = self._cache.get((method, path))  # route_cost() inlined: this runs for every request
+        if cost is None:
+            cost = self.route_cost(method, path)
         if self._max_extra and content_length > self._bytes_per_token:
             extra = (content_length - 1) // self._bytes_per_token
             cost += min(float(extra), self._max_extra)

@@ -129,6 +129,8 @@ _encoded_cache: dict[tuple[Any, ...], tuple[list[bytes], list[_BucketArgs], byte
 _Item = TypeVar("_Item")
 _new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
 _KEYS, _ARGV = itemgetter(0), itemgetter(1)  # EncodedCheck.keys, .argv, for map() over a batch
+_ARGV_RESP, _KEYS_RESP = itemgetter(3), itemgetter(4)  # EncodedCheck.argv_resp, .keys_resp
+_heads: dict[tuple[int, int], bytes] = {}  # (keys, ARGV items) of a batch -> its RESP head up to the key count
 _CHECK = itemgetter(0)  # _Pending.check
 
 
@@ -207,12 +209,14 @@ def _pack_batch(checks: Sequence[EncodedCheck]) -> tuple[bytes, int]:
     check its verdict and one number per key)."""
     key_count = sum(map(len, map(_KEYS, checks)))
     arg_count = sum(map(len, map(_ARGV, checks)))
-    head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + key_count + arg_count, _SHA_BYTES)
-    count = b"%d" % key_count
-    packed = b"".join(
-        (head, b"$%d\r\n%s\r\n" % (len(count), count), *[check.keys_resp for check in checks], *[check.argv_resp for check in checks])
-    )
-    return packed, 1 + len(checks) + key_count
+    head = _heads.get((key_count, arg_count))
+    if head is None:  # a batch's shape repeats: its head is formatted once
+        count = b"%d" % key_count
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%s\r\n" % (3 + key_count + arg_count, _SHA_BYTES, len(count), count)
+        if len(_heads) >= _ARGS_CACHE_LIMIT:
+            _heads.clear()
+        _heads[key_count, arg_count] = head
+    return b"".join((head, *map(_KEYS_RESP, checks), *map(_ARGV_RESP, checks))), 1 + len(checks) + key_count
 
 
 def split_reply(reply: Any, checks: Sequence[EncodedCheck]) -> list[RawOutcome | RedisUnavailable]:
@@ -496,7 +500,7 @@ class _Batch:
     """Checks sent in one write on the bucket's connection: one EVALSHA per group, replies in order."""
 
     __slots__ = (
-        "bucket", "connection", "groups", "sizes", "answered", "epoch", "resent", "timer", "noscript", "lost", "timed_out",
+        "bucket", "connection", "groups", "sizes", "answered", "epoch", "resent", "deadline", "noscript", "lost", "timed_out",
     )  # fmt: skip
 
     def __init__(
@@ -509,7 +513,7 @@ class _Batch:
         self.answered = 0  # groups whose reply (or failure) came
         self.epoch = bucket._script_epoch
         self.resent = resent  # already resent once after NOSCRIPT
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time after which the batch has timed out (the bucket's watchdog checks it)
         self.noscript: list[_Pending] = []
         self.lost: Exception | None = None
         self.timed_out = False
@@ -605,6 +609,9 @@ class RedisBucket:
         self._script_epoch = 0  # bumped by every SCRIPT LOAD
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._out: list[_Batch] = []  # batches sent on the connection and not yet finished, in send order
+        self._watchdog: asyncio.TimerHandle | None = None  # fires at the earliest deadline of `_out`
+        self._watchdog_at = 0.0
         # Single Redis: our own pipelined connection, opened with the client's connection settings.
         self._options: dict[str, Any] | None = None
         if isinstance(client, redis.asyncio.Redis):
@@ -654,6 +661,9 @@ class RedisBucket:
         if self._connection is not None:
             self._connection.abort(_Abandoned("bucket closed"))
             self._connection = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         pending, self._pending = self._pending, []
         _fail(pending, "bucket closed")
         self._loop = None
@@ -746,23 +756,48 @@ class RedisBucket:
         self._send(connection, batch, now + self.timeout_s + waited, resent=False)
 
     def _send(self, connection: PipelinedConnection, items: list[_Pending], deadline: float, resent: bool) -> None:
-        """One write: up to MAX_BATCH checks per EVALSHA, a deadline timer for the lot."""
-        groups = _groups(items, batched=True)
-        packed, sizes = zip(*[_pack_batch(list(map(_CHECK, group))) for group in groups], strict=True)
-        batch = _Batch(self, connection, groups, list(sizes), resent)
+        """One write: up to MAX_BATCH checks per EVALSHA, under the watchdog's deadline."""
+        if len(items) <= MAX_BATCH:  # one EVALSHA: the common case
+            data, size = _pack_batch(list(map(_CHECK, items)))
+            groups, sizes = [items], [size]
+        else:
+            groups = _groups(items, batched=True)
+            packed, sized = zip(*[_pack_batch(list(map(_CHECK, group))) for group in groups], strict=True)
+            data, sizes = b"".join(packed), list(sized)
+        batch = _Batch(self, connection, groups, sizes, resent)
         self._in_flight += 1
         self.round_trips += 1
-        batch.timer = self._loop.call_at(deadline, batch.on_timeout)  # type: ignore[union-attr]
+        batch.deadline = deadline
+        self._out.append(batch)
+        if self._watchdog is None or deadline < self._watchdog_at:
+            self._arm_watchdog(deadline)
         try:
-            connection.send(b"".join(packed), [batch.on_reply] * len(groups))
+            connection.send(data, [batch.on_reply] * len(groups))
         except ConnectionError as error:  # closed between the check and the write
             for _ in groups:
                 batch.on_reply(error)
 
+    def _arm_watchdog(self, when: float) -> None:
+        # One timer for all batches out (decision): a call_at and a cancel per batch cost about a
+        # tenth of the request path's Python; the watchdog fires about once per timeout instead.
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog_at = when
+        self._watchdog = self._loop.call_at(when, self._check_deadlines)  # type: ignore[union-attr]
+
+    def _check_deadlines(self) -> None:
+        """Watchdog: time out the batches past their deadline, then wait for the next deadline."""
+        self._watchdog = None
+        now = self._loop.time()  # type: ignore[union-attr]
+        for batch in list(self._out):
+            if batch.deadline <= now and batch in self._out:  # an earlier timeout may have finished it
+                batch.on_timeout()
+        if self._out:
+            self._arm_watchdog(min(batch.deadline for batch in self._out))
+
     def _finished(self, batch: _Batch) -> None:
         """Every group of `batch` answered (or failed): settle the back-off, resend NOSCRIPT checks, flush."""
-        if batch.timer is not None:
-            batch.timer.cancel()
+        self._out.remove(batch)
         self._in_flight -= 1
         if batch.lost is not None:
             if not isinstance(batch.lost, _Abandoned):  # our own abort was counted where it happened

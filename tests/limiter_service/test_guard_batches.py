@@ -90,3 +90,29 @@ def test_the_edge_sends_checks_in_the_configured_chunks(redis_server: RedisServe
             await edge.stop()
 
     assert asyncio.run(scenario()) == 3
+
+
+def test_new_rates_reach_the_next_check_of_a_cached_route(redis_server: RedisServer) -> None:
+    """A client's encoded check and the RateLimit field parts are cached; new rates from the rate table
+    drop them, so the very next request is checked and described with the new burst."""
+    from limiter.rate_reader import TierRates
+
+    async def scenario() -> tuple[Verdict, Verdict, Verdict]:
+        guard, bucket = _guard(redis_server.url)
+        await bucket.warm_up()
+        try:
+            before = await guard.decide("free_rates", "GET", "/v1/items")
+            again = await guard.decide("free_rates", "GET", "/v1/items")  # cached route and field parts
+            guard.apply_rates({"free": TierRates(rate=0.001, burst=40, client_rate=0.001, client_burst=30, source="controller")})
+            after = await guard.decide("free_rates", "GET", "/v1/items")
+            return before, again, after
+        finally:
+            await bucket.aclose()
+
+    before, again, after = asyncio.run(scenario())
+    assert [v.source for v in (before, again, after)] == ["redis"] * 3
+    assert before.ratelimit_field().startswith(b'"client";r=4;') and again.ratelimit_field().startswith(b'"client";r=3;')
+    # the bucket's state carries over (3 tokens left, minus this request), the capacity is the new one
+    assert after.decisions[0].limit == 30 and after.ratelimit_field().startswith(b'"client";r=2;')
+    assert after.ratelimit_field() == after.ratelimit_field_from_decisions()
+    assert after.policy_header.startswith(b'"client";q=30;')

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from limiter.bucket import MICRO, BucketSpec
-from limiter.guard import Verdict
+from limiter.guard import FIELD_PARTS_LIMIT, Verdict
 from limiter.redis_bucket import check_template
 
 
@@ -32,4 +32,22 @@ def test_ratelimit_field_from_integers_equals_the_one_from_decisions(
     args: list[Any] = [allowed, _Tier, "client", 1.0, "redis", None, None, tokens, buckets]
     verdict = Verdict(*args)
     assert len(verdict.decisions) == 2
-    assert verdict.ratelimit_field() == verdict.ratelimit_field_from_decisions()
+    expected = verdict.ratelimit_field_from_decisions()
+    assert verdict.ratelimit_field() == expected
+    # with the tier's caches of field parts: formatted once, then read back, the same bytes
+    parts: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})
+    cached = Verdict(*args, parts)
+    assert cached.ratelimit_field() == expected
+    assert parts[0] and parts[1]
+    assert cached.ratelimit_field() == expected
+
+
+def test_field_part_caches_stay_bounded() -> None:
+    """A bucket whose tokens never repeat fills its cache only up to FIELD_PARTS_LIMIT."""
+    specs = [BucketSpec(10.0, 10.0), BucketSpec(100.0, 100.0)]
+    _, buckets, _ = check_template(specs, 1.0)
+    parts: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})
+    for tokens_ut in range(FIELD_PARTS_LIMIT + 10):
+        verdict = Verdict(True, _Tier, "client", 1.0, "redis", None, None, [tokens_ut, tokens_ut], buckets, parts)
+        assert verdict.ratelimit_field() == verdict.ratelimit_field_from_decisions()
+    assert 0 < len(parts[0]) <= FIELD_PARTS_LIMIT and 0 < len(parts[1]) <= FIELD_PARTS_LIMIT
