@@ -376,28 +376,28 @@ class SyncRedisBucket:
         return [_script_result(outcome, check.buckets) for outcome, check in zip(self._call_many(checks), checks, strict=True)]
 
     def _one(self, check: EncodedCheck) -> RawOutcome:
-        outcome = split_reply(self._call(batch_command([check])), [check])[0]
+        outcome = split_reply(self._call(check), [check])[0]
         if isinstance(outcome, RedisUnavailable):
             raise outcome
         return outcome
 
-    def _call(self, command: list[Any]) -> Any:
+    def _call(self, check: EncodedCheck) -> Any:
         if self.backoff.blocked():
             raise RedisUnavailable(f"redis backing off for {self.backoff.remaining_s:.3f} s after a failure")
         try:
             if isinstance(self.client, redis.Redis):  # the lean path: about half the client time of execute_command
-                reply = self._pipeline([command])[0]
+                reply = self._pipeline([[check]])[0]
                 if isinstance(reply, NoScriptError):
                     self.load_script()
-                    reply = self._pipeline([command])[0]  # NOSCRIPT: it did not run, safe to send
+                    reply = self._pipeline([[check]])[0]  # NOSCRIPT: it did not run, safe to send
                 if isinstance(reply, Exception):
                     raise reply
             else:
                 try:
-                    reply = self.client.execute_command(*command)
+                    reply = self.client.execute_command(*batch_command([check]))
                 except NoScriptError:
                     self.load_script()
-                    reply = self.client.execute_command(*command)  # NOSCRIPT: it did not run, safe to send
+                    reply = self.client.execute_command(*batch_command([check]))  # NOSCRIPT: it did not run, safe to send
         except _CONNECTION_ERRORS as error:
             self.backoff.failure()
             raise RedisUnavailable(f"redis unreachable: {error}") from error
@@ -412,13 +412,12 @@ class SyncRedisBucket:
         if self.backoff.blocked():
             raise RedisUnavailable(f"redis backing off for {self.backoff.remaining_s:.3f} s after a failure")
         groups = _groups(checks, batched=isinstance(self.client, redis.Redis))
-        commands = [batch_command(group) for group in groups]
         try:
-            replies = self._pipeline(commands)
+            replies = self._pipeline(groups)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:
                 self.load_script()
-                for i, reply in zip(missing, self._pipeline([commands[i] for i in missing]), strict=True):
+                for i, reply in zip(missing, self._pipeline([groups[i] for i in missing]), strict=True):
                     replies[i] = reply
         except _CONNECTION_ERRORS as error:
             self.backoff.failure()
@@ -436,25 +435,25 @@ class SyncRedisBucket:
         self.backoff.success()
         return outcomes
 
-    def _pipeline(self, commands: list[list[Any]]) -> list[Any]:
-        """One round trip; error replies come back as exception objects in place."""
+    def _pipeline(self, groups: list[list[EncodedCheck]]) -> list[Any]:
+        """One round trip, one EVALSHA per group; error replies come back as exception objects in place."""
         if not isinstance(self.client, redis.Redis):  # a cluster client routes each command to its node
             pipe = self.client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
+            for group in groups:
+                pipe.execute_command(*batch_command(group))
             return list(pipe.execute(raise_on_error=False))
-        # Single Redis: pack with hiredis and read the replies straight off the bucket's own
-        # connection (redis-py's pipeline, and its pool's get/release, cost more per call than the
-        # script costs the server).
+        # Single Redis: join the checks' cached RESP bytes and read the replies straight off the
+        # bucket's own connection (redis-py's pipeline, and its pool's get/release, cost more per
+        # call than the script costs the server).
         with self._lock:
             connection = self._connection
             if connection is None:
                 pool = self.client.connection_pool
                 connection = self._connection = pool.connection_class(**pool.connection_kwargs)
             try:
-                connection.send_packed_command([b"".join(map(_pack, commands))], check_health=False)
+                connection.send_packed_command([b"".join([_pack_batch(group)[0] for group in groups])], check_health=False)
                 replies: list[Any] = []
-                for _ in commands:
+                for _ in groups:
                     try:
                         replies.append(connection.read_response())
                     except ResponseError as error:
@@ -935,11 +934,6 @@ def _groups(checks: list[_Item], batched: bool) -> list[list[_Item]]:
     if not batched:
         return [[check] for check in checks]
     return [checks[i : i + MAX_BATCH] for i in range(0, len(checks), MAX_BATCH)]
-
-
-def _pack(command: list[Any]) -> bytes:
-    """RESP bytes of one command (hiredis' packer: C, no per-argument Python)."""
-    return bytes(hiredis.pack_command(tuple(command)))
 
 
 def _fail(batch: list[_Pending], message: str) -> None:
