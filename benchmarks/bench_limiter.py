@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `ratepilot bench limiter`."""
     parser.add_argument("--seconds", type=float, default=3.0, help="total measuring time per method (default 3)")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved slices the time is cut into (default 30)")
-    parser.add_argument("--http-seconds", type=float, default=5.0, help="duration of each HTTP measurement")
+    parser.add_argument("--http-seconds", type=float, default=8.0, help="duration of each HTTP measurement (8 rounds)")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP part")
 
 
