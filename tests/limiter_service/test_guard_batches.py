@@ -8,13 +8,15 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+import limiter.guard
 import limiter.redis_bucket
+from limiter.bucket import BucketSpec
 from limiter.config import parse_config
 from limiter.edge import Edge, EdgeOptions
 from limiter.guard import Guard, Verdict
 from limiter.local_bucket import LocalBucket
 from limiter.metrics import LimiterMetrics
-from limiter.redis_bucket import RedisBucket
+from limiter.redis_bucket import RedisBucket, encode_check
 from ratepilot.servers import RedisServer
 from tests.limiter_service.conftest import BASE_CONFIG
 
@@ -116,3 +118,54 @@ def test_new_rates_reach_the_next_check_of_a_cached_route(redis_server: RedisSer
     assert after.decisions[0].limit == 30 and after.ratelimit_field().startswith(b'"client";r=2;')
     assert after.ratelimit_field() == after.ratelimit_field_from_decisions()
     assert after.policy_header.startswith(b'"client";q=30;')
+
+
+def test_a_resolver_that_raises_does_not_leave_the_rest_of_its_batch_hanging(redis_server: RedisServer) -> None:
+    """A resolver that raises on one check's outcome (a bug, a reply it cannot read): that request gets the
+    resolver's failure answer, the others of the same script still get their Redis outcomes, and the
+    bucket keeps deciding."""
+    def resolve(future: asyncio.Future[Any], context: str, outcome: Any) -> None:
+        if context == "boom" and type(outcome) is tuple:
+            raise ValueError("cannot read this outcome")
+        future.set_result(("redis", outcome[0]) if type(outcome) is tuple else ("failed", type(outcome).__name__))
+
+    async def scenario() -> tuple[list[Any], Any]:
+        bucket = RedisBucket.from_url(redis_server.url, timeout_s=1.0, chunk=1000)  # all three in one script
+        await bucket.warm_up()
+        loop = asyncio.get_running_loop()
+        try:
+            check = encode_check(["{t}:resolver"], [BucketSpec(rate=10.0, capacity=10.0)], 1.0)
+            futures = [loop.create_future() for _ in range(3)]
+            for future, context in zip(futures, ["ok", "boom", "ok"], strict=True):
+                bucket.submit_to(check, future, resolve, context)
+            # bounded: a reply loop stopped by the exception would leave the third request unsettled
+            settled = [await asyncio.wait_for(future, 5) for future in futures]
+            after: asyncio.Future[Any] = loop.create_future()
+            bucket.submit_to(check, after, resolve, "ok")
+            return settled, await asyncio.wait_for(after, 5)
+        finally:
+            await bucket.aclose()
+
+    settled, after = asyncio.run(scenario())
+    assert settled == [("redis", True), ("failed", "RedisUnavailable"), ("redis", True)]
+    assert after == ("redis", True)
+
+
+def test_a_guard_whose_verdict_fails_falls_back_instead_of_hanging(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard's own resolver raising on a Redis outcome: the request is decided by the tier's failure
+    policy (the local guard for fail_open) instead of waiting forever."""
+
+    async def scenario() -> list[Verdict]:
+        guard, bucket = _guard(redis_server.url, chunk=1000)
+        await bucket.warm_up()
+        try:
+            monkeypatch.setattr(limiter.guard, "bisect_left", lambda *_: 1 / 0)  # breaks the Redis-outcome path only
+            checks = asyncio.gather(*(guard.decide(f"free_{i}", "GET", "/v1/items") for i in range(3)))
+            return await asyncio.wait_for(checks, 5)
+        finally:
+            await bucket.aclose()
+
+    verdicts = asyncio.run(scenario())
+    assert [(v.allowed, v.source) for v in verdicts] == [(True, "local")] * 3
