@@ -51,6 +51,9 @@ class ManagedProcess:
     env: dict[str, str] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        self.workdir = self.workdir.resolve()  # the child runs in it: a relative path would not resolve twice
+
     @property
     def log_path(self) -> Path:
         """Where the process writes stdout and stderr."""
@@ -114,7 +117,7 @@ class RedisServer(ManagedProcess):
 
     def __init__(self, workdir: Path | None = None, port: int | None = None, extra_args: list[str] | None = None):
         port = port or free_port()
-        workdir = workdir or Path(tempfile.mkdtemp(prefix="ratepilot-redis-"))
+        workdir = (workdir or Path(tempfile.mkdtemp(prefix="ratepilot-redis-"))).resolve()  # redis runs in it
         argv = [
             find_binary("redis-server"),
             "--port", str(port),
@@ -149,10 +152,10 @@ class PrometheusServer(ManagedProcess):
         port: int | None = None,
     ):
         port = port or free_port()
-        workdir = workdir or Path(tempfile.mkdtemp(prefix="ratepilot-prom-"))
+        workdir = (workdir or Path(tempfile.mkdtemp(prefix="ratepilot-prom-"))).resolve()  # prometheus runs in it
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "prometheus.yml"
-        rules = "".join(f"  - {p}\n" for p in (rule_files or []))
+        rules = "".join(f"  - {p.resolve()}\n" for p in (rule_files or []))
         config.write_text(
             "global:\n"
             f"  scrape_interval: {scrape_interval_s:g}s\n"

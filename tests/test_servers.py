@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import redis
 
-from ratepilot.servers import RedisServer
+from ratepilot.servers import PrometheusServer, RedisServer
 
 
 def test_redis_fixture_is_real_and_not_6379(redis_server: RedisServer) -> None:
@@ -55,3 +56,19 @@ def test_prometheus_fixture_scrapes_itself(prometheus_factory) -> None:
             break
         time.sleep(0.5)
     assert '"value"' in body and '"1"' in body
+
+
+def test_servers_start_in_relative_workdirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative workdir (the demo's default output folder) works although each server runs inside it."""
+    monkeypatch.chdir(tmp_path)
+    redis_server = RedisServer(workdir=Path("out/redis"))
+    prometheus = PrometheusServer([], workdir=Path("out/prometheus"))
+    try:
+        redis_server.start()
+        prometheus.start()
+        assert redis.Redis.from_url(redis_server.url).ping()
+        assert redis_server.log_path == tmp_path / "out" / "redis" / "redis.log"
+        assert (tmp_path / "out" / "prometheus" / "data").is_dir()
+    finally:
+        redis_server.stop()
+        prometheus.stop()

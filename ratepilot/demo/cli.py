@@ -121,10 +121,11 @@ def main(argv: list[str]) -> int:
         tick_interval_s=args.tick_interval,
         workers=max(2, round(capacity * MEAN_SERVICE_S)),
         policy=args.policy,
-        model=args.model,
+        model=str(Path(args.model).resolve()) if args.model else None,  # the parts run in their own folders
         seed=args.seed,
     )
-    out = args.out or Path("demo-output") / time.strftime("run-%Y%m%d-%H%M%S")
+    # absolute: the parts run with their own folder as working directory and get paths into `out`
+    out = (args.out or Path("demo-output") / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
     console.print(
         f"[bold]ratepilot demo[/]: {schedule.name} scenario, {schedule.duration_s} s per run, {cores} cores\n"
         f"  scale {scale:.3g}: nominal backend capacity {capacity:.0f} req/s ({settings.workers} workers), "

@@ -31,10 +31,10 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def run_demo(*args: str, timeout_s: float = 150) -> subprocess.CompletedProcess[str]:
+def run_demo(*args: str, timeout_s: float = 150, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """`ratepilot demo ARGS` in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "ratepilot.cli", "demo", *args], capture_output=True, text=True, timeout=timeout_s
+        [sys.executable, "-m", "ratepilot.cli", "demo", *args], capture_output=True, text=True, timeout=timeout_s, cwd=cwd
     )
 
 
@@ -43,11 +43,14 @@ POLICY = "rl" if DEFAULT_MODEL_PATH.is_file() else "aimd"
 
 
 def test_short_demo_runs_the_closed_loop_and_stops_everything(tmp_path: Path) -> None:
-    out, report = tmp_path / "out", tmp_path / "demo.json"
+    """Without --out, as `make demo` runs it: the output goes to demo-output/run-TIME under the working
+    directory (a relative folder the parts, each started in its own folder, must still find)."""
+    report = tmp_path / "demo.json"
     result = run_demo(
-        "--duration", "20", "--no-compare", "--scale", "0.5", "--policy", POLICY, "--out", str(out), "--json", str(report)
+        "--duration", "20", "--no-compare", "--scale", "0.5", "--policy", POLICY, "--json", "demo.json", cwd=tmp_path
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (out,) = (tmp_path / "demo-output").iterdir()
     data = json.loads(report.read_text())
     assert set(data) == {"adaptive", "meta"}
     adaptive = data["adaptive"]
