@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -492,8 +493,29 @@ def _settle(item: _Pending, outcome: RawOutcome | RedisUnavailable) -> None:
         _resolver_failed(item, error)
 
 
-RESOLVER_LOG_EVERY_S = 10.0
-_resolver_errors = [0, -RESOLVER_LOG_EVERY_S]  # failures since the last log line, when it was written
+class ThrottledLog:
+    """Logs an error at most once per `interval_s`, with how often it happened since the last line
+    (a failure on the request path would otherwise write one line per request)."""
+
+    def __init__(self, message: str, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.message = message
+        self.interval_s = interval_s
+        self.clock = clock
+        self.unlogged = 0  # occurrences since the last line
+        self.logged_at = -math.inf
+
+    def error(self, error: Exception) -> bool:
+        """Count one occurrence; log it (True) unless a line was written within the interval."""
+        self.unlogged += 1
+        now = self.clock()
+        if now - self.logged_at < self.interval_s:
+            return False
+        log.error("%s (%d times since the last line): %r", self.message, self.unlogged, error, exc_info=error)
+        self.unlogged, self.logged_at = 0, now
+        return True
+
+
+_resolver_errors = ThrottledLog("settling a check failed")
 
 
 def _resolver_failed(item: _Pending, error: Exception) -> None:
@@ -501,11 +523,7 @@ def _resolver_failed(item: _Pending, error: Exception) -> None:
     answer (the resolver's failure path, else the error itself), and the checks after it in the reply
     are settled as usual; a hung request would wait forever, its batch already counted as answered."""
     _, future, resolve, context = item
-    now = time.monotonic()
-    _resolver_errors[0] += 1
-    if now - _resolver_errors[1] >= RESOLVER_LOG_EVERY_S:  # one line per interval, not one per request
-        log.error("settling a check failed (%d times since the last line): %r", _resolver_errors[0], error, exc_info=error)
-        _resolver_errors[:] = [0, now]
+    _resolver_errors.error(error)
     if future.done() or resolve is None:
         return
     failure = RedisUnavailable(f"could not settle the check: {error!r:.200}")

@@ -51,9 +51,6 @@ class ManagedProcess:
     env: dict[str, str] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        self.workdir = self.workdir.resolve()  # the child runs in it: a relative path would not resolve twice
-
     @property
     def log_path(self) -> Path:
         """Where the process writes stdout and stderr."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,10 +45,16 @@ POLICY = "rl" if DEFAULT_MODEL_PATH.is_file() else "aimd"
 
 def test_short_demo_runs_the_closed_loop_and_stops_everything(tmp_path: Path) -> None:
     """Without --out, as `make demo` runs it: the output goes to demo-output/run-TIME under the working
-    directory (a relative folder the parts, each started in its own folder, must still find)."""
+    directory (a relative folder the parts, each started in its own folder, must still find; so must
+    the controller a relative --model)."""
     report = tmp_path / "demo.json"
+    model = []
+    if POLICY == "rl":
+        shutil.copy(DEFAULT_MODEL_PATH, tmp_path / "policy.npz")
+        model = ["--model", "policy.npz"]
     result = run_demo(
-        "--duration", "20", "--no-compare", "--scale", "0.5", "--policy", POLICY, "--json", "demo.json", cwd=tmp_path
+        "--duration", "20", "--no-compare", "--scale", "0.5", "--policy", POLICY, *model, "--json", "demo.json",
+        cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (out,) = (tmp_path / "demo-output").iterdir()

@@ -16,7 +16,7 @@ from limiter.edge import Edge, EdgeOptions
 from limiter.guard import Guard, Verdict
 from limiter.local_bucket import LocalBucket
 from limiter.metrics import LimiterMetrics
-from limiter.redis_bucket import RedisBucket, encode_check
+from limiter.redis_bucket import RedisBucket, ThrottledLog, encode_check
 from ratepilot.servers import RedisServer
 from tests.limiter_service.conftest import BASE_CONFIG
 
@@ -120,10 +120,13 @@ def test_new_rates_reach_the_next_check_of_a_cached_route(redis_server: RedisSer
     assert after.policy_header.startswith(b'"client";q=30;')
 
 
-def test_a_resolver_that_raises_does_not_leave_the_rest_of_its_batch_hanging(redis_server: RedisServer) -> None:
-    """A resolver that raises on one check's outcome (a bug, a reply it cannot read): that request gets the
-    resolver's failure answer, the others of the same script still get their Redis outcomes, and the
-    bucket keeps deciding."""
+def test_a_resolver_that_raises_does_not_leave_the_rest_of_its_batch_hanging(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A resolver that raises on a check's outcome (a bug, a reply it cannot read): that request gets the
+    resolver's failure answer, the others of the same script still get their Redis outcomes, the bucket
+    keeps deciding, and the failures of one interval make one log line."""
+    monkeypatch.setattr(limiter.redis_bucket, "_resolver_errors", ThrottledLog("settling a check failed"))
     def resolve(future: asyncio.Future[Any], context: str, outcome: Any) -> None:
         if context == "boom" and type(outcome) is tuple:
             raise ValueError("cannot read this outcome")
@@ -135,8 +138,8 @@ def test_a_resolver_that_raises_does_not_leave_the_rest_of_its_batch_hanging(red
         loop = asyncio.get_running_loop()
         try:
             check = encode_check(["{t}:resolver"], [BucketSpec(rate=10.0, capacity=10.0)], 1.0)
-            futures = [loop.create_future() for _ in range(3)]
-            for future, context in zip(futures, ["ok", "boom", "ok"], strict=True):
+            futures = [loop.create_future() for _ in range(4)]
+            for future, context in zip(futures, ["ok", "boom", "ok", "boom"], strict=True):
                 bucket.submit_to(check, future, resolve, context)
             # bounded: a reply loop stopped by the exception would leave the third request unsettled
             settled = [await asyncio.wait_for(future, 5) for future in futures]
@@ -147,8 +150,23 @@ def test_a_resolver_that_raises_does_not_leave_the_rest_of_its_batch_hanging(red
             await bucket.aclose()
 
     settled, after = asyncio.run(scenario())
-    assert settled == [("redis", True), ("failed", "RedisUnavailable"), ("redis", True)]
+    failed = ("failed", "RedisUnavailable")
+    assert settled == [("redis", True), failed, ("redis", True), failed]
     assert after == ("redis", True)
+    lines = [r for r in caplog.records if r.name == "ratepilot.redis_bucket" and "settling a check failed" in r.getMessage()]
+    assert len(lines) == 1 and "cannot read this outcome" in lines[0].getMessage()
+
+
+def test_throttled_log_writes_one_line_per_interval_with_the_count() -> None:
+    """Pure logic on a fake clock: a line for the first error, none within the interval, then one that
+    counts every error since the last line."""
+    now = [100.0]
+    errors = ThrottledLog("boom", interval_s=10.0, clock=lambda: now[0])
+    assert errors.error(ValueError("1")) is True
+    assert [errors.error(ValueError(str(i))) for i in range(3)] == [False] * 3
+    now[0] += 10.0
+    assert errors.unlogged == 3
+    assert errors.error(ValueError("5")) is True and errors.unlogged == 0
 
 
 def test_a_guard_whose_verdict_fails_falls_back_instead_of_hanging(
