@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import redis
 
 from limiter.backoff import Backoff
@@ -25,6 +28,7 @@ SLOW = BucketSpec(1e-3, 100)  # refills nothing worth a token within a test
 HUNG_TIMEOUT_S = 0.05
 # Scheduling slack on a loaded 2-core machine; a client without a timeout would hang for good.
 SLACK_S = 0.25
+PAUSE_S = 1.5  # CLIENT PAUSE length: longer than each hung phase below
 
 
 def test_killed_then_restarted_errors_are_wrapped_backs_off_and_recovers(redis_server: RedisServer) -> None:
@@ -73,15 +77,34 @@ def test_killed_then_restarted_errors_are_wrapped_backs_off_and_recovers(redis_s
     assert reloads == 1  # the restarted server had lost the script: loaded once
 
 
-def test_hung_redis_every_check_returns_within_timeout(redis_server: RedisServer) -> None:
-    """SIGSTOPped Redis: each check (async and sync) raises RedisUnavailable within the timeout."""
+@contextmanager
+def hung(redis_server: RedisServer, how: str) -> Iterator[None]:
+    """Redis hangs for the block: SIGSTOPped, or every client's commands held by CLIENT PAUSE ALL."""
+    if how == "sigstop":
+        redis_server.pause()
+        try:
+            yield
+        finally:
+            redis_server.resume()
+        return
+    admin = redis.Redis.from_url(redis_server.url, socket_timeout=PAUSE_S + 5)
+    admin.client_pause(int(PAUSE_S * 1000), all=True)
+    try:
+        yield
+    finally:
+        admin.ping()  # held until the pause ends by itself (CLIENT UNPAUSE would be held too)
+        admin.close()
+
+
+@pytest.mark.parametrize("how", ["sigstop", "client_pause"])
+def test_hung_redis_every_check_returns_within_timeout(redis_server: RedisServer, how: str) -> None:
+    """Hung Redis (SIGSTOP or CLIENT PAUSE): each check (async and sync) raises RedisUnavailable within the timeout."""
 
     async def scenario() -> list[float]:
         bucket = RedisBucket.from_url(redis_server.url, timeout_s=HUNG_TIMEOUT_S)
         await bucket.check(["rp:{t}:c:a"], [SLOW], 1)  # connected, script loaded
-        redis_server.pause()
         durations = []
-        try:
+        with hung(redis_server, how):
             for round_ in range(6):
                 started = time.monotonic()
                 results = await asyncio.gather(
@@ -90,8 +113,6 @@ def test_hung_redis_every_check_returns_within_timeout(redis_server: RedisServer
                 durations.append(time.monotonic() - started)
                 assert all(isinstance(result, RedisUnavailable) for result in results), results
                 await asyncio.sleep(0.04 * round_)  # let the back-off window pass now and then: fresh probes
-        finally:
-            redis_server.resume()
         await bucket.aclose()
         return durations
 
@@ -100,8 +121,7 @@ def test_hung_redis_every_check_returns_within_timeout(redis_server: RedisServer
 
     sync_bucket = SyncRedisBucket.from_url(redis_server.url, timeout_s=HUNG_TIMEOUT_S)
     sync_bucket.check(["rp:{t}:c:b"], [SLOW], 1)
-    redis_server.pause()
-    try:
+    with hung(redis_server, how):
         started = time.monotonic()
         for _ in range(3):
             try:
@@ -111,8 +131,8 @@ def test_hung_redis_every_check_returns_within_timeout(redis_server: RedisServer
             else:
                 raise AssertionError("a check succeeded against a hung Redis")
         assert time.monotonic() - started < 3 * (HUNG_TIMEOUT_S + SLACK_S)
-    finally:
-        redis_server.resume()
+    time.sleep(0.3)  # past the sync bucket's back-off window
+    assert sync_bucket.check(["rp:{t}:c:after"], [SLOW], 1)[0]  # answered again once Redis is
     sync_bucket.close()
 
 
