@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 
 from limiter.backoff import Backoff
 from limiter.bucket import MICRO, BucketSpec
@@ -21,7 +22,7 @@ from limiter.errors import RedisUnavailable
 from limiter.redis_bucket import RedisBucket, SyncRedisBucket, encode_check
 from ratepilot.servers import RedisServer, find_binary
 
-from .conftest import commandstat
+from .conftest import RedisCluster, commandstat
 from .test_concurrency import REPO
 
 SLOW = BucketSpec(1e-3, 100)  # refills nothing worth a token within a test
@@ -262,6 +263,58 @@ def test_script_flush_under_load_fails_no_check_and_reloads_once_per_flush(redis
     assert commandstat(admin, "script|load") == 1
     sync_bucket.close()
     admin.close()
+
+
+@pytest.mark.cluster
+def test_script_flush_on_a_cluster_fails_no_check(redis_cluster: RedisCluster) -> None:
+    """SCRIPT FLUSH on every primary while 20 tasks check clients spread over the slots: zero failed checks, bounded reloads."""
+    admin = redis.cluster.RedisCluster.from_url(redis_cluster.url)
+    flushes = 3
+
+    async def scenario() -> tuple[Counter[str], int]:
+        bucket = RedisBucket.from_url(redis_cluster.url, timeout_s=2.0, cluster=True, max_lag_s=1.0)
+        await bucket.warm_up(timeout_s=5.0)
+        loads_before = bucket.script_loads
+        outcomes: Counter[str] = Counter()
+        stop = asyncio.Event()
+
+        async def worker(i: int) -> None:
+            spec = BucketSpec(1e6, 1e6)
+            while not stop.is_set():
+                try:
+                    allowed, _ = await bucket.check([f"rp:{{flush{i}}}:c:{i}"], [spec], 1)  # tags on every node
+                    outcomes["allowed" if allowed else "refused"] += 1
+                except RedisUnavailable as error:
+                    outcomes[f"failed: {error}"] += 1
+
+        workers = [asyncio.create_task(worker(i)) for i in range(20)]
+        for _ in range(flushes):
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(admin.script_flush)
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.gather(*workers)
+        loads = bucket.script_loads - loads_before
+        await bucket.aclose()
+        return outcomes, loads
+
+    outcomes, loads = asyncio.run(scenario())
+    admin.close()
+    assert set(outcomes) == {"allowed"} and outcomes["allowed"] > 100, outcomes
+    nodes = {redis_cluster_slot_owner(redis_cluster, f"flush{i}") for i in range(20)}
+    assert len(nodes) == 3  # the checks really hit every primary
+    # SCRIPT FLUSH reaches the primaries one after the other, and a load may land between two of them:
+    # at least one load per flush, at most one per flushed node (seen: 5 for 3 flushes)
+    assert flushes <= loads <= flushes * len(nodes)
+
+
+def redis_cluster_slot_owner(cluster: RedisCluster, tag: str) -> str:
+    """The node (host:port) that owns the slot of hash tag `tag`."""
+    client = redis.cluster.RedisCluster.from_url(cluster.url)
+    try:
+        return str(client.get_node_from_key(f"{{{tag}}}").name)
+    finally:
+        client.close()
 
 
 def test_checks_that_waited_past_max_lag_fail_unsent_without_backing_off(redis_server: RedisServer) -> None:
