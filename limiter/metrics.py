@@ -11,6 +11,7 @@ idle tier drifts back to 0 % in use instead of freezing at its last value.
 from __future__ import annotations
 
 import contextlib
+import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
@@ -119,9 +120,11 @@ class LimiterMetrics:
             "ratepilot_rate_source", "1 for the source of the tier rate in force", ["tier", "source"], registry=registry
         )
         self.rate_table_age = Gauge(
-            "ratepilot_rate_table_age_seconds", "Seconds since the controller wrote the tier's entry", ["tier"],
+            "ratepilot_rate_table_age_seconds",
+            "Server-clock seconds since the newest controller entry read for the tier was written; +Inf: none read",
+            ["tier"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.redis_errors = Counter("ratepilot_redis_errors", "Redis failures by kind", ["kind"], registry=registry)
 
     def tier_counters(self, tier: str) -> TierCounters:
@@ -136,13 +139,18 @@ class LimiterMetrics:
         self.tokens_remaining.labels(tier).set_function(remaining)
         self.utilization.labels(tier).set_function(utilization)
 
-    def set_rate(self, tier: str, rate: float, source: str, age_s: float | None) -> None:
-        """Publish the rate in force for a tier, its source (one-hot) and the rate-table entry's age."""
+    def set_rate(self, tier: str, rate: float, source: str, table_age_s: float | None) -> None:
+        """Publish the rate in force for a tier, its source (one-hot) and the age of the controller's entry.
+
+        `table_age_s` is the server-clock age of the newest controller entry this limiter has read for
+        the tier, whether it is still in force or not (it keeps growing while the tier falls back to
+        static rates); None means no entry has been read for the tier yet, exported as +Inf so that the
+        staleness alert (`> 30`) fires when the controller has never written the tier.
+        """
         self.refill_rate.labels(tier).set(rate)
         for name in RATE_SOURCES:
             self.rate_source.labels(tier, name).set(1.0 if name == source else 0.0)
-        if age_s is not None:
-            self.rate_table_age.labels(tier).set(age_s)
+        self.rate_table_age.labels(tier).set(math.inf if table_age_s is None else table_age_s)
 
     def forget_tier(self, tier: str) -> None:
         """Drop a tier's series after a config reload removed the tier."""

@@ -15,6 +15,11 @@ The controller steers the tier's aggregate bucket. Each client's rate follows it
 overloaded backend slows every client alike instead of letting one key take the whole tier; with
 the default `client_scale_max: 1` a controller can lower but never raise a client above its
 configured rate. Bursts never drop below the largest request cost, so every request stays possible.
+
+`ratepilot_rate_table_age_seconds{tier}` is the server-clock age of the newest entry this limiter
+has read for the tier that parses, expired or not (an expired one still tells when the controller
+last wrote). It keeps growing while the tier falls back to static rates, also across a Redis outage
+(server clock estimated from the offset seen at the last read), and is +Inf until one has been read.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +102,30 @@ def resolve_all(
     return rates, warnings
 
 
+def newest_written(raw: Mapping[Any, bytes | str], tiers: Iterable[str], known: Mapping[str, float]) -> dict[str, float]:
+    """Per tier, the server-clock write time of the newest entry that parses (expired or not), in the
+    table `raw` or among those read before (`known`); tiers with neither are left out, garbage is not counted."""
+    by_name = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    newest: dict[str, float] = {}
+    for name in tiers:
+        written_at = known.get(name)
+        value = by_name.get(name)
+        if value is not None:
+            with contextlib.suppress(RateEntryError):
+                entry_written = parse_entry(value).written_at
+                written_at = entry_written if written_at is None else max(written_at, entry_written)
+        if written_at is not None:
+            newest[name] = written_at
+    return newest
+
+
+def table_age(written_at: float | None, now_s: float | None) -> float | None:
+    """Server-clock seconds since `written_at` (never negative); None if either time is unknown."""
+    if written_at is None or now_s is None:
+        return None
+    return max(0.0, now_s - written_at)
+
+
 class RateReader:
     """Polls `ratepilot:rates` with the server clock and hands the resolved rates to `on_rates`."""
 
@@ -115,6 +144,7 @@ class RateReader:
         self._clock = clock
         self._last: dict[str, TierRates] = {}
         self._server_offset: float | None = None  # server clock minus our monotonic clock at the last read
+        self._written: dict[str, float] = {}  # tier -> server-clock write time of the newest entry read
         self._warned: dict[str, str] = {}
         self._stop = asyncio.Event()
         self.polls = 0
@@ -127,6 +157,7 @@ class RateReader:
     async def poll_once(self) -> dict[str, TierRates]:
         """Read the table once, resolve, publish; on a Redis failure keep the last rates until they expire."""
         config = self._config()
+        now_s: float | None  # server clock: read, or estimated while Redis is unreachable
         try:
             table, now_s = await self.read_table()
         except Exception as exc:  # any Redis failure: keep going on what we know
@@ -134,9 +165,11 @@ class RateReader:
                 self._metrics.redis_errors.labels("rate_table").inc()
             log.warning("rate table unreadable, keeping the last rates until they expire: %s", exc)
             rates = self._carry_over(config)
+            now_s = self._server_now()
         else:
             self._server_offset = now_s - self._clock()
             rates, warnings = resolve_all(table, now_s, config)
+            self._written = newest_written(table, config.tiers, self._written)
             for name, warning in warnings.items():
                 if self._warned.get(name) != warning:  # once per distinct bad value, not every poll
                     log.warning(warning)
@@ -146,12 +179,17 @@ class RateReader:
         self._on_rates(rates)
         if self._metrics is not None:
             for name, tier_rates in rates.items():
-                self._metrics.set_rate(name, tier_rates.rate, tier_rates.source, tier_rates.age_s)
+                age_s = table_age(self._written.get(name), now_s)
+                self._metrics.set_rate(name, tier_rates.rate, tier_rates.source, age_s)
         return rates
+
+    def _server_now(self) -> float | None:
+        """The server clock estimated on ours from the offset seen at the last read (None before one)."""
+        return None if self._server_offset is None else self._clock() + self._server_offset
 
     def _carry_over(self, config: LimiterConfig) -> dict[str, TierRates]:
         """Last known rates while their expiry (estimated on our clock) has not passed, else static."""
-        now_s = None if self._server_offset is None else self._clock() + self._server_offset
+        now_s = self._server_now()
         rates: dict[str, TierRates] = {}
         for name, tier in config.tiers.items():
             last = self._last.get(name)
