@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -215,6 +215,37 @@ def test_batch_timed_out_midway_leaves_no_stale_replies(redis_server: RedisServe
     admin.close()
 
 
+async def checks_under_flushes(
+    bucket: RedisBucket, flush: Callable[[], Any], keys: list[str], flushes: int
+) -> tuple[Counter[str], int]:
+    """One task per key checks it without pause while `flush` runs `flushes` times: outcomes, SCRIPT LOADs sent.
+
+    The bucket is warmed up (connected, script loaded) by the caller, then closed here."""
+    loads_before = bucket.script_loads
+    outcomes: Counter[str] = Counter()
+    stop = asyncio.Event()
+    spec = BucketSpec(1e6, 1e6)  # effectively unlimited: every check should pass
+
+    async def worker(key: str) -> None:
+        while not stop.is_set():
+            try:
+                allowed, _ = await bucket.check([key], [spec], 1)
+                outcomes["allowed" if allowed else "refused"] += 1
+            except RedisUnavailable as error:
+                outcomes[f"failed: {error}"] += 1
+
+    workers = [asyncio.create_task(worker(key)) for key in keys]
+    for _ in range(flushes):
+        await asyncio.sleep(0.15)
+        await asyncio.to_thread(flush)
+    await asyncio.sleep(0.15)
+    stop.set()
+    await asyncio.gather(*workers)
+    loads = bucket.script_loads - loads_before
+    await bucket.aclose()
+    return outcomes, loads
+
+
 def test_script_flush_under_load_fails_no_check_and_reloads_once_per_flush(redis_server: RedisServer) -> None:
     """SCRIPT FLUSH five times while 20 tasks check: zero failed checks, exactly five SCRIPT LOADs."""
     admin = redis.Redis.from_url(redis_server.url)
@@ -224,31 +255,9 @@ def test_script_flush_under_load_fails_no_check_and_reloads_once_per_flush(redis
         # max_lag_s: a stall of this process over 50 ms (seen once on a loaded CI machine) fails the
         # checks queued meanwhile by design (test_checks_that_waited_past_max_lag...); not this test's subject
         bucket = RedisBucket.from_url(redis_server.url, timeout_s=2.0, max_lag_s=1.0)
-        await bucket.check(["rp:{t}:c:warm"], [SLOW], 1)
+        await bucket.warm_up()
         admin.config_resetstat()
-        loads_before = bucket.script_loads
-        outcomes: Counter[str] = Counter()
-        stop = asyncio.Event()
-
-        async def worker(i: int) -> None:
-            spec = BucketSpec(1e6, 1e6)  # effectively unlimited: every check should pass
-            while not stop.is_set():
-                try:
-                    allowed, _ = await bucket.check([f"rp:{{t}}:c:{i}"], [spec], 1)
-                    outcomes["allowed" if allowed else "refused"] += 1
-                except RedisUnavailable as error:
-                    outcomes[f"failed: {error}"] += 1
-
-        workers = [asyncio.create_task(worker(i)) for i in range(20)]
-        for _ in range(flushes):
-            await asyncio.sleep(0.15)
-            await asyncio.to_thread(admin.script_flush)
-        await asyncio.sleep(0.15)
-        stop.set()
-        await asyncio.gather(*workers)
-        loads = bucket.script_loads - loads_before
-        await bucket.aclose()
-        return outcomes, loads
+        return await checks_under_flushes(bucket, admin.script_flush, [f"rp:{{t}}:c:{i}" for i in range(20)], flushes)
 
     outcomes, loads = asyncio.run(scenario())
     assert set(outcomes) == {"allowed"} and outcomes["allowed"] > 100, outcomes
@@ -270,51 +279,21 @@ def test_script_flush_on_a_cluster_fails_no_check(redis_cluster: RedisCluster) -
     """SCRIPT FLUSH on every primary while 20 tasks check clients spread over the slots: zero failed checks, bounded reloads."""
     admin = redis.cluster.RedisCluster.from_url(redis_cluster.url)
     flushes = 3
+    bucket = RedisBucket.from_url(redis_cluster.url, timeout_s=2.0, cluster=True, max_lag_s=1.0)
+    keys = [f"rp:{{flush{i}}}:c:{i}" for i in range(20)]  # hash tags on every node
 
     async def scenario() -> tuple[Counter[str], int]:
-        bucket = RedisBucket.from_url(redis_cluster.url, timeout_s=2.0, cluster=True, max_lag_s=1.0)
         await bucket.warm_up(timeout_s=5.0)
-        loads_before = bucket.script_loads
-        outcomes: Counter[str] = Counter()
-        stop = asyncio.Event()
-
-        async def worker(i: int) -> None:
-            spec = BucketSpec(1e6, 1e6)
-            while not stop.is_set():
-                try:
-                    allowed, _ = await bucket.check([f"rp:{{flush{i}}}:c:{i}"], [spec], 1)  # tags on every node
-                    outcomes["allowed" if allowed else "refused"] += 1
-                except RedisUnavailable as error:
-                    outcomes[f"failed: {error}"] += 1
-
-        workers = [asyncio.create_task(worker(i)) for i in range(20)]
-        for _ in range(flushes):
-            await asyncio.sleep(0.2)
-            await asyncio.to_thread(admin.script_flush)
-        await asyncio.sleep(0.2)
-        stop.set()
-        await asyncio.gather(*workers)
-        loads = bucket.script_loads - loads_before
-        await bucket.aclose()
-        return outcomes, loads
+        return await checks_under_flushes(bucket, admin.script_flush, keys, flushes)
 
     outcomes, loads = asyncio.run(scenario())
+    nodes = {str(admin.get_node_from_key(key).name) for key in keys}
     admin.close()
     assert set(outcomes) == {"allowed"} and outcomes["allowed"] > 100, outcomes
-    nodes = {redis_cluster_slot_owner(redis_cluster, f"flush{i}") for i in range(20)}
     assert len(nodes) == 3  # the checks really hit every primary
     # SCRIPT FLUSH reaches the primaries one after the other, and a load may land between two of them:
     # at least one load per flush, at most one per flushed node (seen: 5 for 3 flushes)
     assert flushes <= loads <= flushes * len(nodes)
-
-
-def redis_cluster_slot_owner(cluster: RedisCluster, tag: str) -> str:
-    """The node (host:port) that owns the slot of hash tag `tag`."""
-    client = redis.cluster.RedisCluster.from_url(cluster.url)
-    try:
-        return str(client.get_node_from_key(f"{{{tag}}}").name)
-    finally:
-        client.close()
 
 
 def test_checks_that_waited_past_max_lag_fail_unsent_without_backing_off(redis_server: RedisServer) -> None:
