@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 import threading
 import time
@@ -17,17 +18,21 @@ from limiter.config import LimiterConfig, load_config
 from limiter.edge import Edge, EdgeOptions
 from ratepilot.servers import free_port
 
+# The RateLimit field: client bucket, then tier bucket (r = tokens left, t = s until full)
+RATELIMIT = re.compile(r'^"client";r=(\d+);t=(\d+), "tier";r=(\d+);t=(\d+)$')
+
 # Refill rates are tiny (one token per ~17 min) so that a test's counts do not depend on how fast it runs.
 SLOW = 0.001
 
 # The Redis timeout is generous: tests that count decisions must not see a check on a busy machine
 # fall back to the local guard. Fault tests that need a short one replace it.
-BASE_CONFIG = f"""
+CONFIG_HEAD = """
 redis:
   url: REDIS_URL
   timeout_ms: 1000
 client_header: x-api-key
-anonymous_tier: free
+"""
+BASE_CONFIG = CONFIG_HEAD + f"""anonymous_tier: free
 default_tier: free
 tiers:
   free:

@@ -22,19 +22,20 @@ import redis
 
 from limiter.redis_bucket import RedisBucket
 from ratepilot.servers import RedisServer, find_binary, free_port, port_open
-from tests.limiter_service.conftest import BASE_CONFIG, RunningEdge, wait_until, write_config
+from tests.limiter_service.conftest import (
+    BASE_CONFIG,
+    CONFIG_HEAD,
+    RATELIMIT,
+    RunningEdge,
+    wait_until,
+    write_config,
+)
 
 EdgeFactory = Callable[..., RunningEdge]
 REPO = Path(__file__).resolve().parents[2]
-RATELIMIT = re.compile(r'^"client";r=(\d+);t=(\d+), "tier";r=(\d+);t=(\d+)$')
 
 # One slow client bucket: 0.1 token/s, burst 3. A clock 30 s ahead would see it full again (3 tokens).
-FAKETIME_CONFIG = """
-redis:
-  url: REDIS_URL
-  timeout_ms: 1000
-client_header: x-api-key
-default_tier: slow
+FAKETIME_CONFIG = CONFIG_HEAD + """default_tier: slow
 tiers:
   slow:
     client:    {rate: 0.1, burst: 3}
@@ -42,12 +43,7 @@ tiers:
 """
 
 # bulk clients are never limited; the free tier's hammer is (burst 5, no refill within the test)
-KILL_CONFIG = """
-redis:
-  url: REDIS_URL
-  timeout_ms: 1000
-client_header: x-api-key
-default_tier: bulk
+KILL_CONFIG = CONFIG_HEAD + """default_tier: bulk
 tiers:
   bulk:
     client:    {rate: 100000, burst: 100000}

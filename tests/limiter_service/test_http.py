@@ -13,10 +13,9 @@ import redis
 
 from limiter.rate_table import RATES_KEY, RateEntry
 from ratepilot.servers import RedisServer
-from tests.limiter_service.conftest import SLOW, RunningEdge, wait_until
+from tests.limiter_service.conftest import RATELIMIT, SLOW, RunningEdge, wait_until
 
 POLICY = re.compile(r'^"client";q=(\d+);w=(\d+), "tier";q=(\d+);w=(\d+)$')
-RATELIMIT = re.compile(r'^"client";r=(\d+);t=(\d+), "tier";r=(\d+);t=(\d+)$')
 
 EdgeFactory = Callable[..., RunningEdge]
 
