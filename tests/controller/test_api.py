@@ -17,8 +17,8 @@ from limiter.rate_table import RATES_KEY
 from policy import rl
 from ratepilot.servers import PrometheusServer, RedisServer
 from tests.controller.api_server import ApiServer
-from tests.controller.conftest import TOKEN, make_settings
 from tests.controller.policies import LatencyFollower
+from tests.controller.support import TOKEN, make_settings
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TIERS = {"free": {"static_rate": 100, "min_rate": 10, "max_rate": 1000}, "pro": {"static_rate": 400, "min_rate": 40, "max_rate": 4000}}

@@ -13,8 +13,8 @@ from controller.policies import LoadedPolicy
 from controller.runtime import Controller
 from ratepilot.servers import RedisServer
 from tests.controller.api_server import ApiServer
-from tests.controller.conftest import TOKEN, make_settings
 from tests.controller.policies import LatencyFollower
+from tests.controller.support import TOKEN, make_settings
 
 TIERS = {"free": {"static_rate": 100, "min_rate": 10, "max_rate": 1000}}
 

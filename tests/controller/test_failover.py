@@ -16,7 +16,7 @@ from controller.lease import FENCE_KEY, LEADER_KEY
 from controller.rate_store import DECISIONS_KEY
 from policy import rl
 from ratepilot.servers import ManagedProcess, PrometheusServer, RedisServer, free_port
-from tests.controller.conftest import make_settings, query, wait_for, write_config
+from tests.controller.support import make_settings, query, wait_for, write_config
 
 LEASE_S = 2.0
 TIERS = {"free": {"static_rate": 100, "min_rate": 10, "max_rate": 1000}}

@@ -30,8 +30,8 @@ from limiter.rate_table import RATES_KEY, parse_entry
 from policy.base import Policy
 from policy.observation import OBS_FIELDS, Observation
 from ratepilot.servers import PrometheusServer, RedisServer, free_port
-from tests.controller.conftest import make_settings, query, wait_for
 from tests.controller.policies import LatencyFollower, NaNPolicy, Raising
+from tests.controller.support import make_settings, query, wait_for
 
 TIERS = {
     "free": {"static_rate": 100, "min_rate": 10, "max_rate": 1000},

@@ -11,7 +11,7 @@ from controller.exporter import SyntheticExporter
 from controller.prometheus_source import PrometheusSource
 from controller.settings import PrometheusSettings, QuerySettings, raw_queries
 from ratepilot.servers import PrometheusServer, free_port
-from tests.controller.conftest import wait_for
+from tests.controller.support import wait_for
 
 TIERS = ["free", "pro", "idle", "unknown"]
 

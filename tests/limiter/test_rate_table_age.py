@@ -21,7 +21,7 @@ from limiter.metrics import LimiterMetrics
 from limiter.rate_reader import RateReader, newest_written, table_age
 from limiter.rate_table import RATES_KEY, RateEntry
 from ratepilot.servers import RedisServer, find_binary
-from tests.limiter_service.conftest import BASE_CONFIG
+from tests.limiter.support import BASE_CONFIG
 
 T0 = 1_800_000_000.0
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules" / "alerts.yml"

@@ -18,7 +18,7 @@ from limiter.local_bucket import LocalBucket
 from limiter.metrics import LimiterMetrics
 from limiter.redis_bucket import RedisBucket, ThrottledLog, encode_check
 from ratepilot.servers import RedisServer
-from tests.limiter_service.conftest import BASE_CONFIG
+from tests.limiter.support import BASE_CONFIG
 
 
 def _guard(url: str, **bucket_options: Any) -> tuple[Guard, RedisBucket]:

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from limiter.metrics import BackendMetrics
 from limiter.synthetic_backend import BusyMeter, SyntheticBackend
 from ratepilot.servers import RedisServer
-from tests.limiter_service.conftest import RunningEdge
+from tests.limiter.support import RunningEdge
 
 
 async def _offer(backend: SyntheticBackend, rps: float, duration_s: float) -> tuple[list[float], list[int]]:

@@ -18,7 +18,7 @@ HAMMER_S = 3.0  # "a few seconds" of four processes on one key
 
 def hammer_argv(backend: Backend, key: str, spec: BucketSpec, cost: float, mode: str, **extra: object) -> list[str]:
     """argv of one hammer client process."""
-    argv = [sys.executable, "-m", "tests.limiter_core.hammer", "--url", backend.url, "--key", key]
+    argv = [sys.executable, "-m", "tests.limiter.hammer", "--url", backend.url, "--key", key]
     argv += ["--rate", repr(spec.rate), "--capacity", repr(spec.capacity), "--cost", repr(cost), "--mode", mode]
     argv += [f"--{name}={value}" for name, value in extra.items()]
     return argv + (["--cluster"] if backend.cluster else [])

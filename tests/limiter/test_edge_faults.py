@@ -22,7 +22,7 @@ import redis
 
 from limiter.redis_bucket import RedisBucket
 from ratepilot.servers import RedisServer, find_binary, free_port, port_open
-from tests.limiter_service.conftest import (
+from tests.limiter.support import (
     BASE_CONFIG,
     CONFIG_HEAD,
     RATELIMIT,

@@ -1,4 +1,4 @@
-"""Fixtures of the limiter service tests: an edge app served by a real uvicorn on a free port."""
+"""Helpers of the limiter service tests: an edge app served by a real uvicorn on a free port, its config."""
 
 from __future__ import annotations
 
@@ -6,17 +6,14 @@ import re
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import uvicorn
 
-from limiter.config import LimiterConfig, load_config
-from limiter.edge import Edge, EdgeOptions
-from ratepilot.servers import free_port
+from limiter.edge import Edge
 
 # The RateLimit field: client bucket, then tier bucket (r = tokens left, t = s until full)
 RATELIMIT = re.compile(r'^"client";r=(\d+);t=(\d+), "tier";r=(\d+);t=(\d+)$')
@@ -105,27 +102,6 @@ class RunningEdge:
         """POST with the API key header when given."""
         headers = {"x-api-key": key} if key else {}
         return self.client.post(path, headers=headers, **kwargs)
-
-
-@pytest.fixture
-def edge_factory(tmp_path: Path) -> Iterator[Callable[..., RunningEdge]]:
-    """Call with (redis_url, config text=BASE_CONFIG, **EdgeOptions fields) to get a started edge."""
-    started: list[RunningEdge] = []
-
-    def make(redis_url: str, text: str = BASE_CONFIG, **options: Any) -> RunningEdge:
-        path = write_config(tmp_path / f"limiter{len(started)}.yaml", redis_url, text)
-        config: LimiterConfig = load_config(path, environ={})
-        options.setdefault("backend", "echo")
-        options.setdefault("reload_s", 0.1)
-        edge = Edge(config, EdgeOptions(config_path=path, **options))
-        running = RunningEdge(edge, free_port())
-        running.start()
-        started.append(running)
-        return running
-
-    yield make
-    for running in started:
-        running.stop()
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, every_s: float = 0.05) -> bool:

@@ -335,7 +335,7 @@ def test_client_clock_30s_ahead_admits_exactly_as_the_others(redis_server_sessio
     def client(key: str, faked: bool) -> dict[str, Any]:
         argv = [
             sys.executable,
-            "-m", "tests.limiter_core.hammer", "--url", redis_server_session.url, "--key", key,
+            "-m", "tests.limiter.hammer", "--url", redis_server_session.url, "--key", key,
             "--rate", "0.05", "--capacity", "3", "--mode", "sequence", "--count", "3",
         ]  # fmt: skip
         if faked:

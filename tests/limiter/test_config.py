@@ -10,7 +10,7 @@ import pytest
 
 from limiter.config import ConfigError, ConfigWatcher, load_config, parse_config
 from limiter.costs import CostTable
-from tests.limiter_service.conftest import BASE_CONFIG, write_config
+from tests.limiter.support import BASE_CONFIG, write_config
 
 
 def test_packaged_example_validates_and_seeds_heavy_inference() -> None:

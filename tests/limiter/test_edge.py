@@ -26,7 +26,7 @@ from limiter.metrics import LimiterMetrics
 from limiter.middleware import RateLimitMiddleware
 from limiter.rate_table import RATES_KEY, RateEntry
 from ratepilot.servers import RedisServer, free_port, port_open
-from tests.limiter_service.conftest import BASE_CONFIG, RunningEdge, wait_until, write_config
+from tests.limiter.support import BASE_CONFIG, RunningEdge, wait_until, write_config
 
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,7 +130,7 @@ def test_decide_takes_any_client_string_and_keys_it_stably(tmp_path: Path) -> No
 
 @pytest.mark.cluster
 def test_edge_on_a_redis_cluster(edge_factory: Callable[..., RunningEdge], tmp_path: Path) -> None:
-    from tests.limiter_core.conftest import RedisCluster
+    from tests.limiter.conftest import RedisCluster
 
     cluster = RedisCluster(tmp_path / "cluster")
     try:

@@ -13,7 +13,7 @@ import redis
 
 from limiter.rate_table import RATES_KEY, RateEntry
 from ratepilot.servers import RedisServer
-from tests.limiter_service.conftest import RATELIMIT, SLOW, RunningEdge, wait_until
+from tests.limiter.support import RATELIMIT, SLOW, RunningEdge, wait_until
 
 POLICY = re.compile(r'^"client";q=(\d+);w=(\d+), "tier";q=(\d+);w=(\d+)$')
 

@@ -1,4 +1,4 @@
-"""A client process for the concurrency and clock tests: `python -m tests.limiter_core.hammer ...`.
+"""A client process for the concurrency and clock tests: `python -m tests.limiter.hammer ...`.
 
 `--mode call|batch|async` hammers one key for `--seconds`; `--mode sequence` makes `--count` checks.
 Prints one JSON line: admitted, denied, errors, the client's own clock, and the server times

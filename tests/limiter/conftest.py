@@ -1,5 +1,5 @@
-"""Fixtures of the limiter-core suite: a local three-master Redis Cluster, and `backend`, which
-runs each core test once against a single redis-server and once against the cluster."""
+"""Fixtures of the limiter suite: a local three-master Redis Cluster; `backend`, which runs each core
+test once against a single redis-server and once against the cluster; `edge_factory`, a served edge."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ import pytest
 import redis
 import redis.cluster
 
+from limiter.config import LimiterConfig, load_config
+from limiter.edge import Edge, EdgeOptions
 from limiter.redis_bucket import RedisBucket, SyncRedisBucket
 from ratepilot.servers import RedisServer, ServerError, find_binary, free_port
+from tests.limiter.support import BASE_CONFIG, RunningEdge, write_config
 
 
 @dataclass
@@ -156,3 +159,24 @@ def commandstat(client: redis.Redis, name: str) -> int:
 def commandstats() -> Callable[[redis.Redis, str], int]:
     """The `commandstat(client, name)` helper."""
     return commandstat
+
+
+@pytest.fixture
+def edge_factory(tmp_path: Path) -> Iterator[Callable[..., RunningEdge]]:
+    """Call with (redis_url, config text=BASE_CONFIG, **EdgeOptions fields) to get a started edge."""
+    started: list[RunningEdge] = []
+
+    def make(redis_url: str, text: str = BASE_CONFIG, **options: Any) -> RunningEdge:
+        path = write_config(tmp_path / f"limiter{len(started)}.yaml", redis_url, text)
+        config: LimiterConfig = load_config(path, environ={})
+        options.setdefault("backend", "echo")
+        options.setdefault("reload_s", 0.1)
+        edge = Edge(config, EdgeOptions(config_path=path, **options))
+        running = RunningEdge(edge, free_port())
+        running.start()
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()

@@ -14,7 +14,7 @@ from limiter.config import LimiterConfig, parse_config
 from limiter.rate_reader import RateReader, TierRates, resolve_all, resolve_tier
 from limiter.rate_table import RATES_KEY, RateEntry
 from ratepilot.servers import RedisServer
-from tests.limiter_service.conftest import BASE_CONFIG
+from tests.limiter.support import BASE_CONFIG
 
 NOW = 1_800_000_000.0
 
