@@ -9,7 +9,16 @@ import pytest
 
 from limiter.bucket import BucketSpec, check_and_consume
 from training.scenarios import SCENARIOS, make_episode, make_episodes, train_seeds
-from training.sim import INTERVAL_S, MIN_RATE, SUBSTEP_US, SUBSTEPS, BatchSim, Episode, WorldParams
+from training.sim import (
+    ADMITTED_TOKENS,
+    INTERVAL_S,
+    MIN_RATE,
+    SUBSTEP_US,
+    SUBSTEPS,
+    BatchSim,
+    Episode,
+    WorldParams,
+)
 
 QUIET = WorldParams(noise=0.0, lag_s=0.0, p_missing=0.0, base_error_rate=0.0, retry_p_throttled=0.0, retry_p_error=0.0)
 
@@ -38,7 +47,7 @@ def test_the_sims_bucket_admits_exactly_what_limiter_bucket_admits() -> None:
     sim = BatchSim([constant_world(0.6, steps=2, params=params)])  # 600 requests/s against 300 then 150 tokens/s
     sim.reset()
     sim.step([150.0])
-    admitted_by_sim = sim.hist[0, 0, :]  # tokens admitted per sub-step, warm-up and interval 1
+    admitted_by_sim = sim.hist[ADMITTED_TOKENS, 0, :]  # tokens admitted per sub-step, warm-up and interval 1
     arrivals = sim.arrivals[: 2 * SUBSTEPS, 0, 0]
     state: tuple[int, int] | None = None
     expected = []
