@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from limiter.bucket import BucketSpec, check_and_consume
+from policy.observation import MISSING
 from training.scenarios import SCENARIOS, make_episode, make_episodes, train_seeds
 from training.sim import (
     ADMITTED_TOKENS,
@@ -92,7 +93,7 @@ def test_a_zero_rate_admits_nothing_and_reports_no_latency() -> None:
     assert info["rate"][0] == MIN_RATE
     assert info["admitted_tokens"][0] == 0.0 and info["goodput_tokens"][0] == 0.0
     assert info["throttled_tokens"][0] > 0.7 * QUIET.capacity_tokens * INTERVAL_S
-    assert np.isnan(obs.metrics.p99_latency_ms[0]) and obs.vector[0, 10] == 1.0  # nothing served: missing
+    assert np.isnan(obs.metrics.p99_latency_ms[0]) and obs.vector[0, MISSING] == 1.0  # nothing served: missing
 
 
 def test_bad_rates_are_refused_and_change_nothing() -> None:
