@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 import policy.observation as obs
-from policy.observation import OBS_FIELDS, OBS_HIGH, OBS_LOW, OBS_SCHEMA, OBS_TABLE, IntervalMetrics, ObservationBuilder
+from policy.observation import (
+    OBS_FIELDS,
+    OBS_HIGH,
+    OBS_LOW,
+    OBS_SCHEMA,
+    OBS_TABLE,
+    IntervalMetrics,
+    ObservationBuilder,
+)
 
 
 def test_each_column_constant_is_the_position_of_its_name() -> None:

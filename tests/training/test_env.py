@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-import training.env  # noqa: F401  (registers ratepilot/Traffic-v0)
+from policy.observation import obs_table_markdown
 from training.env import ENV_ID, TrafficEnv
 
 
@@ -17,6 +17,13 @@ def test_registered_env_passes_check_env() -> None:
     env = gym.make(ENV_ID)
     assert env.spec is not None and env.spec.max_episode_steps == 120
     check_env(env.unwrapped)
+
+
+def test_the_docstring_shows_the_one_observation_table() -> None:
+    doc = TrafficEnv.__doc__ or ""
+    assert "{obs_table}" not in doc
+    for row in obs_table_markdown().splitlines():
+        assert f"    {row}\n" in doc
 
 
 @pytest.mark.parametrize("scenario", ["flash_crowd", "trace:azure_code"])
