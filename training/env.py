@@ -1,4 +1,7 @@
-"""`TrafficEnv`, the gymnasium face of the simulator (`ratepilot/Traffic-v0`): BatchSim with one world."""
+"""`TrafficEnv`, the gymnasium face of the simulator: BatchSim with one world.
+
+`import training` registers it as `ratepilot/Traffic-v0` (`ENV_ID`).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +18,6 @@ from training.scenarios import DEFAULT_STEPS, SCENARIOS, SUITES, make_episode, t
 from training.sim import INTERVAL_S, REWARD, SUBSTEP_S, BatchSim, Episode
 from training.traces import load_trace
 
-ENV_ID = "ratepilot/Traffic-v0"
-
 
 class TrafficEnv(gym.Env[np.ndarray, np.ndarray]):
     """An API edge with a token-bucket limiter in front of a backend; the agent sets the refill rate.
@@ -29,7 +30,8 @@ class TrafficEnv(gym.Env[np.ndarray, np.ndarray]):
     change (node failure, degradation, autoscaling with a delay); latency rises steeply near
     saturation, requests waiting longer than the client timeout fail, and a full queue costs
     capacity (congestion collapse). The agent sees what Prometheus would report over the interval,
-    with noise and a scrape lag. Physics: `training/sim.py`; scenarios: `training/scenarios.py`.
+    with noise and a scrape lag. Physics: `training/sim.py` (the world: `training/world.py`, latency:
+    `training/latency.py`); scenarios: `training/scenarios.py`.
 
     ## Action space
     `Box(-1, 1, (1,), float32)`: a bounded multiplicative change of the refill rate,
@@ -132,5 +134,3 @@ class TrafficEnv(gym.Env[np.ndarray, np.ndarray]):
 
 
 TrafficEnv.__doc__ = (TrafficEnv.__doc__ or "").replace("{obs_table}", indent(obs_table_markdown(), "    ").lstrip())
-
-gym.register(id=ENV_ID, entry_point="training.env:TrafficEnv", max_episode_steps=DEFAULT_STEPS)
