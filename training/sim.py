@@ -75,26 +75,9 @@ from training.world import (
     SUBSTEP_US,
     SUBSTEPS,
     Episode,
-    RewardWeights,
     WorldParams,
     mean_cost,
 )
-
-__all__ = [
-    "INTERVAL_S",
-    "MAX_RATE",
-    "MIN_RATE",
-    "REWARD",
-    "SUBSTEPS",
-    "SUBSTEP_S",
-    "SUBSTEP_US",
-    "BatchSim",
-    "Episode",
-    "RewardWeights",
-    "WorldParams",
-    "mean_cost",
-    "take_rows",
-]
 
 LN100 = float(np.log(100.0))
 UTIL_TAU_S = 5.0  # seconds: the service tail follows the admitted work averaged over this time (the
