@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := redis-server prometheus faketime
-SYSTEM_BINARIES := redis-server prometheus promtool faketime
+# chromium: the web console's browser test (driven by Playwright, no browser download)
+SYSTEM_PACKAGES := redis-server prometheus faketime chromium
+SYSTEM_BINARIES := redis-server prometheus promtool faketime chromium
 
 .PHONY: setup system-deps bench-deps test lint unit demo train evaluate bench clean
 
