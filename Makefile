@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := redis-server prometheus faketime chromium
 SYSTEM_BINARIES := redis-server prometheus promtool faketime chromium
 
-.PHONY: setup system-deps bench-deps test lint unit demo train evaluate bench clean
+.PHONY: setup system-deps bench-deps test lint unit demo train evaluate bench k6-scripts clean
 
 setup: system-deps $(STAMP)
 
@@ -60,6 +60,11 @@ bench: setup bench-deps
 	$(BIN)/ratepilot bench limiter --json benchmarks/results/limiter.json
 	$(BIN)/ratepilot bench sim --json benchmarks/results/sim.json
 	$(BIN)/ratepilot bench controller --json benchmarks/results/controller.json
+
+# the load scenarios as k6 scripts (ratepilot/loadtest/k6/; a test checks they match the YAML)
+k6-scripts: setup
+	for f in ratepilot/loadtest/scenarios/*.yaml; do n=$$(basename $$f .yaml); \
+		$(BIN)/ratepilot loadtest $$n --export-k6 ratepilot/loadtest/k6/$$n.js || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
