@@ -40,6 +40,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 ARTIFACTS = Path(os.environ.get("RATEPILOT_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
+TICKS = 6  # before the page opens: a few points in each tier's chart
 TIMEOUT_MS = 15_000  # generous: a loaded 2-core machine
 expect.set_options(timeout=TIMEOUT_MS)
 
@@ -73,9 +74,9 @@ def served_controller(redis_url: str, prometheus_url: str, **changes: Any) -> Co
 def console(
     browser: Browser, redis_client: redis.Redis, redis_server_session: RedisServer, prometheus: PrometheusServer
 ) -> Iterator[tuple[Page, Controller, httpx.Client]]:
-    """The console page open on a served controller that has ticked twice."""
+    """The console page open on a served controller that has ticked TICKS times."""
     controller = served_controller(redis_server_session.url, prometheus.url)
-    for _ in range(2):
+    for _ in range(TICKS):
         assert controller.loop.tick().result == "written"
     with ApiServer(controller) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -103,11 +104,12 @@ def test_console_shows_the_loop_and_sets_an_override_through_its_form(console, r
         expect(row.locator("td.rule")).to_have_text(rule_label(decision["rule"], "latency_follower"))
         expect(row.locator("td.rate")).to_have_text(f"{decision['rate']:.1f}/s")
         expect(row.locator("td").nth(2)).to_have_text(f"{caps['min_rate']} / {caps['max_rate']}")
-        assert row.locator("svg.chart polyline.rate").count() == 1  # two decisions: a line to draw
+        points = row.locator("svg.chart polyline.rate").get_attribute("points") or ""
+        assert len(points.split()) == TICKS  # one point per decision of the tier
     expect(page.locator("#role")).to_contain_text("leader")
     expect(page.locator("#mode")).to_have_text("active")
     expect(page.locator("#policy")).to_have_text("latency_follower")
-    expect(page.locator("#tick-result")).to_have_text(f"#2 {status['last_tick']['result']}")
+    expect(page.locator("#tick-result")).to_have_text(f"#{TICKS} {status['last_tick']['result']}")
 
     form = page.locator("#override-form")
     form.locator("select[name=tier]").select_option("free")
