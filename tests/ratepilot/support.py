@@ -1,10 +1,18 @@
-"""Helpers of the ratepilot tests: the limiter config of the test edge and a short over-the-limit scenario."""
+"""Helpers of the ratepilot tests: an ASGI app served in a thread, the test edge's limiter config, a short scenario."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import uvicorn
 import yaml
+
+from ratepilot.servers import free_port, port_open
 
 EDGE_LIMIT_RPS = 40.0  # the load_ tier's aggregate rate (and burst) at the test edge
 UNDER_RPS = 15.0  # the first phase: well under the limit, nothing may be throttled
@@ -49,3 +57,21 @@ def over_limit_scenario(path: Path) -> Path:
     }
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))
     return path
+
+
+@contextmanager
+def served(app: Any) -> Iterator[str]:
+    """`app` served by uvicorn in a thread on a free port; its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not port_open(port):
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

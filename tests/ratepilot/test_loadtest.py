@@ -7,23 +7,20 @@ import math
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 
 from ratepilot.demo.schedule import NOMINAL_CAPACITY, default_scenario
 from ratepilot.loadtest import cli
 from ratepilot.loadtest.k6 import DEFAULT_TARGET, export_command, k6_script, stages
 from ratepilot.loadtest.plan import request_plan
 from ratepilot.loadtest.scenario import SCENARIO_DIR, ScenarioError, load_scenario, scenario_names
-from ratepilot.servers import free_port, port_open
-from tests.ratepilot.support import EDGE_LIMIT_RPS, OVER_RPS, PHASE_S, UNDER_RPS, over_limit_scenario
+from ratepilot.servers import free_port
+from tests.ratepilot.support import EDGE_LIMIT_RPS, OVER_RPS, PHASE_S, UNDER_RPS, over_limit_scenario, served
 
 K6_DIR = SCENARIO_DIR.parent / "k6"
 SCENARIOS = ["steady", "flash_crowd", "agent_bursts", "retry_storm", "slow_ramp", "heavy_mix", "demo"]
@@ -168,17 +165,8 @@ def unlimited_target() -> Iterator[str]:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not port_open(port):
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(app) as url:
+        yield url
 
 
 def _phase_sums(series: list[float | None]) -> tuple[float, float]:
