@@ -63,8 +63,9 @@ def browser() -> Iterator[Browser]:
 
 
 def served_controller(redis_url: str, prometheus_url: str, **changes: Any) -> Controller:
-    """A leading controller over three tiers, its policy following latency; its lease outlasts the test."""
-    settings = make_settings(redis_url, prometheus_url, tiers=TIERS, lease__lease_s=120, lease__renew_deadline_s=60, **changes)
+    """A leading controller over three tiers, its policy following latency (aimd once reloaded); its lease outlasts the test."""
+    settings = make_settings(redis_url, prometheus_url, tiers=TIERS, lease__lease_s=120, lease__renew_deadline_s=60,
+                             policy__name="aimd", policy__model=None, **changes)  # fmt: skip
     controller = Controller(settings, LoadedPolicy(LatencyFollower(), "latency_follower"))
     controller.lease.try_acquire_or_renew()
     return controller
@@ -164,6 +165,11 @@ def test_console_shows_the_loop_and_sets_an_override_through_its_form(console, r
     expect(page.locator("#admin-result")).to_have_text("mode set to shadow from the next tick")
     assert redis_client.get(MODE_KEY) == b"shadow"
     expect(page.locator("#mode")).to_have_text("shadow")
+    # reloading loads the configured policy (a baseline here) in place of the one in force
+    page.click("#reload")
+    expect(page.locator("#admin-result")).to_have_text("policy reloaded: aimd")
+    expect(page.locator("#policy")).to_have_text("aimd")
+    assert controller.policies.current.name == "aimd"
 
 
 def test_protected_reads_show_the_401_until_the_token_is_given(

@@ -271,7 +271,8 @@ async function setMode(event) {
 
 async function reloadPolicy() {
   const result = await api("POST", "/policy/reload");
-  report("admin-result", result, result.ok ? `policy reloaded: ${result.data.name} ${result.data.model || ""}` : "");
+  const model = result.ok && result.data.model ? ` ${result.data.model}` : "";
+  report("admin-result", result, result.ok ? `policy reloaded: ${result.data.name}${model}` : "");
   refresh();
 }
 
