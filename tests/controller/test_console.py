@@ -82,9 +82,15 @@ def console(
     with ApiServer(controller) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(TIMEOUT_MS)
+        requested: list[str] = []
+        script_errors: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
+        page.on("pageerror", lambda error: script_errors.append(str(error)))
         page.goto(server.url + "/")
         yield page, controller, client
         page.close()
+        assert requested and all(url.startswith(server.url + "/") for url in requested), "the console loaded something from elsewhere"
+        assert script_errors == []
     controller.stop()
 
 
