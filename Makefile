@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := redis-server prometheus faketime chromium
 SYSTEM_BINARIES := redis-server prometheus promtool faketime chromium
 
-.PHONY: setup system-deps bench-deps test lint unit demo train evaluate bench k6-scripts clean
+.PHONY: setup system-deps bench-deps test lint unit demo train evaluate bench loadtest k6-scripts clean
 
 setup: system-deps $(STAMP)
 
@@ -60,6 +60,10 @@ bench: setup bench-deps
 	$(BIN)/ratepilot bench limiter --json benchmarks/results/limiter.json
 	$(BIN)/ratepilot bench sim --json benchmarks/results/sim.json
 	$(BIN)/ratepilot bench controller --json benchmarks/results/controller.json
+
+# make loadtest ARGS="flash_crowd --target http://127.0.0.1:8080 --scale 0.5" (ratepilot loadtest --help)
+loadtest: setup
+	$(BIN)/ratepilot loadtest $(ARGS)
 
 # the load scenarios as k6 scripts (ratepilot/loadtest/k6/; a test checks they match the YAML)
 k6-scripts: setup

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import math
 import os
+import re
 import sys
 import time
 import urllib.parse
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals, keys and request kinds")
     parser.add_argument("--slo-ms", type=positive_number(float), default=300.0, help="p99 objective for the table (default 300)")
     parser.add_argument("--timeout-s", type=positive_number(float), default=5.0, help="per-request timeout (default 5)")
+    parser.add_argument("--key-header", default="x-api-key", help="header that carries the API key (default x-api-key)")
     parser.add_argument("--connections", type=positive_number(int), default=256, help="connection pool size (default 256)")
     parser.add_argument("--out", type=Path, help="folder for loadtest.json and loadtest.png (default loadtest-output/NAME-TIME)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the JSON result here")
@@ -121,10 +123,10 @@ def _stats_text(record: RunRecord, second: int) -> str:
 
 def play(
     console: Console, label: str, target: str, scenario: Scenario, offsets: np.ndarray, plan: RequestPlan,
-    timeout_s: float, connections: int,
+    timeout_s: float, connections: int, key_header: str,
 ) -> RunRecord:  # fmt: skip
     """Play the arrivals against one target with a progress bar of seconds, phase and live rates."""
-    generator = LoadGenerator(target, timeout_s=timeout_s, connections=connections)
+    generator = LoadGenerator(target, key_header=key_header, timeout_s=timeout_s, connections=connections)
     starts = scenario.phase_starts()
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("s"),
@@ -165,6 +167,8 @@ def main(argv: list[str]) -> int:
             return 0
         if not args.target:
             raise UsageError("--target URL is required (or --export-k6 FILE)")
+        if not re.fullmatch(r"[A-Za-z0-9-]{1,100}", args.key_header):
+            raise UsageError(f"--key-header must be an HTTP header name, got {args.key_header!r}")
         targets = [check_url(args.target)] + ([check_url(args.compare)] if args.compare else [])
         labels = args.labels.split(",") if args.labels else ["A", "B"][: len(targets)]
         if len(labels) != len(targets) or any(not label.strip() for label in labels):
@@ -187,7 +191,7 @@ def main(argv: list[str]) -> int:
     runs: list[TargetRun] = []
     try:
         for label, target in zip(labels, targets, strict=True):
-            record = play(console, label, target, scenario, offsets, plan, args.timeout_s, args.connections)
+            record = play(console, label, target, scenario, offsets, plan, args.timeout_s, args.connections, args.key_header)
             summary = summarize(record, float(scenario.duration_s), args.slo_ms, ERROR_BUDGET)
             runs.append(target_run(label, target, record, summary, scenario.duration_s, args.slo_ms))
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ratepilot.demo.cli import build_parser, build_schedule
 from ratepilot.demo.schedule import NOMINAL_CAPACITY, default_scenario
 from ratepilot.loadtest import cli
 from ratepilot.loadtest.k6 import DEFAULT_TARGET, export_command, k6_script, stages
@@ -49,6 +50,17 @@ def test_the_demo_plays_the_demo_scenario_data() -> None:
     np.testing.assert_array_equal(schedule.demand_rps, scenario.demand_rps(2.0 * NOMINAL_CAPACITY / scenario.nominal_rps))
     np.testing.assert_array_equal(schedule.capacity_rps, scenario.capacity_rps(2.0))
     assert schedule.scenario == scenario
+
+
+def test_the_demo_plays_any_scenario_as_written_or_stretched() -> None:
+    storm = load_scenario("retry_storm")
+    schedule, scale = build_schedule(build_parser().parse_args(["--scenario", "retry_storm", "--scale", "0.5"]), cores=2)
+    assert schedule.name == "retry_storm" and scale == 0.5 and schedule.duration_s == storm.duration_s
+    np.testing.assert_array_equal(schedule.demand_rps, storm.demand_rps(0.5))
+    stretched, _ = build_schedule(build_parser().parse_args(["--scenario", "retry_storm", "--duration", "30"]), cores=2)
+    assert stretched.duration_s == 30 and [name for _, name in stretched.phases] == [p.name for p in storm.phases]
+    with pytest.raises(ScenarioError, match="no scenario 'nosuch'"):
+        build_schedule(build_parser().parse_args(["--scenario", "nosuch"]), cores=2)
 
 
 BAD_SCENARIOS = [
@@ -131,6 +143,7 @@ def test_the_committed_k6_scripts_are_exported_from_the_yaml(name: str) -> None:
         (["steady", "--target", "http://127.0.0.1:1", "--compare", "http://127.0.0.1:2", "--labels", "a"], "--labels needs 2 non-empty name(s), got 'a'"),
         (["steady", "--target", "http://127.0.0.1:1", "--duration", "0"], "argument --duration: must be a positive number, got '0'"),
         (["steady", "--target", "http://127.0.0.1:1", "--scale", "nan"], "argument --scale: must be a positive number, got 'nan'"),
+        (["steady", "--target", "http://127.0.0.1:1", "--key-header", "x key"], "--key-header must be an HTTP header name, got 'x key'"),
         (["steady", "--export-k6", "TMP"], "TMP is a directory, expected a file path"),
         (["steady", "--export-k6", "TMP/file.txt/k6.js"], "TMP/file.txt/k6.js: TMP/file.txt is not a directory"),
         (["steady", "--target", "http://127.0.0.1:1", "--out", "TMP/file.txt"], "TMP/file.txt exists and is not a directory"),
