@@ -102,12 +102,8 @@ class LoadGenerator:
         plan = plan or self.default_plan(record.offsets_s.size)
         if plan.request_index.size != record.offsets_s.size:
             raise ValueError(f"the plan has {plan.request_index.size} requests for {record.offsets_s.size} arrivals")
-        urls = [self.base_url + request.path for request in plan.requests]
+        kinds = [(request.method, self.base_url + request.path, request.body or None) for request in plan.requests]
         headers = [{self.key_header: key} for key in plan.keys]
-        sends = [
-            (plan.requests[r].method, urls[r], plan.requests[r].body or None, headers[k])
-            for r, k in zip(plan.request_index.tolist(), plan.key_index.tolist(), strict=True)
-        ]
         connector = aiohttp.TCPConnector(limit=self.connections, force_close=False, ttl_dns_cache=None)
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -119,7 +115,9 @@ class LoadGenerator:
             while i < n and not (stop is not None and stop.is_set()):
                 now = time.perf_counter() - start
                 while i < n and record.offsets_s[i] <= now:
-                    task = asyncio.create_task(self._send(session, record, i, start, *sends[i]))
+                    method, url, body = kinds[plan.request_index[i]]
+                    send = self._send(session, record, i, start, method, url, body, headers[plan.key_index[i]])
+                    task = asyncio.create_task(send)
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                     i += 1
