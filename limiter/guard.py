@@ -24,19 +24,19 @@ from operator import itemgetter
 from typing import Any, Protocol
 
 from limiter.bucket import MICRO, BucketError, BucketSpec, Decision
-from limiter.config import LimiterConfig
-from limiter.costs import CostTable
-from limiter.metrics import ALLOWED, ALLOWED_REDIS, LimiterMetrics
-from limiter.rate_reader import TierRates, static_rates
-from limiter.redis_bucket import (
+from limiter.check_encoding import (
     CheckTemplate,
     EncodedCheck,
     RawOutcome,
-    Resolver,
     check_template,
     decisions_from_tokens,
     keys_resp,
 )
+from limiter.config import LimiterConfig
+from limiter.costs import CostTable
+from limiter.metrics import ALLOWED, ALLOWED_REDIS, LimiterMetrics
+from limiter.pending_checks import Resolver
+from limiter.rate_reader import TierRates, static_rates
 
 log = logging.getLogger("ratepilot.guard")
 _new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
