@@ -20,8 +20,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from math import ceil
-from operator import itemgetter
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from limiter.bucket import MICRO, BucketError, BucketSpec, Decision
 from limiter.check_encoding import (
@@ -144,28 +143,46 @@ class TierRuntime:
 FieldParts = tuple[dict[int, bytes], dict[int, bytes]]
 FIELD_PARTS_LIMIT = 4096  # remembered token counts per bucket
 
-# An API key's (tier, client id, bucket keys, their RESP bytes, {cost: (encoded check, resolver context)}).
-Route = tuple[TierRuntime, str, list[str], bytes, dict[float, tuple[EncodedCheck, tuple[Any, ...]]]]
+class PreparedCheck(NamedTuple):
+    """A route's check of one cost, encoded once: what goes to Redis and what the resolver needs of it."""
+
+    check: EncodedCheck
+    context: tuple[Any, ...]  # (tier, client, keys, cost, buckets, field parts): Guard._resolve unpacks it
 
 
-class Verdict(tuple):  # type: ignore[type-arg]
+class Route(NamedTuple):
+    """What an API key resolves to, cached per raw header value (dropped when a tier's rates change)."""
+
+    tier: TierRuntime
+    client: str
+    keys: list[str]  # [client bucket key, tier bucket key]
+    keys_resp: bytes  # their RESP bytes
+    prepared: dict[float, PreparedCheck]  # by request cost
+
+
+class _VerdictFields(NamedTuple):
+    allowed: bool
+    tier: TierRuntime
+    client: str
+    cost: float
+    source: str  # "redis", "local" or "fail_closed"
+    given_decisions: list[Decision] | None  # None for a Redis decision (built from `tokens` when asked)
+    limited_by: str | None  # None, "client", "tier", "redis_unavailable" or "cost"
+    tokens: list[int] | None  # a Redis decision: µt per bucket after it
+    buckets: list[Any] | None  # a Redis decision: the buckets' encoded arguments
+    policy_header: bytes  # the tier's RateLimit-Policy field
+    field_parts: FieldParts | None  # caches of the RateLimit field for those buckets
+
+
+class Verdict(_VerdictFields):
     """The decision for one request and what the response should say about it.
 
-    A tuple (the request path builds one per request with `tuple.__new__`, a quarter of the cost of
-    an `__init__`). A Redis decision keeps the script's integer answer and builds the `Decision`s
-    only when asked (most responses need just the RateLimit field, formatted from the integers).
+    The request path builds one per request with `tuple.__new__` (cheaper than a constructor). A
+    Redis decision keeps the script's integer answer and builds the `Decision`s only when asked
+    (most responses need just the RateLimit field, formatted from the integers).
     """
 
     __slots__ = ()
-
-    allowed: bool = property(itemgetter(0))  # type: ignore[assignment]
-    tier: TierRuntime = property(itemgetter(1))  # type: ignore[assignment]
-    client: str = property(itemgetter(2))  # type: ignore[assignment]
-    cost: float = property(itemgetter(3))  # type: ignore[assignment]
-    source: str = property(itemgetter(4))  # type: ignore[assignment]
-    # None, "client", "tier", "redis_unavailable" or "cost"
-    limited_by: str | None = property(itemgetter(6))  # type: ignore[assignment]
-    policy_header: bytes = property(itemgetter(9))  # type: ignore[assignment]
 
     def __new__(
         cls,
@@ -185,14 +202,14 @@ class Verdict(tuple):  # type: ignore[type-arg]
         the caches of the RateLimit field for those buckets (made with them, so never stale)."""
         return tuple.__new__(
             cls, (allowed, tier, client, cost, source, decisions, limited_by, tokens, buckets, tier.policy_header, field_parts)
-        )
+        )  # type: ignore[no-any-return]
 
     @property
     def decisions(self) -> list[Decision]:
         """[client bucket, tier bucket] decisions."""
-        decisions: list[Decision] | None = self[5]
+        decisions = self.given_decisions
         if decisions is None:
-            return decisions_from_tokens(self[0], self[7], self[8])
+            return decisions_from_tokens(self.allowed, self.tokens, self.buckets)  # type: ignore[arg-type]
         return decisions
 
     @property
@@ -207,21 +224,22 @@ class Verdict(tuple):  # type: ignore[type-arg]
 
     def ratelimit_field(self) -> bytes:
         """The IETF `RateLimit` field: whole tokens left and whole seconds until full, per bucket."""
-        tokens = self[7]
+        tokens = self.tokens
         if tokens is None:
             return self.ratelimit_field_from_decisions()
         client_ut, tier_ut = tokens
-        parts = self[10]
+        parts = self.field_parts
+        buckets: list[Any] = self.buckets  # type: ignore[assignment]
         if parts is None:
-            client_b, tier_b = self[8]
+            client_b, tier_b = buckets
             return _field_part(CLIENT_PART, client_ut, client_b) + _field_part(TIER_PART, tier_ut, tier_b)
         client_parts, tier_parts = parts
         client = client_parts.get(client_ut)
         if client is None:
-            client = _remember_part(client_parts, CLIENT_PART, client_ut, self[8][0])
+            client = _remember_part(client_parts, CLIENT_PART, client_ut, buckets[0])  # the client bucket's
         tier = tier_parts.get(tier_ut)
         if tier is None:
-            tier = _remember_part(tier_parts, TIER_PART, tier_ut, self[8][1])
+            tier = _remember_part(tier_parts, TIER_PART, tier_ut, buckets[1])  # the tier bucket's
         return client + tier
 
     def ratelimit_field_from_decisions(self) -> bytes:
@@ -350,7 +368,7 @@ class Guard:
             tier = self.tier_for(client)
             bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
             keys = [tier.client_prefix + bucket_client, tier.tier_key]
-            route = (tier, client, keys, keys_resp(keys), {})
+            route = Route(tier, client, keys, keys_resp(keys), {})
             if len(self._routes) >= TIER_CACHE_LIMIT:
                 self._routes.clear()
             self._routes[key] = route
@@ -375,7 +393,7 @@ class Guard:
             route = self._route(key)
         cost = self._cost(method, path, content_length)
         try:
-            prepared = route[4].get(cost)
+            prepared = route.prepared.get(cost)
             if prepared is None:
                 prepared = self._prepare(route, cost)
             bucket = self.redis_bucket
@@ -385,22 +403,23 @@ class Guard:
             if loop is None:  # asyncio.get_running_loop() costs a getpid() system call on Python 3.11
                 loop = self._loop = asyncio.get_running_loop()
             future: asyncio.Future[Verdict] = loop.create_future()
-            bucket.submit_to(prepared[0], future, self._resolve, (prepared[1], started))
+            bucket.submit_to(prepared.check, future, self._resolve, (prepared.context, started))
         except BucketError as exc:
-            return self._refuse_cost(route[0], route[1], cost, exc, started)
+            return self._refuse_cost(route.tier, route.client, cost, exc, started)
         except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
-            return self._fall_back(route[0], route[1], route[2], cost, exc, started)
+            return self._fall_back(route.tier, route.client, route.keys, cost, exc, started)
         return future
 
     @staticmethod
-    def _prepare(route: Route, cost: float) -> tuple[EncodedCheck, tuple[Any, ...]]:
+    def _prepare(route: Route, cost: float) -> PreparedCheck:
         """A route's encoded check of `cost` and what the resolver needs of it; raises BucketError if no bucket holds it."""
         tier, client, keys, resp, prepared = route
         template = tier.template(cost)
         if len(prepared) >= TEMPLATE_CACHE_LIMIT:
             prepared.clear()
-        context = (tier, client, keys, cost, template[1], tier.field_parts)
-        entry = prepared[cost] = (_new_tuple(EncodedCheck, (keys, *template, resp)), context)
+        argv, buckets, argv_resp = template
+        context = (tier, client, keys, cost, buckets, tier.field_parts)
+        entry = prepared[cost] = PreparedCheck(_new_tuple(EncodedCheck, (keys, argv, buckets, argv_resp, resp)), context)
         return entry
 
     def _resolve(self, future: asyncio.Future[Verdict], context: tuple[Any, ...], outcome: RawOutcome | Exception) -> None:
@@ -411,7 +430,7 @@ class Guard:
             return
         allowed, tokens, _ = outcome
         now = self._clock()
-        tier.last_remaining = tokens[1] / MICRO
+        tier.last_remaining = tokens[1] / MICRO  # the tier bucket's µt
         tier.last_time = now
         counters = tier.counters
         if allowed:
@@ -447,9 +466,10 @@ class Guard:
             if source == "fail_closed":
                 limited_by = "redis_unavailable"
             else:
-                limited_by = "client" if decisions[0].retry_after_s >= decisions[1].retry_after_s else "tier"
+                client_d, tier_d = decisions
+                limited_by = "client" if client_d.retry_after_s >= tier_d.retry_after_s else "tier"
         now = self._clock()
-        tier.last_remaining = decisions[1].remaining
+        tier.last_remaining = decisions[1].remaining  # the tier bucket's
         tier.last_time = now
         tier.counters.count("allowed" if allowed else "throttled", source, cost)
         self._latency.observe(now - started)
