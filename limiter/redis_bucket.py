@@ -98,7 +98,7 @@ class _Batch:
                 at = 1
                 for item in group:
                     check, future, resolve, context = item
-                    end = at + 1 + len(check[0])  # check.keys
+                    end = at + 1 + len(check.keys)
                     outcome = (reply[at] == 1, reply[at + 1 : end], now_us)
                     at = end
                     if resolve is not None and not future.done():
