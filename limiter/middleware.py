@@ -22,7 +22,8 @@ import math
 import uuid
 from typing import Any
 
-from limiter.guard import Guard, Verdict
+from limiter.guard import Guard
+from limiter.verdict import Verdict
 
 log = logging.getLogger("ratepilot.throttle")
 

@@ -15,11 +15,12 @@ from limiter.bucket import BucketSpec
 from limiter.check_encoding import encode_check
 from limiter.config import parse_config
 from limiter.edge import Edge, EdgeOptions
-from limiter.guard import Guard, Verdict
+from limiter.guard import Guard
 from limiter.local_bucket import LocalBucket
 from limiter.metrics import LimiterMetrics
 from limiter.redis_bucket import RedisBucket
 from limiter.throttled_log import ThrottledLog
+from limiter.verdict import Verdict
 from ratepilot.servers import RedisServer
 from tests.limiter.support import BASE_CONFIG
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from limiter.bucket import MICRO, BucketSpec
 from limiter.check_encoding import check_template
-from limiter.guard import FIELD_PARTS_LIMIT, Verdict
+from limiter.verdict import FIELD_PARTS_LIMIT, Verdict
 
 
 class _Tier:
