@@ -22,7 +22,7 @@ import socket
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
@@ -43,6 +43,13 @@ TIER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MIN_TOKEN_LENGTH = 16
 QUERY_NAMES = ("p99_latency_ms", "error_rate", "cpu", "admitted_rps", "throttled_rps")
 Rate = float
+MAX_POLICY_PARAM = 1e9
+# a baseline's constructor argument: a finite JSON number of sane size (not a boolean, not a string)
+PolicyParamName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,63}$")]
+PolicyParam = (
+    Annotated[int, Field(strict=True, ge=-MAX_POLICY_PARAM, le=MAX_POLICY_PARAM)]
+    | Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_POLICY_PARAM, le=MAX_POLICY_PARAM)]
+)
 
 
 class SettingsError(ValueError):
@@ -182,7 +189,7 @@ class PolicySettings(_Strict):
 
     name: str = "rl"
     model: str | None = None  # rl only: a .npz path or models:/ratepilot-policy@champion; None = champion or default
-    params: dict[str, Any] = Field(default_factory=dict)  # baseline constructor arguments
+    params: dict[PolicyParamName, PolicyParam] = Field(default_factory=dict, max_length=32)  # baseline constructor arguments
 
 
 class SafetySettings(_Strict):
