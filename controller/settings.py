@@ -19,12 +19,14 @@ import copy
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import redis.connection
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -65,6 +67,23 @@ class RedisSettings(_Strict):
 
     url: str = "redis://127.0.0.1:6379/0"
     timeout_s: float = Field(default=2.0, gt=0, le=60, allow_inf_nan=False)  # per command
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        try:  # the parser redis-py itself uses, so what passes here is what the client accepts
+            options = redis.connection.parse_url(value)
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL ({exc})") from None
+        if value.startswith(("redis://", "rediss://")):
+            parts = urllib.parse.urlsplit(value)
+            if not parts.hostname:
+                raise ValueError("not a Redis URL (no host), e.g. redis://127.0.0.1:6379/0")
+            if not re.fullmatch(r"/?[0-9]*", parts.path):
+                raise ValueError(f"not a Redis URL (the path {parts.path!r} is not a database number)")
+        if value.startswith("unix://") and not options.get("path"):
+            raise ValueError("not a Redis URL (no socket path), e.g. unix:///run/redis.sock")
+        return value
 
 
 class QuerySettings(_Strict):
@@ -118,6 +137,18 @@ class PrometheusSettings(_Strict):
     window: str = "15s"  # the rate() window; >= 2 scrape intervals
     tier_label: str = "tier"
     queries: dict[str, QuerySettings] = Field(default_factory=_default_queries)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urllib.parse.urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+        except ValueError as exc:
+            raise ValueError(f"not an http(s) URL ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL with a host, e.g. http://127.0.0.1:9090")
+        return value
 
     @field_validator("window")
     @classmethod
