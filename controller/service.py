@@ -31,6 +31,7 @@ from controller.settings import (
     set_path,
     settings_from_mapping,
 )
+from limiter.paths import OutputPathError, check_output_file
 
 log = logging.getLogger("ratepilot.controller")
 
@@ -136,6 +137,12 @@ def main(argv: list[str]) -> int:
     if args.json and not args.once:
         print("ratepilot controller: --json needs --once", file=sys.stderr)
         return 2
+    if args.json:
+        try:
+            check_output_file(args.json, "--json")
+        except OutputPathError as exc:
+            print(f"ratepilot controller: {exc}", file=sys.stderr)
+            return 2
     try:
         settings = settings_from_args(args)
     except SettingsError as exc:

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from limiter.paths import check_output_dir, check_output_file
 from policy.base import Policy
 from policy.registry import UnknownPolicyError, make_policy, policy_names
 from training.metrics import METRICS, episode_metrics, mean_metrics, to_json_safe
@@ -299,6 +300,13 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     try:
+        if args.json_out:
+            check_output_file(args.json_out, "--json")
+        if args.plots and not args.no_plots:
+            check_output_dir(args.plots, "--plots")
+        elif args.json_out and not args.no_plots:
+            out = Path(args.json_out)
+            check_output_dir(out.parent / f"{out.stem}_plots", "--plots (from --json)")
         names = [n.strip() for n in args.policies.split(",") if n.strip()]
         if not names:
             raise ValueError("--policies is empty")
