@@ -181,6 +181,9 @@ class LoopSettings(_Strict):
     mode: Literal["active", "shadow"] = "active"  # shadow: decide and log, never write rates
     rate_ttl_s: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)  # server-clock expiry
     decisions_maxlen: int = Field(default=10_000, ge=1, le=10_000_000)  # ~ cap of the decisions stream
+    # while Prometheus or Redis keeps failing the pause between ticks doubles up to this (and never past
+    # rate_ttl_s / 2, so rates written meanwhile do not expire); the first good tick restores the interval
+    max_backoff_s: float = Field(default=60.0, gt=0, le=3600, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _ttl_covers_ticks(self) -> LoopSettings:
@@ -190,6 +193,15 @@ class LoopSettings(_Strict):
                 "or the limiters fall back to static rates between ticks"
             )
         return self
+
+    @property
+    def backoff_cap_s(self) -> float:
+        """The longest pause between ticks while failing: max_backoff_s, at most rate_ttl_s / 2, at least one interval."""
+        return max(self.tick_interval_s, min(self.max_backoff_s, self.rate_ttl_s / 2))
+
+    def pause_after(self, failing_ticks: int) -> float:
+        """Seconds to the next tick after `failing_ticks` failing ticks in a row (0: the interval)."""
+        return min(self.backoff_cap_s, self.tick_interval_s * 2.0 ** min(failing_ticks, 64))
 
 
 class LeaseSettings(_Strict):
