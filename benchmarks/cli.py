@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from limiter.paths import OutputPathError, check_output_file
+from limiter.paths import output_problem
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "limiter": ("benchmarks.bench_limiter", "limiter checks/s against raw EVALSHA, `limits` and pyrate-limiter"),
@@ -90,10 +90,8 @@ def main(argv: list[str]) -> int:
     )
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    try:
-        check_output_file(args.json, "--json")
-    except OutputPathError as error:
-        print(f"ratepilot bench {name}: {error}", file=sys.stderr)
+    if problem := output_problem({"--json": args.json}):
+        print(f"ratepilot bench {name}: {problem}", file=sys.stderr)
         return 2
     try:
         result: dict[str, Any] = module.run(args)

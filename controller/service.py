@@ -31,7 +31,7 @@ from controller.settings import (
     set_path,
     settings_from_mapping,
 )
-from limiter.paths import OutputPathError, check_output_file
+from limiter.paths import output_problem
 
 log = logging.getLogger("ratepilot.controller")
 
@@ -137,12 +137,9 @@ def main(argv: list[str]) -> int:
     if args.json and not args.once:
         print("ratepilot controller: --json needs --once", file=sys.stderr)
         return 2
-    if args.json:
-        try:
-            check_output_file(args.json, "--json")
-        except OutputPathError as exc:
-            print(f"ratepilot controller: {exc}", file=sys.stderr)
-            return 2
+    if problem := output_problem({"--json": args.json}):
+        print(f"ratepilot controller: {problem}", file=sys.stderr)
+        return 2
     try:
         settings = settings_from_args(args)
     except SettingsError as exc:

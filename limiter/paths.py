@@ -54,3 +54,26 @@ def check_output_dir(path: str | Path, option: str = "--out") -> Path:
         return path
     _existing_ancestor(path, option)
     return path
+
+
+def check_outputs(
+    files: dict[str, str | Path | None] | None = None, dirs: dict[str, str | Path | None] | None = None
+) -> None:
+    """Check every output a command was given (option -> path; None: not given); OutputPathError on the first bad one."""
+    for option, path in (files or {}).items():
+        if path is not None:
+            check_output_file(path, option)
+    for option, path in (dirs or {}).items():
+        if path is not None:
+            check_output_dir(path, option)
+
+
+def output_problem(
+    files: dict[str, str | Path | None] | None = None, dirs: dict[str, str | Path | None] | None = None
+) -> str | None:
+    """`check_outputs` for commands without a try block: the one-line reason, or None when all can be written."""
+    try:
+        check_outputs(files, dirs)
+    except OutputPathError as exc:
+        return str(exc)
+    return None

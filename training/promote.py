@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from limiter.paths import OutputPathError, check_output_file
+from limiter.paths import output_problem
 from policy.rl import REGISTERED_MODEL, ModelError, load
 from training import registry
 
@@ -90,12 +90,9 @@ def main(argv: list[str]) -> int:
     if args.seeds < 1:
         print("ratepilot promote: --seeds must be >= 1", file=sys.stderr)
         return 2
-    if args.json:
-        try:
-            check_output_file(args.json, "--json")
-        except OutputPathError as exc:
-            print(f"ratepilot promote: {exc}", file=sys.stderr)
-            return 2
+    if problem := output_problem({"--json": args.json}):
+        print(f"ratepilot promote: {problem}", file=sys.stderr)
+        return 2
     console = Console()
     registry.configure(args.tracking_uri)
     candidate = registry.version_by_alias(registry.CANDIDATE)

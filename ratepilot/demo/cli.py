@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from limiter.paths import check_output_dir, check_output_file
+from limiter.paths import check_outputs
 from ratepilot.demo.report import comparison_table, plot, write_json
 from ratepilot.demo.run import RunResult, play
 from ratepilot.demo.schedule import (
@@ -108,12 +108,7 @@ def main(argv: list[str]) -> int:
         return 2
     cores = os.cpu_count() or 1
     try:
-        if args.json:
-            check_output_file(args.json, "--json")
-        if args.out:
-            check_output_dir(args.out, "--out")
-        else:
-            check_output_dir(Path("demo-output"), "--out (default)")
+        check_outputs(files={"--json": args.json}, dirs={"--out": args.out or Path("demo-output")})
         schedule, scale = build_schedule(args, cores)
         for binary in ("redis-server", "prometheus"):
             find_binary(binary)
