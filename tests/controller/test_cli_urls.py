@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from controller.settings import SettingsError, settings_from_mapping
+from ratepilot.servers import RedisServer
 from tests.controller.support import make_settings, write_config
 
 BAD_REDIS = ["notaurl", "http://127.0.0.1:6379", "redis://", "redis://127.0.0.1:notaport/0", "redis://127.0.0.1:6379/zero"]
@@ -72,3 +74,12 @@ def test_prometheus_urls_that_are_not_urls_are_refused(url: str) -> None:
 def test_good_redis_urls_pass(url: str) -> None:
     data = make_settings(url, "https://prom.example/prometheus").model_dump(mode="json")
     assert settings_from_mapping(data, env={}).redis.url == url
+
+
+def test_once_with_prometheus_unreachable_exits_1(redis_server: RedisServer) -> None:
+    """A URL that parses but answers nothing: the tick still writes safe rates, and the exit says it was not good."""
+    result = run(["--redis-url", redis_server.url, "--prometheus-url", "http://127.0.0.1:9"])
+    assert result.returncode == 1, result.stderr[-500:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["result"] == "written" and "prometheus" in summary["errors"]
+    assert result.stderr.strip().splitlines()[-1] == "ratepilot controller: the tick could not read its inputs (see errors)"
