@@ -226,3 +226,15 @@ def test_fuzzed_reload_parameters(http: httpx.Client, controller: Controller, pa
     for token in params.values():
         value = json.loads(token)
         assert type(value) in (int, float) and math.isfinite(value) and abs(value) <= MAX_POLICY_PARAM, body
+
+
+@pytest.mark.parametrize("body", ["NaN", "Infinity", "1e309", "true", "[]", '"x"', "{", ""])
+@pytest.mark.parametrize(("method", "path"), [("PUT", "/overrides/free"), ("POST", "/mode"), ("POST", "/policy/reload")])
+def test_a_body_that_is_not_an_object_is_422(http: httpx.Client, redis_client_m: redis.Redis, controller: Controller,
+                                             method: str, path: str, body: str) -> None:  # fmt: skip
+    if path == "/policy/reload" and body == "":
+        pytest.skip("an empty body reloads the policy in force (documented)")
+    before, in_force = snapshot(redis_client_m), controller.policies.current
+    response = http.request(method, path, content=body, headers=AUTH)
+    assert response.status_code == 422, (response.status_code, response.text[:300])
+    assert snapshot(redis_client_m) == before and controller.policies.current is in_force
