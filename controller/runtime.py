@@ -71,8 +71,8 @@ class Controller:
         if self.lease.enabled:
             scheduler.add_job(self.lease.try_acquire_or_renew, "interval", seconds=self.settings.lease.retry_period_s,
                               id="lease", next_run_time=_now_plus(self.settings.lease.retry_period_s))  # fmt: skip
+        self._scheduler = scheduler  # before start: the first tick runs at once and may reschedule itself
         scheduler.start()
-        self._scheduler = scheduler
         log.info(
             "event=started replica=%s tiers=%d tick_s=%g mode=%s policy=%s leader=%s",
             self.settings.replica_id, len(self.settings.tiers), self.settings.loop.tick_interval_s,
@@ -83,7 +83,7 @@ class Controller:
         """One tick, then the tick job moved to the loop's pause (longer while backing off, the interval after)."""
         self.loop.tick()
         pause = self.loop.pause_s
-        if pause != self._pause_s and self._scheduler is not None:
+        if pause != self._pause_s and self._scheduler is not None and self._scheduler.running:
             self._scheduler.reschedule_job("tick", trigger="interval", seconds=pause)
             self._pause_s = pause
 

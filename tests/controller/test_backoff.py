@@ -34,9 +34,8 @@ def pause(controller: Controller) -> float:
 
 def start(redis_url: str, prometheus_url: str) -> Controller:
     # one replica without a lease: it keeps leading (and failing) while Redis is down
-    settings = make_settings(redis_url, prometheus_url, tiers=TIERS, lease__enabled=False,
+    settings = make_settings(redis_url, prometheus_url, tiers=TIERS, lease__enabled=False, redis__timeout_s=1.0,
                              loop__tick_interval_s=INTERVAL_S, loop__max_backoff_s=CAP_S)  # fmt: skip
-    settings.redis.__dict__["timeout_s"] = 1.0
     controller = Controller(settings, LoadedPolicy(LatencyFollower(), "latency_follower"))
     controller.start()
     return controller
