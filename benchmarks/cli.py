@@ -16,6 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from limiter.paths import output_problem
+
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "limiter": ("benchmarks.bench_limiter", "limiter checks/s against raw EVALSHA, `limits` and pyrate-limiter"),
     "sim": ("benchmarks.bench_sim", "simulator steps/s"),
@@ -88,6 +90,9 @@ def main(argv: list[str]) -> int:
     )
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    if problem := output_problem({"--json": args.json}):
+        print(f"ratepilot bench {name}: {problem}", file=sys.stderr)
+        return 2
     try:
         result: dict[str, Any] = module.run(args)
     except (ValueError, OSError, RuntimeError) as error:

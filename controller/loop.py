@@ -14,6 +14,12 @@ tick never raises: each failing stage is logged as a key-value line, counted in
 | policy      | raised / NaN / wrong shape: the rate in force is kept             | next tick     |
 | redis_write | nothing was written (one script: all tiers or none)              | next tick     |
 | lease       | Redis refused the write as fenced: this replica steps down        | lease retries |
+
+A leader tick that could not read Redis (read or write failed) or got no answer to any Prometheus
+query is a failing tick; after each one in a row the pause to the next tick doubles, up to
+`LoopSettings.backoff_cap_s` (`pause_s`, published as `ratepilot_controller_tick_pause_seconds`
+with `ratepilot_controller_failing_ticks`), so a dead dependency is not hammered at the tick rate.
+The first good tick (or a follower tick, which touches nothing) restores the configured interval.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from controller.overrides import OverrideCaps
 from controller.policies import PolicyHolder
 from controller.prometheus_source import PrometheusSource
 from controller.rate_store import FencedError, RateStore, rates_in_force
-from controller.settings import ControllerSettings
+from controller.settings import QUERY_NAMES, ControllerSettings
 from limiter.rate_table import MAX_SANE_RATE
 from policy.base import rate_to_action
 from policy.observation import Observation, ObservationBuilder
@@ -118,6 +124,10 @@ class ControlLoop:
         self.override_caps = OverrideCaps()
         self._stale: np.ndarray | None = None
         self._count = 0
+        self._prometheus_down = False  # this tick: every query failed
+        self.failing_ticks = 0  # consecutive failing leader ticks
+        self.pause_s = settings.loop.tick_interval_s  # before the next tick
+        metrics.tick_pause.set(self.pause_s)
         self.last_report: TickReport | None = None
         self.last_leader_report: TickReport | None = None
 
@@ -134,6 +144,7 @@ class ControlLoop:
         self._count += 1
         started, t0 = self._clock(), time.perf_counter()
         errors: dict[str, str] = {}
+        self._prometheus_down = False
         try:
             report = self._tick(started, t0, errors)
         except Exception as exc:  # noqa: BLE001 - the loop must survive anything; the reason is logged and counted
@@ -146,6 +157,7 @@ class ControlLoop:
         self.last_report = report
         if report.result != "follower":
             self.last_leader_report = report
+        self._pace(report)
         log.log(
             logging.INFO if report.result in ("written", "shadow", "follower") else logging.WARNING,
             "event=tick tick=%d result=%s mode=%s tiers=%d version=%s fence=%s duration_ms=%.1f errors=%s",
@@ -153,6 +165,16 @@ class ControlLoop:
             report.duration_s * 1000, json.dumps(report.errors) if report.errors else "{}",
         )  # fmt: skip
         return report
+
+    def _pace(self, report: TickReport) -> None:
+        """Set the pause before the next tick: doubled per failing tick in a row, the interval after a good one."""
+        failing = report.result == "failed" or self._prometheus_down
+        self.failing_ticks = self.failing_ticks + 1 if failing else 0
+        self.pause_s = self.settings.loop.pause_after(self.failing_ticks)
+        self.metrics.failing_ticks.set(self.failing_ticks)
+        self.metrics.tick_pause.set(self.pause_s)
+        if failing:
+            log.warning("event=tick_backoff tick=%d failing_ticks=%d next_tick_in_s=%.3g", self._count, self.failing_ticks, self.pause_s)
 
     def _fail(self, errors: dict[str, str], stage: str, reason: str) -> None:
         errors[stage] = reason
@@ -181,6 +203,7 @@ class ControlLoop:
             self._fail(errors, "overrides", f"{len(override_problems)} tier(s), e.g. {first[0]}: {first[1]}")
 
         reading = pending.result(in_force.rates)
+        self._prometheus_down = len(reading.errors) == len(QUERY_NAMES)
         if reading.errors:
             self._fail(errors, "prometheus", "; ".join(f"{k}: {v}" for k, v in reading.errors.items()))
         observation = self.builder.build(reading.metrics)

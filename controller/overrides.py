@@ -52,7 +52,12 @@ class _Caps(BaseModel):
 
 
 class OverrideRequest(_Caps):
-    """The body of PUT /overrides/{tier}: caps in tokens/s, an optional lifetime, who and why."""
+    """The body of PUT /overrides/{tier}: caps in tokens/s, an optional lifetime, who and why.
+
+    Strict types: a rate is a JSON number (not `true`, not `"5"`), who and reason are strings.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     ttl_s: float | None = Field(default=None, gt=0, le=MAX_TTL_S, allow_inf_nan=False)  # None = until deleted
     who: str = Field(min_length=1, max_length=100)

@@ -209,22 +209,59 @@ def save(policy: RLPolicy, path: str | Path) -> Path:
     return path
 
 
+MEMBERS = ("meta", "theta", "obs_mean", "obs_std")  # the arrays of a policy file
+
+
+def _read_members(path: Path) -> dict[str, np.ndarray]:
+    """The policy arrays of an .npz file, read without pickle; ModelError saying in plain words what is wrong."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        size = path.stat().st_size
+        what = "an empty file" if size == 0 else f"{size} bytes that are not a complete ZIP archive (truncated, or another kind of file)"
+        raise ModelError(f"{path}: not a policy file: a policy is an .npz (ZIP) archive, this is {what}") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the policy file ({exc.strerror})") from None
+    with archive:
+        held = {name.removesuffix(".npy") for name in archive.namelist()}
+        missing = [name for name in MEMBERS if name not in held]
+        if missing:
+            raise ModelError(
+                f"{path}: not a ratepilot policy: the archive has no {', '.join(repr(m) for m in missing)} "
+                f"(it holds {', '.join(sorted(held)) or 'nothing'}; a policy holds {', '.join(MEMBERS)})"
+            )
+        arrays = {}
+        for name in MEMBERS:
+            try:
+                with archive.open(f"{name}.npy") as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError):  # a CRC or inflate error: damaged bytes
+                raise ModelError(f"{path}: the policy file is damaged: its {name!r} array does not decompress intact") from None
+            except ValueError as exc:
+                reason = (
+                    "holds Python objects, not numbers (refused: reading it would mean unpickling)"
+                    if "pickle" in str(exc).lower()
+                    else "is not a numpy array"
+                )
+                raise ModelError(f"{path}: the policy file's {name!r} member {reason}") from None
+    for name in MEMBERS[1:]:
+        if arrays[name].dtype.kind not in "fiu":
+            raise ModelError(f"{path}: the policy file's {name!r} array holds {arrays[name].dtype} values, not numbers")
+    return arrays
+
+
 def load(path: str | Path) -> RLPolicy:
     """Read a policy file; ModelError if it is missing, corrupt or built for another schema."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder, not a policy file")
     if not path.is_file():
         raise ModelError(f"{path}: no such policy file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in ("meta", "theta", "obs_mean", "obs_std")}
-    except KeyError as exc:
-        raise ModelError(f"{path}: not a ratepilot policy (missing {exc})") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise ModelError(f"{path}: corrupt policy file ({exc})") from None
+    arrays = _read_members(path)
     try:
         meta = json.loads(str(arrays["meta"]))
     except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: corrupt meta record ({exc})") from None
+        raise ModelError(f"{path}: corrupt meta record: not JSON ({exc.msg} at character {exc.pos})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelError(f"{path}: not a ratepilot policy file")
     if meta.get("format_version") != FORMAT_VERSION:

@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from limiter.paths import output_problem
 from policy.rl import REGISTERED_MODEL, ModelError, load
 from training import registry
 
@@ -88,6 +89,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.seeds < 1:
         print("ratepilot promote: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    if problem := output_problem({"--json": args.json}):
+        print(f"ratepilot promote: {problem}", file=sys.stderr)
         return 2
     console = Console()
     registry.configure(args.tracking_uri)

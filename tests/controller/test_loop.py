@@ -275,7 +275,7 @@ def test_a_corrupt_model_file_keeps_the_previous_policy(tmp_path: Path) -> None:
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
     first = LoadedPolicy(LatencyFollower(), "latency_follower")
     holder = PolicyHolder(first, PolicySettings(name="latency_follower"))
-    with pytest.raises(PolicyLoadError, match="corrupt policy file"):
+    with pytest.raises(PolicyLoadError, match="not a policy file: a policy is an .npz .ZIP. archive"):
         holder.reload(PolicySettings(name="rl", model=str(corrupt)))
     with pytest.raises(PolicyLoadError, match="no such policy file"):
         holder.reload(PolicySettings(name="rl", model=str(tmp_path / "missing.npz")))
