@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from limiter.bucket import MAX_CAPACITY, MAX_RATE
 
@@ -66,7 +66,7 @@ class TierConfig(_Strict):
     key_prefixes: tuple[str, ...] = ()  # API keys starting with one of these belong to this tier
     # shadow: every request is admitted; what the buckets (or fail_closed) would have refused is only
     # counted (ratepilot_shadow_refusals_total), to try a new limit on live traffic
-    shadow: StrictBool = False
+    shadow: bool = Field(default=False, strict=True)
 
 
 class RouteCost(_Strict):
