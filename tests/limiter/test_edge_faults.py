@@ -27,6 +27,7 @@ from tests.limiter.support import (
     CONFIG_HEAD,
     RATELIMIT,
     RunningEdge,
+    metric_sum,
     wait_until,
     write_config,
 )
@@ -64,9 +65,8 @@ def _count(edge: RunningEdge, outcome: str, source: str, tier: str) -> float:
 
 
 def redis_errors(edge: RunningEdge) -> float:
-    """`ratepilot_redis_errors_total` summed over its kinds (0 before the first error)."""
-    text = edge.get("/metrics").text
-    return sum(float(value) for value in re.findall(r"^ratepilot_redis_errors_total\{[^}]*\} (\S+)$", text, re.M))
+    """`ratepilot_redis_errors_total` over all kinds."""
+    return metric_sum(edge.get("/metrics").text, "ratepilot_redis_errors_total")
 
 
 def test_fail_open_with_dead_redis_still_limits(edge_factory: EdgeFactory, redis_server: RedisServer) -> None:

@@ -13,7 +13,6 @@ more.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import httpx
 
 from limiter.redis_bucket import RedisBucket
 from ratepilot.servers import RedisServer
-from tests.limiter.support import CONFIG_HEAD, RunningEdge
+from tests.limiter.support import CONFIG_HEAD, RunningEdge, metric_sum
 
 EdgeFactory = Callable[..., RunningEdge]
 
@@ -37,11 +36,6 @@ tiers:
     client:    {rate: 100000, burst: 100000}
     aggregate: {rate: 1000000, burst: 1000000}
 """
-
-
-def redis_errors(metrics_text: str) -> float:
-    """`ratepilot_redis_errors_total` summed over its kinds."""
-    return sum(float(v) for v in re.findall(r"^ratepilot_redis_errors_total\{[^}]*\} (\S+)$", metrics_text, re.M))
 
 
 def test_long_outage_probes_at_the_cap_and_redis_decides_within_one_probe_interval_of_the_restart(
@@ -79,7 +73,7 @@ def test_long_outage_probes_at_the_cap_and_redis_decides_within_one_probe_interv
             await asyncio.sleep(0.005)
 
     async def errors(client: httpx.AsyncClient) -> float:
-        return redis_errors((await client.get("/metrics")).text)
+        return metric_sum((await client.get("/metrics")).text, "ratepilot_redis_errors_total")
 
     async def scenario() -> None:
         stop, watching = asyncio.Event(), asyncio.Event()
