@@ -17,7 +17,7 @@ EdgeFactory = Callable[..., RunningEdge]
 
 # Four clients share a tier bucket of 10 tokens; each has 4 of its own. Refill is negligible during the
 # test, so the same requests get the same decisions in every run: some refused by the client bucket,
-# later ones by the tier bucket. `open`'s requests are refused only when Redis is gone (fail_closed).
+# later ones by the tier bucket. `closed`'s requests are refused only when Redis is gone (fail_closed).
 SHADOW_CONFIG = CONFIG_HEAD + f"""default_tier: trial
 tiers:
   trial:

@@ -14,7 +14,6 @@ import redis
 
 from limiter.redis_bucket import RedisBucket
 from ratepilot.servers import RedisServer
-from tests.limiter.conftest import commandstat
 from tests.limiter.delay_proxy import DelayProxy
 from tests.limiter.support import CONFIG_HEAD, SLOW, RunningEdge
 
@@ -58,7 +57,7 @@ def fast_checks(edge: RunningEdge) -> tuple[float, float]:
 
 
 def test_slow_redis_fails_fast_without_flapping_or_replay(
-    edge_factory: EdgeFactory, redis_server: RedisServer, proxy: DelayProxy
+    edge_factory: EdgeFactory, redis_server: RedisServer, proxy: DelayProxy, commandstats: Callable[[redis.Redis, str], int]
 ) -> None:
     edge = edge_factory(proxy.url, SLOW_CONFIG)
     bucket = edge.edge.guard.redis_bucket
@@ -104,8 +103,8 @@ def test_slow_redis_fails_fast_without_flapping_or_replay(
 
     # no replay, counted by Redis itself: that one batch ran once and was never sent again, each probe
     # loaded the script once (each a fresh connection whose late answer is never read)
-    assert commandstat(admin, "evalsha") == 1
-    assert commandstat(admin, "script|load") == probes
+    assert commandstats(admin, "evalsha") == 1
+    assert commandstats(admin, "script|load") == probes
     # ... and it consumed its token exactly once: the client's bucket holds burst - 1 tokens
     state = admin.get("rp:{open}:c:open_a")
     assert state is not None and int(state.split(b":")[0]) == 999_000_000
