@@ -3,7 +3,9 @@
 `--clients` concurrent keep-alive connections (aiohttp, one asyncio task each) send `GET --path` with
 the API key for `--seconds`, each a new request as soon as its answer came. Prints one JSON line:
 statuses (status -> count), refused_by (the 429 bodies' `limited_by` -> count), errors (transport
-failures, the first three in first_errors), seconds (first send to last answer).
+failures, the first three in first_errors), seconds (first send to last answer), and with
+`--redis-url` the Redis server clock read just before the first send and just after the last answer
+(server_start_us, server_end_us: every request of the run falls between them).
 
 aiohttp (a dependency already) rather than httpx: on a loaded 2-core machine one httpx process drove
 ~60 requests/s over 200 connections, too few to press on a bucket; aiohttp drove ~1,000/s.
@@ -19,9 +21,21 @@ import time
 from collections import Counter
 
 import aiohttp
+import redis
 
 
-async def hammer(url: str, path: str, key: str, clients: int, seconds: float) -> dict[str, object]:
+def server_time_us(redis_url: str | None) -> int | None:
+    """The Redis server clock in µs (None without a URL)."""
+    if redis_url is None:
+        return None
+    with redis.Redis.from_url(redis_url) as client:
+        seconds, micros = client.time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+async def hammer(
+    url: str, path: str, key: str, clients: int, seconds: float, redis_url: str | None = None
+) -> dict[str, object]:
     """Run the clients; the summary printed by main()."""
     statuses: Counter[int] = Counter()
     refused_by: Counter[str] = Counter()
@@ -29,6 +43,7 @@ async def hammer(url: str, path: str, key: str, clients: int, seconds: float) ->
     connector = aiohttp.TCPConnector(limit=clients, force_close=False)
     timeout = aiohttp.ClientTimeout(total=10.0)
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout, headers={"x-api-key": key}) as session:
+        server_start_us = server_time_us(redis_url)
         started = time.monotonic()
         stop_at = started + seconds
 
@@ -46,12 +61,15 @@ async def hammer(url: str, path: str, key: str, clients: int, seconds: float) ->
 
         await asyncio.gather(*(one_client() for _ in range(clients)))
         finished = time.monotonic()
+        server_end_us = server_time_us(redis_url)
     return {
         "statuses": {str(status): count for status, count in statuses.items()},
         "refused_by": dict(refused_by),
         "errors": len(errors),
         "first_errors": errors[:3],
         "seconds": finished - started,
+        "server_start_us": server_start_us,
+        "server_end_us": server_end_us,
     }
 
 
@@ -63,8 +81,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--key", required=True)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--redis-url", help="read this Redis server's clock around the run")
     args = parser.parse_args(argv)
-    print(json.dumps(asyncio.run(hammer(args.url, args.path, args.key, args.clients, args.seconds))))
+    summary = asyncio.run(hammer(args.url, args.path, args.key, args.clients, args.seconds, args.redis_url))
+    print(json.dumps(summary))
     return 0
 
 
