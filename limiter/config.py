@@ -64,6 +64,9 @@ class TierConfig(_Strict):
     aggregate: BucketConfig
     failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
     key_prefixes: tuple[str, ...] = ()  # API keys starting with one of these belong to this tier
+    # shadow: every request is admitted; what the buckets (or fail_closed) would have refused is only
+    # counted (ratepilot_shadow_refusals_total), to try a new limit on live traffic
+    shadow: bool = Field(default=False, strict=True)
 
 
 class RouteCost(_Strict):
