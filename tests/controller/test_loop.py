@@ -18,7 +18,7 @@ import pytest
 import redis
 import yaml
 
-from controller.exporter import SyntheticExporter
+from benchmarks.synthetic_exporter import SyntheticExporter
 from controller.overrides import OverrideRequest
 from controller.policies import LoadedPolicy, PolicyHolder, PolicyLoadError
 from controller.rate_store import DECISIONS_KEY, MODE_KEY
