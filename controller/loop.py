@@ -36,7 +36,7 @@ from controller.policies import PolicyHolder
 from controller.prometheus_source import PrometheusSource
 from controller.rate_store import FencedError, RateStore, rates_in_force
 from controller.settings import ControllerSettings
-from limiter.rate_table import MAX_SANE_RATE
+from limiter.bucket import MAX_RATE
 from policy.base import rate_to_action
 from policy.observation import Observation, ObservationBuilder
 from policy.safety import OVERRIDE_RULES, RULES, SafetyEngine, SafetyResult
@@ -200,7 +200,7 @@ class ControlLoop:
         safety = self.engine.apply(observation, proposed, caps, self._stale)
         self._stale = safety.stale_ticks
         rates = safety.rates
-        bursts = np.clip(rates * self.burst_s, 1.0, MAX_SANE_RATE)
+        bursts = np.clip(rates * self.burst_s, 1.0, MAX_RATE)
         sources = safety.source
         decisions = self._decisions(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s)
 

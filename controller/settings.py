@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from limiter.rate_table import MAX_SANE_RATE
+from limiter.bucket import MAX_RATE
 from policy.safety import SafetyLimits
 
 ENV_CONFIG = "RATEPILOT_CONTROLLER_CONFIG"
@@ -200,9 +200,9 @@ class SafetySettings(_Strict):
 class TierSettings(_Strict):
     """One tier's aggregate rate: its static safe rate, its bounds, its burst and its latency SLO."""
 
-    static_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)  # as in limiter.yaml's aggregate rate
-    min_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)
-    max_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)
+    static_rate: Rate = Field(gt=0, le=MAX_RATE, allow_inf_nan=False)  # as in limiter.yaml's aggregate rate
+    min_rate: Rate = Field(gt=0, le=MAX_RATE, allow_inf_nan=False)
+    max_rate: Rate = Field(gt=0, le=MAX_RATE, allow_inf_nan=False)
     burst_s: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)  # burst = rate x burst_s
     slo_ms: float = Field(default=250.0, gt=0, le=3_600_000, allow_inf_nan=False)  # p99 latency objective
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from limiter.rate_table import MAX_SANE_RATE
+from limiter.bucket import MAX_RATE
 from policy.base import Policy
 from policy.observation import OBS_FIELDS, Observation
 
@@ -127,9 +127,9 @@ def pin(proposed: np.ndarray, pinned: np.ndarray) -> Rule:
 
 
 def guard(proposed: np.ndarray, static: np.ndarray) -> Rule:
-    """guard: whatever is still not a finite rate in (0, MAX_SANE_RATE] becomes the static rate."""
+    """guard: whatever is still not a finite rate in (0, MAX_RATE] becomes the static rate."""
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(proposed) | (proposed <= 0) | (proposed > MAX_SANE_RATE)
+        bad = ~np.isfinite(proposed) | (proposed <= 0) | (proposed > MAX_RATE)
     return np.where(bad, static, proposed), bad
 
 
@@ -166,8 +166,8 @@ class SafetyLimits:
             object.__setattr__(self, name, _per_tier(name, getattr(self, name), n))
         for name in ("min_rate", "max_rate", "static_rate"):
             values = getattr(self, name)
-            if np.any(~np.isfinite(values)) or np.any(values <= 0) or np.any(values > MAX_SANE_RATE):
-                raise SafetyConfigError(f"{name} must be finite and in (0, {MAX_SANE_RATE:g}]")
+            if np.any(~np.isfinite(values)) or np.any(values <= 0) or np.any(values > MAX_RATE):
+                raise SafetyConfigError(f"{name} must be finite and in (0, {MAX_RATE:g}]")
         if np.any(self.min_rate > self.max_rate):
             raise SafetyConfigError("min_rate must not exceed max_rate")
         if np.any((self.static_rate < self.min_rate) | (self.static_rate > self.max_rate)):
@@ -258,7 +258,7 @@ class SafetyEngine:
         previous_stale = np.zeros(n, dtype=np.int64) if stale_ticks is None else np.asarray(stale_ticks, dtype=np.int64)
         in_force = np.asarray(observation.rate, dtype=np.float64)
         with np.errstate(invalid="ignore"):
-            usable = np.isfinite(in_force) & (in_force > 0) & (in_force <= MAX_SANE_RATE)
+            usable = np.isfinite(in_force) & (in_force > 0) & (in_force <= MAX_RATE)
         in_force = np.where(usable, in_force, limits.static_rate)
         missing = observation.vector[:, _MISSING] > 0
         stale = np.where(missing, previous_stale + 1, 0)
