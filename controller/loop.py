@@ -39,7 +39,7 @@ from controller.settings import ControllerSettings
 from limiter.bucket import MAX_RATE
 from policy.base import rate_to_action
 from policy.observation import Observation, ObservationBuilder
-from policy.safety import OVERRIDE_RULES, RULES, SafetyEngine, SafetyResult
+from policy.safety import OVERRIDE_RULES, RULES, SafePolicy, SafetyEngine, SafetyResult
 
 log = logging.getLogger("ratepilot.controller.loop")
 MAX_TIER_LOG_LINES = 20  # per tick; the decisions stream has every tier
@@ -116,7 +116,7 @@ class ControlLoop:
         self.engine = SafetyEngine(settings.safety_limits())
         self.builder = ObservationBuilder(slo_ms=settings.tier_array("slo_ms"), reference_rate=self.static)
         self.override_caps = OverrideCaps()
-        self._stale: np.ndarray | None = None
+        self.safe = SafePolicy(policies.current.policy, self.engine)  # the policy in force, clamped
         self._count = 0
         self.last_report: TickReport | None = None
         self.last_leader_report: TickReport | None = None
@@ -126,8 +126,8 @@ class ControlLoop:
         self.metrics.is_leader.set(1.0 if leader else 0.0)
         if leader:
             self.builder.reset()
-            self._stale = None
-            self.policies.current.policy.reset()
+            self.safe.inner = self.policies.current.policy
+            self.safe.reset()
 
     def tick(self) -> TickReport:
         """Run one tick; never raises."""
@@ -186,19 +186,10 @@ class ControlLoop:
         observation = self.builder.build(reading.metrics)
 
         loaded = self.policies.current
-        proposed: np.ndarray | None
-        try:
-            proposed = np.asarray(loaded.policy.act(observation), dtype=np.float64)
-            if proposed.shape != (len(self.tiers),):
-                raise ValueError(f"returned shape {proposed.shape}, expected ({len(self.tiers)},)")
-            bad = int((~np.isfinite(proposed)).sum())
-            if bad:
-                self._fail(errors, "policy", f"{loaded.name} returned NaN/inf for {bad} tier(s)")
-        except Exception as exc:  # noqa: BLE001 - a failing policy keeps the rates in force
-            self._fail(errors, "policy", f"{loaded.name}: {type(exc).__name__}: {exc}")
-            proposed = None
-        safety = self.engine.apply(observation, proposed, caps, self._stale)
-        self._stale = safety.stale_ticks
+        self.safe.inner, self.safe.caps = loaded.policy, caps
+        safety = self.safe.decide(observation)
+        if self.safe.last_error is not None:
+            self._fail(errors, "policy", f"{loaded.name}: {self.safe.last_error}")
         rates = safety.rates
         bursts = np.clip(rates * self.burst_s, 1.0, MAX_RATE)
         sources = safety.source

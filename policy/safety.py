@@ -293,14 +293,31 @@ class SafetyEngine:
         return SafetyResult(rates=rates, proposed=raw, fired=fired, stale_ticks=stale)
 
 
+def propose(policy: Policy, observation: Observation) -> tuple[np.ndarray | None, str | None]:
+    """The policy's proposed rates and what was wrong with them (None when all is well).
+
+    A policy that raises or answers the wrong shape proposes None (rule policy_error keeps the rates
+    in force); NaN or infinite entries are passed on (rule non_finite keeps those tiers).
+    """
+    try:
+        proposed = np.asarray(policy.act(observation), dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001 - any policy failure must leave a safe rate
+        return None, f"{type(exc).__name__}: {exc}"
+    if proposed.shape != (observation.n_tiers,):
+        return None, f"returned shape {proposed.shape}, expected ({observation.n_tiers},)"
+    bad = int((~np.isfinite(proposed)).sum())
+    return proposed, (f"returned NaN/inf for {bad} tier(s)" if bad else None)
+
+
 @dataclass
 class SafePolicy(Policy):
-    """Any policy wrapped by the safety engine (for the simulator and the harness); remembers stale ticks."""
+    """Any policy wrapped by the safety engine (the simulator, the harness, the controller's tick); remembers stale ticks."""
 
     inner: Policy
     engine: SafetyEngine
     caps: OperatorCaps | None = None
     last_result: SafetyResult | None = field(default=None, init=False)
+    last_error: str | None = field(default=None, init=False)  # what was wrong with the last proposal
 
     name = "safe"
 
@@ -311,10 +328,11 @@ class SafePolicy(Policy):
 
     def act(self, observation: Observation) -> np.ndarray:
         """The inner policy's rates, clamped; a policy that raises keeps the rates in force."""
-        try:
-            proposed: np.ndarray | None = np.asarray(self.inner.act(observation), dtype=np.float64)
-        except Exception:  # noqa: BLE001 - any policy failure must leave a safe rate
-            proposed = None
+        return self.decide(observation).rates
+
+    def decide(self, observation: Observation) -> SafetyResult:
+        """`act` with the whole result: rates, the proposal, the rules that fired (also kept as `last_result`)."""
+        proposed, self.last_error = propose(self.inner, observation)
         stale = None if self.last_result is None else self.last_result.stale_ticks
         self.last_result = self.engine.apply(observation, proposed, self.caps, stale)
-        return self.last_result.rates
+        return self.last_result
