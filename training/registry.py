@@ -55,25 +55,25 @@ def is_mlflow_uri(spec: str) -> bool:
 
 
 def fetch(uri: str, store: str | None = None) -> Path:
-    """The policy file of an MLflow URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH`), downloaded."""
+    """The policy file of an MLflow URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH`),
+    downloaded from `store` (default: `tracking_uri()`), which becomes the configured store."""
+    store = store or tracking_uri()
+    mlflow.set_tracking_uri(store)  # models:/ resolves in *this* registry, whatever MLflow's global was
+    mlflow.set_registry_uri(store)
     try:
-        source = uri
-        if uri.startswith("models:/"):  # resolve in *this* registry (MLflow's global default may be another store)
-            store_client = MlflowClient(store, store)
-            name, at, alias = uri.removeprefix("models:/").partition("@")
-            if at:
-                version = store_client.get_model_version_by_alias(name, alias)
-            else:
-                name, _, number = name.partition("/")
-                version = store_client.get_model_version(name, number)
-            source = store_client.get_model_version_download_uri(version.name, version.version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store))
+        if not uri.startswith("models:/"):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store))
+            found = [local] if local.is_file() else sorted(local.rglob(ARTIFACT_NAME))
+            if not found:
+                raise FileNotFoundError(f"no {ARTIFACT_NAME} in the model's artifacts")
+            return found[0]
+        name, at, alias = uri.removeprefix("models:/").partition("@")
+        version = client().get_model_version_by_alias(name, alias) if at else client().get_model_version(*name.split("/", 1))
+        return download_policy(version)
     except MlflowException as exc:
         raise ModelError(f"{uri}: cannot fetch model ({exc.message})") from None
-    candidates = [local] if local.is_file() else sorted(local.rglob(ARTIFACT_NAME))
-    if not candidates:
-        raise ModelError(f"{uri}: no {ARTIFACT_NAME} in the model's artifacts")
-    return candidates[0]
+    except FileNotFoundError as exc:
+        raise ModelError(f"{uri}: {exc}") from None
 
 
 def load_uri(uri: str, store: str | None = None) -> RLPolicy:
@@ -197,11 +197,11 @@ def version_by_alias(alias: str) -> ModelVersion | None:
 
 
 def download_policy(version: ModelVersion) -> Path:
-    """The policy file of a registered version, downloaded to a temporary folder."""
+    """The policy file of a registered version (of the configured store), downloaded to a temporary folder."""
     target = Path(tempfile.mkdtemp(prefix="ratepilot-model-"))
     local = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{REGISTERED_MODEL}/{version.version}",
+            artifact_uri=f"models:/{version.name}/{version.version}",
             dst_path=str(target),
             tracking_uri=mlflow.get_tracking_uri(),
             registry_uri=mlflow.get_registry_uri(),
@@ -209,7 +209,7 @@ def download_policy(version: ModelVersion) -> Path:
     )
     found = sorted(local.rglob(ARTIFACT_NAME))
     if not found:
-        raise FileNotFoundError(f"version {version.version} of {REGISTERED_MODEL} has no {ARTIFACT_NAME}")
+        raise FileNotFoundError(f"version {version.version} of {version.name} has no {ARTIFACT_NAME}")
     return found[0]
 
 
