@@ -12,6 +12,7 @@ its update.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -95,17 +96,18 @@ class Threshold(Policy):
         return self.levels[step] * scale
 
 
+@dataclass(kw_only=True, eq=False)
 class ClampedPolicy(Policy):
     """A feedback controller on the rate in force: hold where metrics are missing, clamp to the bounds.
 
     As Netflix concurrency-limits' `AbstractLimit` does for its limits: `act` reads the rate in
     force (the reference where it is unknown), asks `update` for the next rate, keeps the current
     rate on tiers whose latency, error rate or admitted rate is missing, and clips the result to
-    [`min_factor`, `max_factor`] x reference.
+    [`min_factor`, `max_factor`] x reference. Parameters are keyword-only dataclass fields.
     """
 
-    def __init__(self, min_factor: float, max_factor: float) -> None:
-        self.min_factor, self.max_factor = min_factor, max_factor
+    min_factor: float = 0.01  # the lowest rate, x reference
+    max_factor: float = 10.0  # the highest rate, x reference
 
     @abstractmethod
     def update(self, observation: Observation, rate: np.ndarray, missing: np.ndarray) -> np.ndarray:
@@ -120,6 +122,7 @@ class ClampedPolicy(Policy):
         return np.clip(new, self.min_factor * ref, self.max_factor * ref)
 
 
+@dataclass(kw_only=True, eq=False)
 class AIMD(ClampedPolicy):
     """Additive increase, multiplicative decrease on the rate.
 
@@ -131,20 +134,11 @@ class AIMD(ClampedPolicy):
     """
 
     name: ClassVar[str] = "aimd"
-
-    def __init__(
-        self,
-        increase: float = 0.05,
-        decrease: float = 0.75,
-        latency_threshold: float = 1.0,
-        error_budget: float = 0.01,
-        used_share: float = 0.5,
-        min_factor: float = 0.01,
-        max_factor: float = 10.0,
-    ) -> None:
-        super().__init__(min_factor, max_factor)
-        self.increase, self.decrease = increase, decrease
-        self.latency_threshold, self.error_budget, self.used_share = latency_threshold, error_budget, used_share
+    increase: float = 0.05  # added per interval while the rate is used, x reference
+    decrease: float = 0.75  # the rate is multiplied by this on a breach
+    latency_threshold: float = 1.0  # a breach: p99 above this x SLO ...
+    error_budget: float = 0.01  # ... or an error rate above this
+    used_share: float = 0.5  # the rate counts as used when admitted / rate >= this
 
     def update(self, observation: Observation, rate: np.ndarray, missing: np.ndarray) -> np.ndarray:
         """Decrease on a breach, increase while the rate is used, else hold."""
@@ -154,6 +148,7 @@ class AIMD(ClampedPolicy):
         return np.where(breach, rate * self.decrease, np.where(used, rate + self.increase * observation.reference_rate, rate))
 
 
+@dataclass(kw_only=True, eq=False)
 class Gradient(ClampedPolicy):
     """Netflix concurrency-limits' Gradient2 applied to the rate.
 
@@ -166,22 +161,15 @@ class Gradient(ClampedPolicy):
     """
 
     name: ClassVar[str] = "gradient"
+    tolerance: float = 1.5  # how far p99 may exceed the long-term average before the rate shrinks
+    smoothing: float = 0.5  # share of the new rate taken per interval
+    headroom: float = 0.1  # added each interval, x rate
+    long_window: int = 20  # intervals of the long-term p99 average
+    error_budget: float = 0.01  # an error rate above this counts as gradient 0.5
+    long_p99: np.ndarray | None = field(default=None, init=False, repr=False)  # the long-term p99, ms
 
-    def __init__(
-        self,
-        tolerance: float = 1.5,
-        smoothing: float = 0.5,
-        headroom: float = 0.1,
-        long_window: int = 20,
-        error_budget: float = 0.01,
-        min_factor: float = 0.01,
-        max_factor: float = 10.0,
-    ) -> None:
-        super().__init__(min_factor, max_factor)
-        self.tolerance, self.smoothing, self.headroom = tolerance, smoothing, headroom
-        self.alpha = 2.0 / (long_window + 1)
-        self.error_budget = error_budget
-        self.long_p99: np.ndarray | None = None
+    def __post_init__(self) -> None:
+        self.alpha = 2.0 / (self.long_window + 1)  # the exponential average's weight of a new p99
 
     def reset(self) -> None:
         """Forget the long-term latency."""
@@ -206,6 +194,7 @@ class Gradient(ClampedPolicy):
         return np.where(app_limited, np.minimum(new, rate), new)
 
 
+@dataclass(kw_only=True, eq=False)
 class PID(ClampedPolicy):
     """A PID controller on p99 latency against `target` x SLO, acting on log(rate) in velocity form.
 
@@ -217,22 +206,13 @@ class PID(ClampedPolicy):
     """
 
     name: ClassVar[str] = "pid"
-
-    def __init__(
-        self,
-        target: float = 0.8,
-        kp: float = 0.5,
-        ki: float = 0.3,
-        kd: float = 0.0,
-        error_budget: float = 0.01,
-        min_factor: float = 0.01,
-        max_factor: float = 10.0,
-    ) -> None:
-        super().__init__(min_factor, max_factor)
-        self.target, self.kp, self.ki, self.kd = target, kp, ki, kd
-        self.error_budget = error_budget
-        self.e_prev: np.ndarray | None = None
-        self.e_prev2: np.ndarray | None = None
+    target: float = 0.8  # the set point: p99 at this x SLO
+    kp: float = 0.5  # proportional gain
+    ki: float = 0.3  # integral gain
+    kd: float = 0.0  # derivative gain
+    error_budget: float = 0.01  # an error rate above this counts as the largest error, -1
+    e_prev: np.ndarray | None = field(default=None, init=False, repr=False)  # the last interval's error
+    e_prev2: np.ndarray | None = field(default=None, init=False, repr=False)  # the one before
 
     def reset(self) -> None:
         """Forget past errors."""
