@@ -25,13 +25,13 @@ from typing import Any
 from controller.policies import LoadedPolicy, PolicyLoadError, load_policy
 from controller.settings import (
     ENV_CONFIG,
+    ENV_OVERRIDES,
     ControllerSettings,
     SettingsError,
-    apply_env,
     read_config_mapping,
-    set_path,
     settings_from_mapping,
 )
+from limiter.config_file import apply_env, set_path
 from limiter.paths import output_problem
 
 log = logging.getLogger("ratepilot.controller")
@@ -82,7 +82,7 @@ def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = No
     where = str(path or "controller.yaml")
     data = read_config_mapping(path)
     try:  # file, then environment, then command line
-        return settings_from_mapping(_with_cli(apply_env(data, env), args), env={})
+        return settings_from_mapping(_with_cli(apply_env(data, ENV_OVERRIDES, env), args), env={})
     except SettingsError as exc:
         raise SettingsError(f"{where}: {exc}") from None
 

@@ -15,7 +15,6 @@ ticks, min > max, a short admin token) are refused at load with the field and th
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import socket
@@ -27,10 +26,10 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import redis.connection
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from limiter.rate_table import MAX_SANE_RATE
+from limiter.bucket import MAX_RATE
+from limiter.config_file import apply_env, first_error, parse_mapping
 from policy.safety import SafetyLimits
 
 ENV_CONFIG = "RATEPILOT_CONTROLLER_CONFIG"
@@ -250,9 +249,9 @@ class SafetySettings(_Strict):
 class TierSettings(_Strict):
     """One tier's aggregate rate: its static safe rate, its bounds, its burst and its latency SLO."""
 
-    static_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)  # as in limiter.yaml's aggregate rate
-    min_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)
-    max_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)
+    static_rate: Rate = Field(gt=0, le=MAX_RATE, allow_inf_nan=False)  # as in limiter.yaml's aggregate rate
+    min_rate: Rate = Field(gt=0, le=MAX_RATE, allow_inf_nan=False)
+    max_rate: Rate = Field(gt=0, le=MAX_RATE, allow_inf_nan=False)
     burst_s: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)  # burst = rate x burst_s
     slo_ms: float = Field(default=250.0, gt=0, le=3_600_000, allow_inf_nan=False)  # p99 latency objective
 
@@ -331,62 +330,29 @@ class ControllerSettings(_Strict):
         )
 
 
-def set_path(data: dict[str, Any], path: tuple[str, ...], value: object) -> None:
-    """Set data[path[0]][path[1]]... = value, creating (or replacing non-mapping) levels on the way."""
-    node = data
-    for key in path[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = {}
-            node[key] = child
-        node = child
-    node[path[-1]] = value
-
-
 def default_config_text() -> str:
     """The packaged controller.yaml."""
     return resources.files("controller").joinpath("controller.yaml").read_text()
 
 
-def _describe(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
-
-
-def apply_env(data: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """A deep copy of `data` with the environment overrides (ENV_OVERRIDES) set."""
-    merged: dict[str, Any] = copy.deepcopy(dict(data))
-    for name, path in ENV_OVERRIDES.items():
-        value = env.get(name)
-        if value:
-            set_path(merged, path, value)
-    return merged
-
-
 def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> ControllerSettings:
     """Validate a mapping (the parsed YAML) with the environment overrides applied on top."""
-    merged = apply_env(data, os.environ if env is None else env)
+    merged = apply_env(data, ENV_OVERRIDES, os.environ if env is None else env)
     try:
         return ControllerSettings.model_validate(merged)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
+        raise SettingsError(first_error(exc)) from None
 
 
 def read_config_mapping(path: str | Path | None) -> dict[str, Any]:
     """The YAML mapping in `path` (the packaged default when None); SettingsError naming the file."""
     where = str(path or "controller.yaml")
     try:
-        text = Path(path).read_text() if path else default_config_text()
-        data = yaml.safe_load(text) or {}
+        return parse_mapping(Path(path).read_text() if path else default_config_text())
     except OSError as exc:
         raise SettingsError(f"{where}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"{where}: the top level must be a mapping")
-    return data
+    except ValueError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
 
 
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ControllerSettings:

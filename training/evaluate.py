@@ -284,8 +284,10 @@ def _policy_specs(names: list[str], model: str | None) -> dict[str, PolicySpec]:
         if name == "static":
             specs[name] = STATIC_TUNED
         elif name == "rl":
+            from training import registry  # lazy: MLflow only when `rl` is evaluated
+
             try:
-                specs[name] = make_policy("rl", spec=model) if model else make_policy("rl")
+                specs[name] = make_policy("rl", spec=str(registry.policy_file(model)))
             except UnknownPolicyError:
                 raise ValueError("policy 'rl' is not available yet (policy/registry.py has no 'rl' entry)") from None
             except Exception as exc:  # a model that fails to load is bad input too

@@ -24,7 +24,7 @@ from controller.policies import LoadedPolicy
 from controller.rate_store import MODE_KEY, OVERRIDES_KEY
 from controller.runtime import Controller
 from controller.settings import MAX_POLICY_PARAM
-from limiter.rate_table import MAX_SANE_RATE
+from limiter.bucket import MAX_RATE
 from ratepilot.servers import RedisServer
 from tests.controller.api_server import ApiServer
 from tests.controller.policies import LatencyFollower
@@ -100,9 +100,9 @@ def test_no_server_errors_with_or_without_the_token(served: ApiServer) -> None:
 
 
 def usable_rate(token: str) -> bool:
-    """Whether a JSON token is a number the override accepts as a rate (finite, 0 < x <= MAX_SANE_RATE)."""
+    """Whether a JSON token is a number the override accepts as a rate (finite, 0 < x <= MAX_RATE)."""
     value = json.loads(token)
-    return type(value) in (int, float) and math.isfinite(value) and 0 < value <= MAX_SANE_RATE
+    return type(value) in (int, float) and math.isfinite(value) and 0 < value <= MAX_RATE
 
 
 def snapshot(client: redis.Redis) -> tuple[object, ...]:
@@ -170,7 +170,7 @@ def test_a_reload_with_a_bad_name_or_model_is_422(http: httpx.Client, controller
 rate_tokens = st.one_of(
     st.sampled_from(NOT_NUMBERS + HUGE + ["0", "-0.0", "-5"]),
     st.floats(allow_nan=False, allow_infinity=False).map(repr),  # any finite float: most are out of range
-    st.floats(min_value=0.001, max_value=MAX_SANE_RATE).map(repr),
+    st.floats(min_value=0.001, max_value=MAX_RATE).map(repr),
     st.integers(min_value=-(10**30), max_value=10**30).map(str),
 )
 text_tokens = st.one_of(st.text(max_size=120).map(json.dumps), st.sampled_from(NOT_NUMBERS + ["null", "12"]))

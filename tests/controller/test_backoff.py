@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from controller.exporter import SyntheticExporter
+from benchmarks.synthetic_exporter import SyntheticExporter
 from controller.policies import LoadedPolicy
 from controller.runtime import Controller
 from controller.settings import LoopSettings

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from controller.exporter import SyntheticExporter
+from benchmarks.synthetic_exporter import SyntheticExporter
 from controller.lease import FENCE_KEY, LEADER_KEY
 from controller.rate_store import DECISIONS_KEY
 from policy import rl

@@ -77,7 +77,7 @@ def test_the_store_knows_the_exact_bytes_lua_stored_and_the_next_reading_uses_th
     world = store.read_world()
     known, parsed = rates_in_force(world, tiers, np.ones(6), written), rates_in_force(world, tiers, np.ones(6))
     assert known.rates.tolist() == parsed.rates.tolist() and known.versions == parsed.versions
-    assert known.problems == parsed.problems and list(known.problems) == ["b", "d", "f"]  # beyond MAX_SANE_RATE
+    assert known.problems == parsed.problems and list(known.problems) == ["b", "d", "f"]  # beyond MAX_RATE
     assert store.write(lease.replica_id, "", tiers, rates, rates, ["controller"] * 6, ["{}"] * 6, False) == (0, ANY)
     assert store.last_written is written  # a shadow write stores no rates
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from benchmarks.sync_redis_bucket import SyncRedisBucket
 from limiter.bucket import BucketSpec
+from limiter.check_encoding import CheckRequest
 from limiter.guard import client_key, tier_key
-from limiter.redis_bucket import CheckRequest, RedisBucket, SyncRedisBucket
+from limiter.redis_bucket import RedisBucket
 from ratepilot.servers import RedisServer
 
 CLIENT = BucketSpec(0.01, 5)  # drained clients stay drained for minutes: keys neither refill nor expire meanwhile

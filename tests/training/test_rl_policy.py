@@ -24,11 +24,11 @@ from policy.rl import (
     batch_actions,
     features,
     load,
-    load_rl,
     make_meta,
     n_params,
     save,
 )
+from training.registry import load_rl
 
 
 def observation(n_tiers: int = 1, p99_ms: float = 150.0, cpu: float = 0.5, admitted: float = 80.0):
