@@ -65,10 +65,11 @@ bench: setup bench-deps
 loadtest: setup
 	$(BIN)/ratepilot loadtest $(ARGS)
 
-# the load scenarios as k6 scripts (ratepilot/loadtest/k6/; a test checks they match the YAML)
+# the load scenarios as k6 scripts in k6-scripts/ (exported from the YAML, the one source; not committed)
 k6-scripts: setup
+	mkdir -p k6-scripts
 	for f in ratepilot/loadtest/scenarios/*.yaml; do n=$$(basename $$f .yaml); \
-		$(BIN)/ratepilot loadtest $$n --export-k6 ratepilot/loadtest/k6/$$n.js || exit 1; done
+		$(BIN)/ratepilot loadtest $$n --export-k6 k6-scripts/$$n.js || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
