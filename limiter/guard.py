@@ -271,7 +271,7 @@ class Guard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tiers: dict[str, TierRuntime] = {}
         self._tier_cache: dict[str, TierRuntime] = {}
-        self._routes: dict[bytes, Route] = {}
+        self._routes: dict[bytes | tuple[str, str], Route] = {}  # API key, or (tier, client) for start_in()
         self.apply_config(config)
 
     @property
@@ -390,6 +390,34 @@ class Guard:
             return self._refuse_cost(route[0], route[1], cost, exc, started)
         except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
             return self._fall_back(route[0], route[1], route[2], cost, exc, started)
+        return future
+
+    # -- checks by a known tier, client and cost (Envoy's rate-limit service, the gRPC interceptor) --
+
+    def start_in(self, tier: str, client: str, cost: float) -> Verdict | asyncio.Future[Verdict]:
+        """start() for a caller that already knows the tier (a configured name), the client id and the
+        cost: no header, tier or cost lookup. Checks started in one event-loop turn share one EVALSHA."""
+        started = self._clock()
+        route = self._routes.get((tier, client))
+        if route is None:
+            runtime = self._tiers[tier]
+            bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
+            keys = [runtime.client_prefix + bucket_client, runtime.tier_key]
+            route = (runtime, client, keys, keys_resp(keys), {})
+            if len(self._routes) >= TIER_CACHE_LIMIT:
+                self._routes.clear()
+            self._routes[tier, client] = route
+        try:
+            prepared = route[4].get(cost) or self._prepare(route, cost)
+            bucket = self.redis_bucket
+            if bucket is None:
+                raise ConnectionError("no Redis bucket configured")
+            future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+            bucket.submit_to(prepared[0], future, self._resolve, (prepared[1], started))
+        except BucketError as exc:
+            return self._refuse_cost(route[0], client, cost, exc, started)
+        except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
+            return self._fall_back(route[0], client, route[2], cost, exc, started)
         return future
 
     @staticmethod

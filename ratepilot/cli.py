@@ -10,6 +10,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "edge": ("limiter.edge", "run the edge app: limiter middleware in front of a backend"),
+    "rls": ("limiter.rls.server", "serve Envoy's global rate-limit service (gRPC) on the same buckets"),
     "controller": ("controller.service", "run the control loop and its admin API"),
     "train": ("training.train", "train the RL policy offline in the simulator"),
     "evaluate": ("training.evaluate", "evaluate policies on scenarios and traces"),
