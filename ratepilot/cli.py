@@ -16,7 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate", "evaluate policies on scenarios and traces"),
     "promote": ("training.promote", "move the champion alias to the candidate model if it is as good"),
     "demo": ("ratepilot.demo", "the whole closed loop locally on real Redis and Prometheus"),
-    "bench": ("benchmarks.cli", "benchmarks: limiter, sim, controller"),
+    "bench": ("benchmarks.cli", "benchmarks: limiter, sim, controller, rls, grpc"),
 }
 
 
