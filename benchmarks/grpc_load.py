@@ -1,0 +1,192 @@
+"""The gRPC load generator of `bench rls` and `bench grpc`, run in a process of its own.
+
+    python -m benchmarks.grpc_load '{"target": "127.0.0.1:PORT", "kind": "rls", "mode": "throughput", ...}'
+
+prints one JSON object. Kinds: `rls` (Envoy's ShouldRateLimit, one descriptor whose `client_id` rotates
+over 100 keys; OVER_LIMIT replies are counted as refused) and `echo` (a raw-bytes unary call to
+`/bench.Echo/Say` with the `x-api-key` metadata rotating over 100 keys). Modes: `throughput`
+(`concurrency` calls kept in flight for `duration_s`: calls/s) and `latency` (OPEN-LOOP at `rate`
+calls/s, arrivals on a fixed schedule independent of replies; a call's latency counts from its
+scheduled start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = 100
+ECHO_METHOD = "/bench.Echo/Say"
+WARM_UP_CALLS = 200
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the gRPC benchmarks."""
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per round and measurement")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per server")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight at saturation")
+    parser.add_argument("--rate", type=float, default=1000.0, help="calls/s of the open-loop latency run")
+
+
+def check_load_arguments(args: argparse.Namespace) -> None:
+    """Raise ValueError on options no run can use (before any server starts)."""
+    if not args.duration > 0 or args.rounds < 1 or args.concurrency < 1 or not 0 < args.rate <= 100_000:
+        raise ValueError("--duration must be > 0, --rounds and --concurrency >= 1, --rate in (0, 100000]")
+
+
+def _rls_calls(channel: grpc.aio.Channel) -> list[Callable[[], Awaitable[bool]]]:
+    """One call per key; each returns True when refused (OVER_LIMIT)."""
+    from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
+    from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+    stub = rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit
+    over = rls_pb2.RateLimitResponse.Code.OVER_LIMIT
+    entry = RateLimitDescriptor.Entry
+
+    def make(key: str) -> Callable[[], Awaitable[bool]]:
+        request = rls_pb2.RateLimitRequest(domain="bench", descriptors=[RateLimitDescriptor(entries=[entry(key="client_id", value=key)])])
+
+        async def call() -> bool:
+            return bool((await stub(request)).overall_code == over)
+
+        return call
+
+    return [make(f"key{i}") for i in range(KEYS)]
+
+
+def _echo_calls(channel: grpc.aio.Channel) -> list[Callable[[], Awaitable[bool]]]:
+    """One call per key; a refusal (RESOURCE_EXHAUSTED) raises, so it is never silent."""
+    say = channel.unary_unary(ECHO_METHOD)
+
+    def make(key: str) -> Callable[[], Awaitable[bool]]:
+        metadata = (("x-api-key", key),)
+
+        async def call() -> bool:
+            await say(b"ping", metadata=metadata)
+            return False
+
+        return call
+
+    return [make(f"key{i}") for i in range(KEYS)]
+
+
+async def load(target: str, kind: str, mode: str, duration_s: float, concurrency: int, rate: float) -> dict[str, Any]:
+    """Saturation or open-loop latency against one server; counts refused calls."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        calls = (_rls_calls if kind == "rls" else _echo_calls)(channel)
+        for i in range(WARM_UP_CALLS):  # connection, first calls
+            await calls[i % KEYS]()
+        loop = asyncio.get_running_loop()
+        refused = 0
+        if mode == "throughput":
+            done = 0
+            deadline = loop.time() + duration_s
+
+            async def worker(offset: int) -> None:
+                nonlocal done, refused
+                i = offset
+                while loop.time() < deadline:
+                    refused += await calls[i % KEYS]()
+                    done += 1
+                    i += 1
+
+            started = loop.time()
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
+            return {"calls_per_s": done / (loop.time() - started), "refused": refused}
+        latencies: list[float] = []
+        interval = 1.0 / rate
+        start = loop.time() + 0.05
+
+        async def one(index: int, scheduled: float) -> None:
+            nonlocal refused
+            refused += await calls[index % KEYS]()
+            latencies.append(loop.time() - scheduled)
+
+        tasks = []
+        for index in range(int(duration_s * rate)):
+            scheduled = start + index * interval
+            delay = scheduled - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(index, scheduled)))
+        await asyncio.gather(*tasks)
+        return {"latencies_s": latencies, "refused": refused}
+
+
+def run_load(target: str, kind: str, mode: str, duration_s: float, concurrency: int, rate: float) -> dict[str, Any]:
+    """One load run in a fresh process (its own GIL); raises RuntimeError if a call failed or was refused."""
+    spec = {"target": target, "kind": kind, "mode": mode, "duration_s": duration_s, "concurrency": concurrency, "rate": rate}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.grpc_load", json.dumps(spec)],
+        capture_output=True, text=True, cwd=ROOT, timeout=duration_s * 10 + 60,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed against {target}: {proc.stderr.strip().splitlines()[-1:]}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    if result["refused"]:
+        raise RuntimeError(f"{result['refused']} calls were refused by {target}: the bench tier must admit all")
+    return result
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The q-quantile (0..1) of the samples, nearest rank."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def side_by_side(
+    targets: dict[str, str], kind: str, rounds: int, duration_s: float, concurrency: int, rate: float, advance: Callable[[], None]
+) -> tuple[dict[str, float], dict[str, list[float]], dict[str, float], dict[str, float]]:
+    """Alternating rounds over the two servers of `targets` (name -> address): best calls/s of each, the
+    per-round calls/s, and p50 and p99 ms of the pooled open-loop latencies."""
+    names = list(targets)
+    throughput: dict[str, list[float]] = {name: [] for name in names}
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            throughput[name].append(run_load(targets[name], kind, "throughput", duration_s, concurrency, rate)["calls_per_s"])
+            advance()
+        for name in order:
+            latencies[name] += run_load(targets[name], kind, "latency", duration_s, concurrency, rate)["latencies_s"]
+            advance()
+    best = {name: max(values) for name, values in throughput.items()}
+    p50 = {name: percentile(samples, 0.50) * 1000 for name, samples in latencies.items()}
+    p99 = {name: percentile(samples, 0.99) * 1000 for name, samples in latencies.items()}
+    return best, throughput, p50, p99
+
+
+def redis_decisions(metrics_port: int) -> tuple[float, float]:
+    """(decisions made on Redis, all decisions) from the rls's Prometheus metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    on_redis = total = 0.0
+    for line in text.splitlines():
+        if line.startswith("ratepilot_decisions_total{"):
+            value = float(line.rsplit(" ", 1)[1])
+            total += value
+            if 'source="redis"' in line:
+                on_redis += value
+    return on_redis, total
+
+
+def require_redis_decisions(on_redis: float, total: float) -> None:
+    """RuntimeError unless (nearly) every decision was made on Redis: a figure from fallbacks is no figure."""
+    if total == 0 or on_redis / total < 0.99:
+        raise RuntimeError(f"only {on_redis:g} of {total:g} decisions were made on Redis: no figure")
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(asyncio.run(load(**spec))))
