@@ -223,3 +223,21 @@ def test_envoy_follows_failure_mode_deny_when_rls_is_killed(stack_factory: Any, 
     replies = [stack.get("free_dave") for _ in range(8)]  # more than the burst of 5: nothing counts any more
     assert [r.status_code for r in replies] == [expected] * 8
     assert all("ratelimit" not in r.headers for r in replies)
+
+
+def test_the_istio_envoyfilter_matches_the_tested_envoy_example() -> None:
+    envoy = yaml.safe_load(EXAMPLE.read_text())
+    manager = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    tested_filter = manager["http_filters"][0]
+    tested_actions = manager["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]["rate_limits"]
+    filter_doc, actions_doc = yaml.safe_load_all((ROOT / "deploy" / "istio" / "envoyfilter.yaml").read_text())
+    istio_filter = filter_doc["spec"]["configPatches"][0]["patch"]["value"]
+    service = istio_filter["typed_config"]["rate_limit_service"]["grpc_service"]["envoy_grpc"]
+    assert service["cluster_name"] == "outbound|8081||ratepilot-rls.ratepilot.svc.cluster.local"
+    service["cluster_name"] = "ratepilot_rls"
+    del service["authority"]
+    assert istio_filter == tested_filter
+    assert actions_doc["spec"]["configPatches"][0]["patch"]["value"]["rate_limits"] == tested_actions
+    rls = list(yaml.safe_load_all((ROOT / "deploy" / "istio" / "ratepilot-rls.yaml").read_text()))
+    assert rls[0]["spec"]["template"]["spec"]["containers"][0]["args"][:1] == ["rls"]
+    assert rls[1]["spec"]["ports"][0]["port"] == 8081
