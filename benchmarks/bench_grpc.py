@@ -28,13 +28,14 @@ from benchmarks.grpc_load import (
     check_load_arguments,
     redis_decisions,
     require_redis_decisions,
+    server_pid,
     side_by_side,
 )
 from ratepilot.servers import ManagedProcess, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
-redis: {url: REDIS_URL, timeout_ms: 100}
+redis: {url: REDIS_URL, timeout_ms: 1000}
 default_tier: bench
 tiers:
   bench:
@@ -82,6 +83,7 @@ async def serve(port: int, config_path: str | None, metrics_port: int | None) ->
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark: both servers, alternating rounds; the result dict (see the module docstring)."""
     check_load_arguments(args)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-grpc-") as tmp:
         work = Path(tmp)
         redis_server = RedisServer(workdir=work / "redis")
@@ -105,8 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server.start()
             with Progress() as progress:
                 task = progress.add_task("interceptor vs bare", total=args.rounds * 4)
-                best, rounds, p50, p99 = side_by_side(
-                    {name: f"127.0.0.1:{port}" for name, port in ports.items()}, "echo",
+                result = side_by_side(
+                    {name: (f"127.0.0.1:{port}", server_pid(servers[name])) for name, port in ports.items()}, "echo",
                     args.rounds, args.duration, args.concurrency, args.rate, lambda: progress.advance(task),
                 )  # fmt: skip
             on_redis, total = redis_decisions(metrics_port)
@@ -115,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server.stop()
             redis_server.stop()
     require_redis_decisions(on_redis, total)
+    best, p99, per_cpu = result.best, result.p99_ms, result.calls_per_cpu_s
     return {
         "grpc_limited_calls_per_s": best["limited"],
         "grpc_bare_calls_per_s": best["bare"],
@@ -122,10 +125,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "grpc_added_p99_ms": p99["limited"] - p99["bare"],
         "grpc_limited_p99_ms": p99["limited"],
         "grpc_bare_p99_ms": p99["bare"],
-        "grpc_limited_p50_ms": p50["limited"],
-        "grpc_bare_p50_ms": p50["bare"],
-        "rounds": {"grpc_limited_calls_per_s": rounds["limited"], "grpc_bare_calls_per_s": rounds["bare"]},
+        "grpc_limited_p50_ms": result.p50_ms["limited"],
+        "grpc_bare_p50_ms": result.p50_ms["bare"],
+        "grpc_limited_calls_per_cpu_s": per_cpu["limited"],
+        "grpc_bare_calls_per_cpu_s": per_cpu["bare"],
+        "grpc_limited_over_bare_per_cpu_s": per_cpu["limited"] / per_cpu["bare"],
+        "rounds": {"grpc_limited_calls_per_s": result.rounds["limited"], "grpc_bare_calls_per_s": result.rounds["bare"]},
         "redis_decision_share": on_redis / total,
+        "load_average_1m": [load_before, os.getloadavg()[0]],
         "latency_rate_per_s": args.rate,
         "concurrency": args.concurrency,
     }

@@ -38,6 +38,7 @@ from benchmarks.grpc_load import (
     check_load_arguments,
     redis_decisions,
     require_redis_decisions,
+    server_pid,
     side_by_side,
 )
 from ratepilot.servers import ManagedProcess, RedisServer, free_port
@@ -46,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 0.7
 TARGET_ADDED_P99_MS = 1.0
 CONFIG = """
-redis: {url: REDIS_URL, timeout_ms: 100}
+redis: {url: REDIS_URL, timeout_ms: 1000}
 default_tier: bench
 tiers:
   bench:
@@ -84,6 +85,7 @@ async def serve_noop(port: int) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark: both servers, alternating rounds; the result dict (see the module docstring)."""
     check_load_arguments(args)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-rls-") as tmp:
         work = Path(tmp)
         redis_server = RedisServer(workdir=work / "redis")
@@ -101,14 +103,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         noop = ManagedProcess(
             "noop", [sys.executable, "-m", "benchmarks.bench_rls", "--serve-noop", str(noop_port)], noop_port, work, env=env
         )
-        servers = {"rls": f"127.0.0.1:{rls_port}", "noop": f"127.0.0.1:{noop_port}"}
         try:
             rls.start()
             noop.start()
             with Progress() as progress:
                 task = progress.add_task("rls vs no-op", total=args.rounds * 4)
-                best, rounds, p50, p99 = side_by_side(
-                    servers, "rls", args.rounds, args.duration, args.concurrency, args.rate, lambda: progress.advance(task)
+                targets = {"rls": (f"127.0.0.1:{rls_port}", server_pid(rls)), "noop": (f"127.0.0.1:{noop_port}", server_pid(noop))}
+                result = side_by_side(
+                    targets, "rls", args.rounds, args.duration, args.concurrency, args.rate, lambda: progress.advance(task)
                 )
             on_redis, total = redis_decisions(metrics_port)
         finally:
@@ -116,20 +118,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             noop.stop()
             redis_server.stop()
     require_redis_decisions(on_redis, total)
-    rls_best, noop_best = best["rls"], best["noop"]
-    ratio = rls_best / noop_best
+    best, p99 = result.best, result.p99_ms
+    ratio = best["rls"] / best["noop"]
     added = p99["rls"] - p99["noop"]
     return {
-        "rls_calls_per_s": rls_best,
-        "noop_calls_per_s": noop_best,
+        "rls_calls_per_s": best["rls"],
+        "noop_calls_per_s": best["noop"],
         "rls_over_noop": ratio,
         "rls_added_p99_ms": added,
         "rls_p99_ms": p99["rls"],
         "noop_p99_ms": p99["noop"],
-        "rls_p50_ms": p50["rls"],
-        "noop_p50_ms": p50["noop"],
-        "rounds": {"rls_calls_per_s": rounds["rls"], "noop_calls_per_s": rounds["noop"]},
+        "rls_p50_ms": result.p50_ms["rls"],
+        "noop_p50_ms": result.p50_ms["noop"],
+        "rls_calls_per_cpu_s": result.calls_per_cpu_s["rls"],
+        "noop_calls_per_cpu_s": result.calls_per_cpu_s["noop"],
+        "rls_over_noop_per_cpu_s": result.calls_per_cpu_s["rls"] / result.calls_per_cpu_s["noop"],
+        "rounds": {"rls_calls_per_s": result.rounds["rls"], "noop_calls_per_s": result.rounds["noop"]},
         "redis_decision_share": on_redis / total,
+        "load_average_1m": [load_before, os.getloadavg()[0]],
         "latency_rate_per_s": args.rate,
         "concurrency": args.concurrency,
         "targets": {"rls_over_noop_min": TARGET_RATIO, "rls_added_p99_ms_max": TARGET_ADDED_P99_MS},

@@ -16,12 +16,13 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -103,7 +104,7 @@ async def load(target: str, kind: str, mode: str, duration_s: float, concurrency
 
             started = loop.time()
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
-            return {"calls_per_s": done / (loop.time() - started), "refused": refused}
+            return {"calls_per_s": done / (loop.time() - started), "calls": done, "refused": refused}
         latencies: list[float] = []
         interval = 1.0 / rate
         start = loop.time() + 0.05
@@ -145,26 +146,61 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+class Comparison(NamedTuple):
+    """Two servers side by side: per name, best calls/s, calls/s per round, calls per CPU-second of the
+    server process (all rounds; robust to a loaded machine: it counts only the server's own work),
+    and p50 / p99 ms of the pooled open-loop latencies."""
+
+    best: dict[str, float]
+    rounds: dict[str, list[float]]
+    calls_per_cpu_s: dict[str, float]
+    p50_ms: dict[str, float]
+    p99_ms: dict[str, float]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pid(server: Any) -> int:
+    """The pid of a started `ratepilot.servers.ManagedProcess`."""
+    if server.process is None:
+        raise RuntimeError(f"{server.name} is not running")
+    return int(server.process.pid)
+
+
 def side_by_side(
-    targets: dict[str, str], kind: str, rounds: int, duration_s: float, concurrency: int, rate: float, advance: Callable[[], None]
-) -> tuple[dict[str, float], dict[str, list[float]], dict[str, float], dict[str, float]]:
-    """Alternating rounds over the two servers of `targets` (name -> address): best calls/s of each, the
-    per-round calls/s, and p50 and p99 ms of the pooled open-loop latencies."""
+    targets: dict[str, tuple[str, int]], kind: str, rounds: int, duration_s: float, concurrency: int, rate: float,
+    advance: Callable[[], None],
+) -> Comparison:  # fmt: skip
+    """Alternating rounds over the servers of `targets` (name -> (address, server pid))."""
     names = list(targets)
     throughput: dict[str, list[float]] = {name: [] for name in names}
     latencies: dict[str, list[float]] = {name: [] for name in names}
+    calls = dict.fromkeys(names, 0)
+    cpu = dict.fromkeys(names, 0.0)
     for round_index in range(rounds):
         order = names if round_index % 2 == 0 else names[::-1]
         for name in order:
-            throughput[name].append(run_load(targets[name], kind, "throughput", duration_s, concurrency, rate)["calls_per_s"])
+            address, pid = targets[name]
+            before = cpu_seconds(pid)
+            result = run_load(address, kind, "throughput", duration_s, concurrency, rate)
+            cpu[name] += cpu_seconds(pid) - before  # includes the run's 200 warm-up calls
+            calls[name] += result["calls"] + WARM_UP_CALLS
+            throughput[name].append(result["calls_per_s"])
             advance()
         for name in order:
-            latencies[name] += run_load(targets[name], kind, "latency", duration_s, concurrency, rate)["latencies_s"]
+            latencies[name] += run_load(targets[name][0], kind, "latency", duration_s, concurrency, rate)["latencies_s"]
             advance()
-    best = {name: max(values) for name, values in throughput.items()}
-    p50 = {name: percentile(samples, 0.50) * 1000 for name, samples in latencies.items()}
-    p99 = {name: percentile(samples, 0.99) * 1000 for name, samples in latencies.items()}
-    return best, throughput, p50, p99
+    return Comparison(
+        best={name: max(values) for name, values in throughput.items()},
+        rounds=throughput,
+        calls_per_cpu_s={name: calls[name] / cpu[name] if cpu[name] else math.inf for name in names},
+        p50_ms={name: percentile(samples, 0.50) * 1000 for name, samples in latencies.items()},
+        p99_ms={name: percentile(samples, 0.99) * 1000 for name, samples in latencies.items()},
+    )
 
 
 def redis_decisions(metrics_port: int) -> tuple[float, float]:
