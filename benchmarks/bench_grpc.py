@@ -16,7 +16,6 @@ import asyncio
 import gc
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +24,16 @@ from rich.progress import Progress
 from benchmarks.grpc_load import (
     ECHO_METHOD,
     add_load_arguments,
+    bench_redis,
     check_load_arguments,
     redis_decisions,
     require_redis_decisions,
     server_pid,
     side_by_side,
 )
-from ratepilot.servers import ManagedProcess, RedisServer, free_port
+from ratepilot.servers import ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = """
-redis: {url: REDIS_URL, timeout_ms: 1000}
-default_tier: bench
-tiers:
-  bench:
-    client:    {rate: 1000000, burst: 1000000}
-    aggregate: {rate: 1000000, burst: 1000000}
-rate_table: {poll_s: 5}
-"""
 
 add_arguments = add_load_arguments
 
@@ -84,13 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark: both servers, alternating rounds; the result dict (see the module docstring)."""
     check_load_arguments(args)
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="bench-grpc-") as tmp:
-        work = Path(tmp)
-        redis_server = RedisServer(workdir=work / "redis")
-        redis_server.start()
-        config = work / "limiter.yaml"
-        config.write_text(CONFIG.replace("REDIS_URL", redis_server.url))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with bench_redis("bench-grpc-") as (work, _redis_server, config, env):
         ports = {"limited": free_port(), "bare": free_port()}
         metrics_port = free_port()
         limited_args = [str(config), str(metrics_port)]
@@ -115,7 +100,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for server in servers.values():
                 server.stop()
-            redis_server.stop()
     require_redis_decisions(on_redis, total)
     best, p99, per_cpu = result.best, result.p99_ms, result.calls_per_cpu_s
     return {

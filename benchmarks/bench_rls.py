@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,26 +34,18 @@ from rich.progress import Progress
 
 from benchmarks.grpc_load import (
     add_load_arguments,
+    bench_redis,
     check_load_arguments,
     redis_decisions,
     require_redis_decisions,
     server_pid,
     side_by_side,
 )
-from ratepilot.servers import ManagedProcess, RedisServer, free_port
+from ratepilot.servers import ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 0.7
 TARGET_ADDED_P99_MS = 1.0
-CONFIG = """
-redis: {url: REDIS_URL, timeout_ms: 1000}
-default_tier: bench
-tiers:
-  bench:
-    client:    {rate: 1000000, burst: 1000000}
-    aggregate: {rate: 1000000, burst: 1000000}
-rate_table: {poll_s: 5}
-"""
 
 
 add_arguments = add_load_arguments
@@ -86,13 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark: both servers, alternating rounds; the result dict (see the module docstring)."""
     check_load_arguments(args)
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="bench-rls-") as tmp:
-        work = Path(tmp)
-        redis_server = RedisServer(workdir=work / "redis")
-        redis_server.start()
-        config = work / "limiter.yaml"
-        config.write_text(CONFIG.replace("REDIS_URL", redis_server.url))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with bench_redis("bench-rls-") as (work, _redis_server, config, env):
         rls_port, noop_port, metrics_port = free_port(), free_port(), free_port()
         rls = ManagedProcess(
             "rls",
@@ -116,7 +101,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             rls.stop()
             noop.stop()
-            redis_server.stop()
     require_redis_decisions(on_redis, total)
     best, p99 = result.best, result.p99_ms
     ratio = best["rls"] / best["noop"]

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
+
+from ratepilot.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = 100
@@ -162,6 +166,33 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# One tier whose rates are so high that nothing is refused: every call runs the check-and-consume on Redis.
+BENCH_CONFIG = """
+redis: {url: REDIS_URL, timeout_ms: 1000}
+default_tier: bench
+tiers:
+  bench:
+    client:    {rate: 1000000, burst: 1000000}
+    aggregate: {rate: 1000000, burst: 1000000}
+rate_table: {poll_s: 5}
+"""
+
+
+@contextlib.contextmanager
+def bench_redis(prefix: str) -> Iterator[tuple[Path, RedisServer, Path, dict[str, str]]]:
+    """A work folder, a started throwaway redis-server, a limiter config on it, the environment for the servers."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        redis_server = RedisServer(workdir=work / "redis")
+        redis_server.start()
+        try:
+            config = work / "limiter.yaml"
+            config.write_text(BENCH_CONFIG.replace("REDIS_URL", redis_server.url))
+            yield work, redis_server, config, {**os.environ, "PYTHONPATH": str(ROOT)}
+        finally:
+            redis_server.stop()
 
 
 def server_pid(server: Any) -> int:

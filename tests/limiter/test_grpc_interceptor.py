@@ -15,11 +15,9 @@ from limiter.config import ConfigError, parse_config
 from limiter.grpc_interceptor import RateLimitInterceptor
 from limiter.runtime import LimiterRuntime
 from ratepilot.servers import RedisServer
-from tests.limiter.support import SLOW
+from tests.limiter.support import CONFIG_HEAD, SLOW
 
-CONFIG = f"""
-redis: {{url: REDIS_URL, timeout_ms: 1000}}
-anonymous_tier: free
+CONFIG = CONFIG_HEAD + f"""anonymous_tier: free
 default_tier: free
 tiers:
   free:

@@ -24,16 +24,13 @@ import yaml
 
 from controller.rate_store import RateStore
 from ratepilot.servers import ManagedProcess, RedisServer, free_port
-from tests.limiter.support import SLOW, wait_until
+from tests.limiter.support import CONFIG_HEAD, SLOW, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "envoy" / "envoy.yaml"
 POLL_S = 0.5
 
-RLS_CONFIG = f"""
-redis: {{url: REDIS_URL, timeout_ms: 1000}}
-client_header: x-api-key
-anonymous_tier: free
+RLS_CONFIG = CONFIG_HEAD + f"""anonymous_tier: free
 default_tier: free
 tiers:
   free:

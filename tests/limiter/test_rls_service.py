@@ -19,11 +19,9 @@ from limiter.rls.server import main
 from limiter.rls.service import OK, OVER_LIMIT, RateLimitService, rate_limit
 from limiter.runtime import LimiterRuntime
 from ratepilot.servers import RedisServer, free_port
-from tests.limiter.support import SLOW
+from tests.limiter.support import CONFIG_HEAD, SLOW
 
-CONFIG = f"""
-redis: {{url: REDIS_URL, timeout_ms: 1000}}
-anonymous_tier: free
+CONFIG = CONFIG_HEAD + f"""anonymous_tier: free
 default_tier: free
 tiers:
   free:
