@@ -137,38 +137,61 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):
         return build_response(verdicts)
 
 
+# Reply parts that repeat from call to call, built once (a tier's rates change rarely).
+_limits: dict[tuple[str, float], Any] = {}  # (TIER/bucket, rate) -> RateLimit
+_policies: dict[bytes, Any] = {}  # RateLimit-Policy value -> its HeaderValue
+CACHE_LIMIT = 4096
+
+
+def _cached_limit(name: str, rate: float) -> Any:
+    limit = _limits.get((name, rate))
+    if limit is None:
+        if len(_limits) >= CACHE_LIMIT:
+            _limits.clear()
+        limit = _limits[name, rate] = rate_limit(rate, name)
+    return limit
+
+
+def _policy_header(policy: bytes) -> Any:
+    header = _policies.get(policy)
+    if header is None:
+        if len(_policies) >= CACHE_LIMIT:
+            _policies.clear()
+        header = _policies[policy] = HeaderValue(key="ratelimit-policy", value=policy.decode())
+    return header
+
+
 def build_response(verdicts: list[Verdict]) -> Any:
-    """The reply: one status per descriptor and the RateLimit fields of the most constrained one."""
-    statuses = []
+    """The reply: one status per descriptor and the RateLimit fields of the most constrained one.
+
+    Built in place (`statuses.add()`, cached parts): half the cost of nested constructor calls."""
+    response = Response()
+    statuses = response.statuses
     worst: Verdict | None = None
     worst_key: tuple[bool, float] = (True, math.inf)
+    worst_retry_s = 0.0
     for verdict in verdicts:
-        client_d, tier_d = verdict.decisions
+        client_d, tier_d = verdict.decisions  # built once here: Verdict.remaining / retry_after_s would rebuild them
+        retry_s = max(client_d.retry_after_s, tier_d.retry_after_s)
         if verdict.allowed:
             binding, name = (client_d, "client") if client_d.remaining <= tier_d.remaining else (tier_d, "tier")
             wait_s = binding.reset_after_s
         else:
             binding, name = (tier_d, "tier") if verdict.limited_by == "tier" else (client_d, "client")
-            wait_s = max(1.0, verdict.retry_after_s)
-        rates = verdict.tier.rates
-        statuses.append(
-            Response.DescriptorStatus(
-                code=OK if verdict.allowed else OVER_LIMIT,
-                current_limit=rate_limit(rates.client_rate if name == "client" else rates.rate, f"{verdict.tier.name}/{name}"),
-                limit_remaining=min(MAX_UINT32, int(binding.remaining)),
-                duration_until_reset={"seconds": math.ceil(wait_s)},
-            )
-        )
-        key = (verdict.allowed, verdict.remaining)
+            wait_s = max(1.0, retry_s)
+        tier = verdict.tier
+        rate = tier.rates.client_rate if name == "client" else tier.rates.rate
+        status = statuses.add(code=OK if verdict.allowed else OVER_LIMIT, limit_remaining=min(MAX_UINT32, int(binding.remaining)))
+        status.current_limit.CopyFrom(_cached_limit(f"{tier.name}/{name}", rate))
+        status.duration_until_reset.seconds = math.ceil(wait_s)
+        key = (verdict.allowed, min(client_d.remaining, tier_d.remaining))
         if key < worst_key:
-            worst, worst_key = verdict, key
-    response = Response(overall_code=OK if worst_key[0] else OVER_LIMIT, statuses=statuses)
+            worst, worst_key, worst_retry_s = verdict, key, retry_s
+    response.overall_code = OK if worst_key[0] else OVER_LIMIT
     if worst is not None:
-        headers = [
-            HeaderValue(key="ratelimit-policy", value=worst.policy_header.decode()),
-            HeaderValue(key="ratelimit", value=worst.ratelimit_field().decode()),
-        ]
+        headers = response.response_headers_to_add
+        headers.append(_policy_header(worst.policy_header))
+        headers.add(key="ratelimit", value=worst.ratelimit_field().decode())
         if not worst.allowed:
-            headers.append(HeaderValue(key="retry-after", value=str(max(1, math.ceil(worst.retry_after_s)))))
-        response.response_headers_to_add.extend(headers)
+            headers.add(key="retry-after", value=str(max(1, math.ceil(worst_retry_s))))
     return response
