@@ -69,6 +69,8 @@ bench: setup bench-deps
 	$(BIN)/ratepilot bench limiter --json benchmarks/results/limiter.json
 	$(BIN)/ratepilot bench sim --json benchmarks/results/sim.json
 	$(BIN)/ratepilot bench controller --json benchmarks/results/controller.json
+	$(BIN)/ratepilot bench rls --json benchmarks/results/rls.json
+	$(BIN)/ratepilot bench grpc --json benchmarks/results/grpc.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
