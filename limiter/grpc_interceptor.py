@@ -7,7 +7,8 @@
 Per call, before the handler runs: the client id is the `grpc.client_metadata` metadata value
 (missing: the anonymous client), the cost and optional tier come from the first `grpc.methods`
 entry matching the full method name (`/package.Service/Method`; a trailing `*` matches a prefix),
-else `grpc.default_cost` and the client's tier. Exempt methods pass unchecked.
+else `grpc.default_cost` and the client's tier. Exempt methods and methods the server does not
+have (UNIMPLEMENTED) pass uncharged.
 
 A refused call ends with `RESOURCE_EXHAUSTED` and trailing metadata:
 
@@ -99,8 +100,9 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         rules = self._method_rules()
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         rule = rules.rule(method)
-        if rule is None:
-            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if rule is None or handler is None:  # exempt, or no such method (UNIMPLEMENTED, not charged)
+            return handler
         cost, tier = rule
         wanted = rules.config.client_metadata
         client = ""
@@ -111,8 +113,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         guard = self.guard
         pending = guard.start_in(tier or guard.tier_for(client).name, client, cost)
         verdict = pending if type(pending) is Verdict else await pending  # type: ignore[misc]
-        handler = await continuation(handler_call_details)
-        if verdict.allowed or handler is None:
+        if verdict.allowed:
             return handler
         return _refusing(handler, verdict)
 

@@ -110,12 +110,15 @@ def test_calls_pay_their_method_cost_then_get_resource_exhausted_with_retry_info
         calls += [await client.call("/test.Echo/Say", "free_a") for _ in range(3)]  # 1, 0, refused
         calls.append(await client.call("/test.Echo/Heavy", "free_b"))  # another client: its own bucket
         calls += [await client.call("/test.Echo/Health", "free_a") for _ in range(3)]  # exempt
+        calls += [await client.call("/test.Echo/Nope", "free_b") for _ in range(3)]  # no such method: not charged
+        calls.append(await client.call("/test.Echo/Say", "free_b"))  # free_b: 5 - 3 - 1
         return calls
 
     calls = run(redis_server.url, scenario)
     codes = [code for code, _ in calls]
     ok, exhausted = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert codes == [ok, ok, ok, exhausted, ok, ok, ok, ok]
+    unimplemented = grpc.StatusCode.UNIMPLEMENTED
+    assert codes == [ok, ok, ok, exhausted, ok, ok, ok, ok, unimplemented, unimplemented, unimplemented, ok]
     trailing = calls[3][1]
     assert trailing["retry-after"] == "1000"  # one token at 0.001 tokens/s
     assert trailing["ratelimit"].startswith('"client";r=0;')
