@@ -137,7 +137,8 @@ def run_load(target: str, kind: str, mode: str, duration_s: float, concurrency: 
         capture_output=True, text=True, cwd=ROOT, timeout=duration_s * 10 + 60,
     )  # fmt: skip
     if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed against {target}: {proc.stderr.strip().splitlines()[-1:]}")
+        tail = " | ".join(proc.stderr.strip().splitlines()[-8:])
+        raise RuntimeError(f"load generator failed against {target}: {tail}")
     result: dict[str, Any] = json.loads(proc.stdout)
     if result["refused"]:
         raise RuntimeError(f"{result['refused']} calls were refused by {target}: the bench tier must admit all")
