@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import textwrap
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +14,7 @@ import pytest
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from limiter.config import ConfigError, parse_config
+from limiter.config import ConfigError, load_config, parse_config
 from limiter.redis_bucket import RedisBucket
 from limiter.rls.server import main
 from limiter.rls.service import OK, OVER_LIMIT, RateLimitService, rate_limit
@@ -61,11 +62,15 @@ def request(*descriptors: RateLimitDescriptor, domain: str = "shop", hits: int =
 Scenario = Callable[[Any, LimiterRuntime], Awaitable[Any]]
 
 
-def run(url: str, scenario: Scenario, text: str = CONFIG) -> Any:
-    """Serve the rls on a grpc.aio server and run `scenario(stub, runtime)` against it."""
+def run(url: str, scenario: Scenario, config_path: Path | None = None) -> Any:
+    """Serve the rls on a grpc.aio server and run `scenario(stub, runtime)` against it (the config
+    file at `config_path`, watched every 50 ms, else CONFIG)."""
 
     async def body() -> Any:
-        runtime = LimiterRuntime(parse_config(textwrap.dedent(text).replace("REDIS_URL", url)))
+        if config_path is None:
+            runtime = LimiterRuntime(parse_config(textwrap.dedent(CONFIG).replace("REDIS_URL", url)))
+        else:
+            runtime = LimiterRuntime(load_config(config_path), config_path=config_path, reload_s=0.05)
         await runtime.start()
         server = grpc.aio.server()
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(runtime.guard), server)
@@ -134,6 +139,24 @@ def test_redis_gone_follows_each_tiers_failure_policy(redis_server: RedisServer)
     assert opened.overall_code == OK and opened.statuses[0].limit_remaining == 5
     assert closed.overall_code == OVER_LIMIT
     assert {h.key: h.value for h in closed.response_headers_to_add}["retry-after"] == "1"
+
+
+def test_an_edited_rls_section_applies_without_a_restart(redis_server: RedisServer, tmp_path: Path) -> None:
+    path = tmp_path / "limiter.yaml"
+    path.write_text(textwrap.dedent(CONFIG).replace("REDIS_URL", redis_server.url))
+
+    async def scenario(stub: Any, runtime: LimiterRuntime) -> tuple[Any, Any]:
+        before = await stub.ShouldRateLimit(request(descriptor(client_id="free_a", hits=3), domain="shop"))
+        path.write_text(path.read_text().replace("domain: shop", "domain: store"))
+        deadline = asyncio.get_running_loop().time() + 10
+        while runtime.guard.config.rls.domain != "store" and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        after = await stub.ShouldRateLimit(request(descriptor(client_id="free_a"), domain="shop"))
+        return before, after
+
+    before, after = run(redis_server.url, scenario, config_path=path)
+    assert before.overall_code == OK and before.statuses[0].limit_remaining == 0  # shop was ours: counted
+    assert after.overall_code == OK and not after.statuses[0].HasField("current_limit")  # now another domain
 
 
 def test_too_many_descriptors_is_invalid_argument(redis_server: RedisServer) -> None:
