@@ -32,18 +32,19 @@ log = logging.getLogger("ratepilot.rls")
 GRACE_S = 2.0  # in-flight calls may finish this long after SIGTERM
 
 
-async def serve(runtime: LimiterRuntime, address: str, ready: asyncio.Event | None = None) -> None:
-    """Start the runtime and a grpc.aio server on `address`; run until SIGTERM/SIGINT (or cancellation)."""
-    await runtime.start()
+async def serve(runtime: LimiterRuntime, address: str) -> None:
+    """Bind `address`, start the runtime and a grpc.aio server; run until SIGTERM/SIGINT (or cancellation).
+    Raises OSError when the address cannot be bound (before Redis is touched)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(runtime.guard), server)
     try:
-        try:
-            bound = server.add_insecure_port(address)
-        except RuntimeError as exc:  # grpcio raises this when the port is taken
-            raise OSError(f"cannot listen on {address}: {exc}") from None
-        if bound == 0:
-            raise OSError(f"cannot listen on {address}")
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises this when the port is taken
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    try:
+        await runtime.start()
         await server.start()
         gc.collect()
         gc.freeze()  # start-up objects leave the cyclic GC's generations: no long pauses under load
@@ -53,8 +54,6 @@ async def serve(runtime: LimiterRuntime, address: str, ready: asyncio.Event | No
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread: cancel instead
                 loop.add_signal_handler(sig, stop.set)
-        if ready is not None:
-            ready.set()
         await stop.wait()
     finally:
         await server.stop(GRACE_S)

@@ -4,6 +4,7 @@ batching, failure policies, bad input); tests/limiter/test_rls_envoy.py runs it 
 from __future__ import annotations
 
 import asyncio
+import socket
 import textwrap
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from limiter.config import ConfigError, load_config, parse_config
 from limiter.redis_bucket import RedisBucket
-from limiter.rls.server import main
+from limiter.rls.server import main, serve
 from limiter.rls.service import OK, OVER_LIMIT, RateLimitService, rate_limit
 from limiter.runtime import LimiterRuntime
 from ratepilot.servers import RedisServer, free_port
@@ -199,3 +200,14 @@ def test_cli_refuses_bad_input_before_serving(tmp_path: Any, capsys: pytest.Capt
     assert main(["--config", str(bad), "--port", str(free_port())]) == 2
     assert "at least one tier" in capsys.readouterr().err
     assert main(["--port", "0"]) == 2
+
+
+def test_a_taken_port_is_refused_before_redis_is_touched() -> None:
+    config = parse_config(textwrap.dedent(CONFIG).replace("REDIS_URL", "redis://127.0.0.1:1/0"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        runtime = LimiterRuntime(config)
+        with pytest.raises(OSError, match="cannot listen on 127.0.0.1:"):
+            asyncio.run(serve(runtime, f"127.0.0.1:{taken.getsockname()[1]}"))
+    assert runtime.guard.redis_bucket is None  # never started
