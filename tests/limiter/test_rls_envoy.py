@@ -37,6 +37,10 @@ tiers:
     client:    {{rate: {SLOW}, burst: 5}}
     aggregate: {{rate: {SLOW}, burst: 1000}}
     key_prefixes: [free_]
+  metered:
+    client:    {{rate: 4, burst: 4}}
+    aggregate: {{rate: 1000, burst: 1000}}
+    key_prefixes: [metered_]
   shared:
     client:    {{rate: {SLOW}, burst: 1000}}
     aggregate: {{rate: {SLOW}, burst: 4}}
@@ -191,6 +195,21 @@ def test_envoy_admits_the_burst_then_answers_429_with_headers(stack_factory: Any
     codes = [stack.client.post("/v1/infer", headers={"x-api-key": "free_carol"}).status_code]
     codes += [stack.get("free_carol").status_code for _ in range(3)]
     assert codes == [200, 200, 200, 429]
+
+
+def test_envoy_admits_at_the_configured_rate_after_the_burst(stack_factory: Any) -> None:
+    stack = stack_factory()
+    codes, started = [], time.monotonic()
+    while time.monotonic() - started < 2.5:  # ~20 requests/s against 4 tokens/s (bounded: 2.5 s)
+        codes.append(stack.get("metered_eve").status_code)
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    assert codes[:4] == [200] * 4 and set(codes) <= {200, 429}
+    expected = 4 + 4 * elapsed  # the burst, then the refill rate (client bucket: 4 tokens/s)
+    admitted = codes.count(200)
+    assert admitted <= expected + 1, (admitted, elapsed)  # never more than the rate allows
+    assert admitted >= min(len(codes), expected - 2), (admitted, elapsed)  # and the rate is all usable
+    assert len(codes) <= expected + 1 or 429 in codes
 
 
 def test_a_rate_the_controller_writes_changes_what_envoy_admits_within_a_poll(stack_factory: Any) -> None:
