@@ -22,6 +22,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "limiter": ("benchmarks.bench_limiter", "limiter checks/s against raw EVALSHA, `limits` and pyrate-limiter"),
     "sim": ("benchmarks.bench_sim", "simulator steps/s"),
     "controller": ("benchmarks.bench_controller", "controller tick latency"),
+    "grpc": ("benchmarks.bench_grpc", "gRPC calls/s and added p99: an echo server with the rate-limit interceptor vs without"),
+    "rls": ("benchmarks.bench_rls", "Envoy ShouldRateLimit calls/s and added p99: ratepilot rls vs a no-op servicer"),
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from limiter.bucket import MAX_CAPACITY, MAX_RATE
 from limiter.config_file import apply_env, first_error, parse_mapping
+from limiter.grpc_settings import GrpcConfig
+from limiter.rls.settings import RlsConfig
 
 log = logging.getLogger("ratepilot.config")
 
@@ -160,6 +162,8 @@ class LimiterConfig(_Strict):
     rate_table: RateTableConfig = RateTableConfig()
     local_guard: LocalGuardConfig = LocalGuardConfig()
     exempt_paths: tuple[str, ...] = ("/health", "/metrics")
+    rls: RlsConfig = RlsConfig()  # descriptors -> tiers and clients for `ratepilot rls`
+    grpc: GrpcConfig = GrpcConfig()  # per-method costs of the gRPC interceptor
 
     @field_validator("client_header")
     @classmethod
@@ -182,7 +186,9 @@ class LimiterConfig(_Strict):
         for key, mapped in self.clients.items():
             if mapped not in known:
                 raise ValueError(f"client {key!r} maps to unknown tier {mapped!r}")
-        max_cost = self.costs.max_cost()
+        self.rls.check_tiers(known)
+        self.grpc.check_tiers(known)
+        max_cost = max(self.costs.max_cost(), self.grpc.max_cost())
         for name, tier in self.tiers.items():
             smallest = min(tier.client.burst, tier.aggregate.burst) * self.local_guard.fraction
             if max_cost > smallest:
