@@ -33,6 +33,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	@# xds-protos ships an old copy of opentelemetry/proto/* that overwrites opentelemetry-proto's files
+	@# (mlflow's tracing then fails to import TracesData): put opentelemetry-proto's own files back
+	$(BIN)/pip install -q --force-reinstall --no-deps "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	$(BIN)/python -c 'from opentelemetry.proto.trace.v1.trace_pb2 import TracesData; import envoy.service.ratelimit.v3.rls_pb2'
 	touch $(STAMP)
 
 $(ENVOY_STAMP): | $(STAMP)
