@@ -22,12 +22,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 import redis
+from opentelemetry.trace import StatusCode
 
 from controller.lease import LeaderLease
 from controller.metrics import ControllerMetrics
@@ -37,12 +39,15 @@ from controller.prometheus_source import PrometheusSource
 from controller.rate_store import FencedError, RateStore, rates_in_force
 from controller.settings import ControllerSettings
 from limiter.rate_table import MAX_SANE_RATE
+from limiter.tracing import configured_tracer
 from policy.base import rate_to_action
 from policy.observation import Observation, ObservationBuilder
 from policy.safety import OVERRIDE_RULES, RULES, SafetyEngine, SafetyResult
 
 log = logging.getLogger("ratepilot.controller.loop")
 MAX_TIER_LOG_LINES = 20  # per tick; the decisions stream has every tier
+TICK_SPAN = "ratepilot.controller.tick"  # child spans: ratepilot.controller.{redis_read,prometheus,policy,safety,redis_write}
+NO_SPAN = nullcontext()
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class ControlLoop:
         self.override_caps = OverrideCaps()
         self._stale: np.ndarray | None = None
         self._count = 0
+        self._tracer = configured_tracer()  # OpenTelemetry: a span per tick when a tracer provider is set
         self.last_report: TickReport | None = None
         self.last_leader_report: TickReport | None = None
 
@@ -135,7 +141,7 @@ class ControlLoop:
         started, t0 = self._clock(), time.perf_counter()
         errors: dict[str, str] = {}
         try:
-            report = self._tick(started, t0, errors)
+            report = self._traced_tick(started, t0, errors)
         except Exception as exc:  # noqa: BLE001 - the loop must survive anything; the reason is logged and counted
             log.exception("event=tick_crashed tick=%d error=%r", self._count, str(exc))
             self.metrics.errors.labels("tick").inc()
@@ -154,6 +160,28 @@ class ControlLoop:
         )  # fmt: skip
         return report
 
+    def _traced_tick(self, started: float, t0: float, errors: dict[str, str]) -> TickReport:
+        """`_tick` inside a `ratepilot.controller.tick` span (its stages are child spans) when tracing is on."""
+        if self._tracer is None:
+            return self._tick(started, t0, errors)
+        with self._tracer.start_as_current_span(TICK_SPAN) as span:
+            report = self._tick(started, t0, errors)
+            span.set_attributes({
+                "ratepilot.tick": report.tick, "ratepilot.result": report.result, "ratepilot.mode": report.mode,
+                "ratepilot.tiers": len(self.tiers), "ratepilot.version": report.version or 0,
+            })  # fmt: skip
+            for stage, reason in report.errors.items():
+                span.add_event("stage_error", {"ratepilot.stage": stage, "ratepilot.reason": reason})
+            if report.result in ("failed", "fenced"):
+                span.set_status(StatusCode.ERROR, report.result)
+            return report
+
+    def _stage(self, name: str) -> AbstractContextManager[Any]:
+        """A child span of the tick for one stage (nothing when tracing is off)."""
+        if self._tracer is None:
+            return NO_SPAN
+        return self._tracer.start_as_current_span(f"ratepilot.controller.{name}")
+
     def _fail(self, errors: dict[str, str], stage: str, reason: str) -> None:
         errors[stage] = reason
         self.metrics.errors.labels(stage).inc()
@@ -167,7 +195,8 @@ class ControlLoop:
         # the queries run while Redis is read: a tick costs max(Prometheus, Redis read), not the sum
         pending = self.source.start()
         try:
-            world = self.store.read_world()
+            with self._stage("redis_read"):
+                world = self.store.read_world()
         except redis.RedisError as exc:
             self._fail(errors, "redis_read", f"{type(exc).__name__}: {exc}")
             return TickReport(self._count, started, time.perf_counter() - t0, "failed", mode, fence=fence, errors=errors)
@@ -180,7 +209,8 @@ class ControlLoop:
             first = next(iter(override_problems.items()))
             self._fail(errors, "overrides", f"{len(override_problems)} tier(s), e.g. {first[0]}: {first[1]}")
 
-        reading = pending.result(in_force.rates)
+        with self._stage("prometheus"):
+            reading = pending.result(in_force.rates)
         if reading.errors:
             self._fail(errors, "prometheus", "; ".join(f"{k}: {v}" for k, v in reading.errors.items()))
         observation = self.builder.build(reading.metrics)
@@ -188,7 +218,8 @@ class ControlLoop:
         loaded = self.policies.current
         proposed: np.ndarray | None
         try:
-            proposed = np.asarray(loaded.policy.act(observation), dtype=np.float64)
+            with self._stage("policy"):
+                proposed = np.asarray(loaded.policy.act(observation), dtype=np.float64)
             if proposed.shape != (len(self.tiers),):
                 raise ValueError(f"returned shape {proposed.shape}, expected ({len(self.tiers)},)")
             bad = int((~np.isfinite(proposed)).sum())
@@ -197,7 +228,8 @@ class ControlLoop:
         except Exception as exc:  # noqa: BLE001 - a failing policy keeps the rates in force
             self._fail(errors, "policy", f"{loaded.name}: {type(exc).__name__}: {exc}")
             proposed = None
-        safety = self.engine.apply(observation, proposed, caps, self._stale)
+        with self._stage("safety"):
+            safety = self.engine.apply(observation, proposed, caps, self._stale)
         self._stale = safety.stale_ticks
         rates = safety.rates
         bursts = np.clip(rates * self.burst_s, 1.0, MAX_SANE_RATE)
@@ -205,9 +237,10 @@ class ControlLoop:
         decisions = self._decisions(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s)
 
         try:
-            version, _ = self.store.write(
-                self.lease.replica_id, fence, self.tiers, rates, bursts, sources, decisions, write_rates=(mode == "active")
-            )
+            with self._stage("redis_write"):
+                version, _ = self.store.write(
+                    self.lease.replica_id, fence, self.tiers, rates, bursts, sources, decisions, write_rates=(mode == "active")
+                )
         except FencedError as exc:
             self._fail(errors, "lease", f"write refused by Redis: {exc}")
             self.lease.step_down(str(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import textwrap
 import threading
@@ -112,3 +113,39 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, every_s: 
             return True
         time.sleep(every_s)
     return predicate()
+
+
+class ServedApp:
+    """Any ASGI app served by uvicorn in a thread (lifespan on); after `stop()`, `leftover_tasks` names the
+    asyncio tasks still alive in the server's loop once uvicorn returned (a clean shut-down leaves none)."""
+
+    def __init__(self, app: Any, port: int):
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+        )
+        self.leftover_tasks: list[str] | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+        self.client = httpx.Client(base_url=self.url, timeout=5.0)
+
+    async def _serve(self) -> None:
+        await self.server.serve()
+        current = asyncio.current_task()
+        self.leftover_tasks = [repr(task.get_coro()) for task in asyncio.all_tasks() if task is not current]
+
+    def start(self) -> None:
+        """Serve and wait until uvicorn accepts connections (after the app's start-up)."""
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Shut uvicorn down (the app's lifespan shut-down runs) and join its thread."""
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        if self.thread.is_alive():
+            raise RuntimeError("uvicorn did not stop within 15 s")
