@@ -123,7 +123,7 @@ class ControlLoop:
         self.override_caps = OverrideCaps()
         self._stale: np.ndarray | None = None
         self._count = 0
-        self._tracer = configured_tracer()  # OpenTelemetry: a span per tick when a tracer provider is set
+        self.tracer = configured_tracer()  # OpenTelemetry: a span per tick when a provider is set (at start-up)
         self.last_report: TickReport | None = None
         self.last_leader_report: TickReport | None = None
 
@@ -162,9 +162,9 @@ class ControlLoop:
 
     def _traced_tick(self, started: float, t0: float, errors: dict[str, str]) -> TickReport:
         """`_tick` inside a `ratepilot.controller.tick` span (its stages are child spans) when tracing is on."""
-        if self._tracer is None:
+        if self.tracer is None:
             return self._tick(started, t0, errors)
-        with self._tracer.start_as_current_span(TICK_SPAN) as span:
+        with self.tracer.start_as_current_span(TICK_SPAN) as span:
             report = self._tick(started, t0, errors)
             span.set_attributes({
                 "ratepilot.tick": report.tick, "ratepilot.result": report.result, "ratepilot.mode": report.mode,
@@ -178,9 +178,9 @@ class ControlLoop:
 
     def _stage(self, name: str) -> AbstractContextManager[Any]:
         """A child span of the tick for one stage (nothing when tracing is off)."""
-        if self._tracer is None:
+        if self.tracer is None:
             return NO_SPAN
-        return self._tracer.start_as_current_span(f"ratepilot.controller.{name}")
+        return self.tracer.start_as_current_span(f"ratepilot.controller.{name}")
 
     def _fail(self, errors: dict[str, str], stage: str, reason: str) -> None:
         errors[stage] = reason

@@ -43,6 +43,7 @@ from limiter.middleware import RateLimitMiddleware
 from limiter.rate_limiter import RateLimiter
 from limiter.rate_reader import RateReader
 from limiter.synthetic_backend import SyntheticBackend
+from limiter.tracing import configure_from_env
 from limiter.verdict import Verdict
 
 log = logging.getLogger("ratepilot.edge")
@@ -357,7 +358,8 @@ def main(argv: list[str]) -> int:
     try:
         config_path = resolve_config_path(args.config)
         config = load_config(config_path)
-    except ConfigError as exc:
+        configure_from_env()  # OTLP span export when the OTEL_* variables ask for it
+    except (ConfigError, RuntimeError) as exc:
         print(f"ratepilot edge: {exc}", file=sys.stderr)
         return 2
     import uvicorn

@@ -72,15 +72,15 @@ def end_decision_span(span: Span, verdict: Verdict) -> None:
 def configure_from_env(environ: Mapping[str, str] | None = None) -> bool:
     """Install an SDK tracer provider exporting over OTLP when the `OTEL_*` variables ask for it.
 
-    Does nothing (False) when none of OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT is
+    Does nothing (False) when a tracer provider is already set, when none of OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT is
     set, when OTEL_TRACES_EXPORTER is `none`, or when OTEL_SDK_DISABLED is true. The exporter reads
     the rest itself (endpoint, headers, protocol via OTEL_EXPORTER_OTLP_PROTOCOL, timeout), the
     resource reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES. Raises RuntimeError (one line)
     when export is asked for but `opentelemetry-sdk` / `opentelemetry-exporter-otlp` are not installed
     (`pip install ratepilot[otlp]`)."""
     env = os.environ if environ is None else environ
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or configured_tracer() is not None:
+        return False  # disabled, or the application has set its own provider
     if not any(env.get(name) for name in EXPORT_VARIABLES):
         return False
     exporters = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()

@@ -85,7 +85,7 @@ def test_each_decision_is_a_span_with_tier_outcome_source_and_tokens(redis_serve
         ("closed", "throttled", "fail_closed", 1.0, "redis_unavailable"),
     ]
     assert {s.attributes["ratepilot.rate_source"] for s in spans} == {"static"}
-    assert spans[4].attributes["ratepilot.remaining"] == 0.0
+    assert spans[4].attributes["ratepilot.remaining"] < 1 <= spans[3].attributes["ratepilot.remaining"]
     requests = {s.context.span_id: s for s in exporter.get_finished_spans() if s.name == "request"}
     assert all(s.parent is not None and s.parent.span_id in requests for s in spans)  # inside the request's span
     assert all(s.end_time >= s.start_time for s in spans)
