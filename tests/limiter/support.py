@@ -64,57 +64,6 @@ def write_config(path: Path, redis_url: str, text: str = BASE_CONFIG) -> Path:
     return path
 
 
-class RunningEdge:
-    """An Edge served by uvicorn in a thread; `client` is an httpx client on its base URL."""
-
-    def __init__(self, edge: Edge, port: int):
-        self.edge = edge
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(edge.app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.client = httpx.Client(base_url=self.url, timeout=5.0)
-
-    def start(self) -> None:
-        """Serve and wait until uvicorn accepts connections."""
-        self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        """Shut uvicorn down and join its thread."""
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        if self.thread.is_alive():
-            raise RuntimeError("uvicorn did not stop within 15 s")
-
-    def get(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
-        """GET with the API key header when given."""
-        headers = {"x-api-key": key} if key else {}
-        return self.client.get(path, headers=headers, **kwargs)
-
-    def post(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
-        """POST with the API key header when given."""
-        headers = {"x-api-key": key} if key else {}
-        return self.client.post(path, headers=headers, **kwargs)
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, every_s: float = 0.05) -> bool:
-    """Poll until the predicate holds (True) or the bound passes (False)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every_s)
-    return predicate()
-
-
 class ServedApp:
     """Any ASGI app served by uvicorn in a thread (lifespan on); after `stop()`, `leftover_tasks` names the
     asyncio tasks still alive in the server's loop once uvicorn returned (a clean shut-down leaves none)."""
@@ -149,3 +98,33 @@ class ServedApp:
         self.thread.join(timeout=15)
         if self.thread.is_alive():
             raise RuntimeError("uvicorn did not stop within 15 s")
+
+
+class RunningEdge(ServedApp):
+    """An Edge served by uvicorn in a thread; `client` is an httpx client on its base URL."""
+
+    def __init__(self, edge: Edge, port: int):
+        super().__init__(edge.app, port)
+        self.edge = edge
+        self.port = port
+
+    def get(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        """GET with the API key header when given."""
+        headers = {"x-api-key": key} if key else {}
+        return self.client.get(path, headers=headers, **kwargs)
+
+    def post(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        """POST with the API key header when given."""
+        headers = {"x-api-key": key} if key else {}
+        return self.client.post(path, headers=headers, **kwargs)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, every_s: float = 0.05) -> bool:
+    """Poll until the predicate holds (True) or the bound passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every_s)
+    return predicate()
+
