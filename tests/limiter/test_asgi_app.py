@@ -141,6 +141,10 @@ def test_client_callable_and_bad_config(redis_server: RedisServer, tmp_path: Pat
                     for i in range(6)]  # fmt: skip
         assert statuses == [200] * 5 + [429]
         assert served.client.get("/v1/items", headers={"x-user": "dave"}).status_code == 200
+        assert served.client.get("/v1/items").status_code == 200  # no user: the anonymous client, as the edge does
+        admin = redis.Redis.from_url(redis_server.url)
+        assert {k.decode() for k in admin.scan_iter("rp:{free}:c:*")} == {"rp:{free}:c:carol", "rp:{free}:c:dave", "rp:{free}:c:"}
+        admin.close()
     finally:
         served.stop()
     assert served.leftover_tasks == []
