@@ -70,7 +70,11 @@ def charge(
     ) -> Verdict:
         tracer = limiter.tracer
         span = start_decision_span(tracer) if tracer is not None else None
-        verdict = await guard.charge(str(client_id) if client_id else "", float(cost), tier)
+        client = str(client_id).strip() if client_id else ""
+        # the named tier, unless a config reload removed it: then the client's own, as the middleware picks it
+        tier_name = tier if tier is not None and tier in guard.tiers else guard.tier_for(client).name
+        pending = guard.start_in(tier_name, client, float(cost))
+        verdict = pending if type(pending) is Verdict else await pending  # type: ignore[misc]
         if span is not None:
             end_decision_span(span, verdict)
         request.scope.setdefault("state", {})["ratepilot"] = verdict

@@ -81,14 +81,6 @@ def policy_header(rates: TierRates) -> bytes:
     ).encode()
 
 
-def header_key(client: str) -> bytes:
-    """The guard's key of a client id given as text: the bytes an HTTP header value decodes from."""
-    try:
-        return client.encode("latin-1")
-    except UnicodeEncodeError:
-        return client.encode()  # not from a header: a stable key all the same
-
-
 class TierRuntime:
     """A tier's precomputed request-path state: specs in force, keys, header bytes, metric children."""
 
@@ -184,7 +176,7 @@ class Guard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tiers: dict[str, TierRuntime] = {}
         self._tier_cache: dict[str, TierRuntime] = {}
-        self._routes: dict[bytes, Route] = {}
+        self._routes: dict[bytes | tuple[str, str], Route] = {}  # API key, or (tier, client) for start_in()
         self.apply_config(config)
 
     @property
@@ -260,48 +252,23 @@ class Guard:
         route = self._routes.get(key)
         if route is None:
             client = key.decode("latin-1").strip()
-            route = self._new_route(self.tier_for(client), client)
+            tier = self.tier_for(client)
+            bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
+            keys = [tier.client_prefix + bucket_client, tier.tier_key]
+            route = Route(tier, client, keys, keys_resp(keys), {})
             if len(self._routes) >= TIER_CACHE_LIMIT:
                 self._routes.clear()
             self._routes[key] = route
         return route
 
-    @staticmethod
-    def _new_route(tier: TierRuntime, client: str) -> Route:
-        bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
-        keys = [tier.client_prefix + bucket_client, tier.tier_key]
-        return Route(tier, client, keys, keys_resp(keys), {})
-
     async def decide(self, client: str, method: str, path: str, content_length: int = 0) -> Verdict:
         """Check and consume the request's cost from its client and tier buckets; never raises on Redis."""
-        pending = self.start(header_key(client), method, path, content_length)
+        try:
+            key = client.encode("latin-1")  # what an HTTP header decodes from
+        except UnicodeEncodeError:
+            key = client.encode()  # not from a header: a stable key all the same
+        pending = self.start(key, method, path, content_length)
         return pending if type(pending) is Verdict else await pending  # type: ignore[misc]
-
-    async def charge(self, client: str, cost: float, tier: str | None = None) -> Verdict:
-        """Check and consume `cost` tokens from the client's buckets in `tier` (by default the client's
-        own tier, as `decide` picks it; a tier the config no longer has falls back to that too)."""
-        started = self._clock()
-        key = header_key(client)
-        runtime = self._tiers.get(tier) if tier is not None else None
-        if runtime is None:
-            route = self._routes.get(key) or self._route(key)
-        else:
-            route = self._tier_route(runtime, key)
-        pending = self._submit(route, cost, started)
-        return pending if type(pending) is Verdict else await pending  # type: ignore[misc]
-
-    def _tier_route(self, tier: TierRuntime, key: bytes) -> Route:
-        """A route of the client `key` in a tier chosen by the caller (cached beside the header routes,
-        under a key no header value can take: HTTP field values hold no NUL)."""
-        cache_key = b"\0" + tier.name.encode() + b"\0" + key
-        route = self._routes.get(cache_key)
-        if route is None:
-            client = key.decode("latin-1").strip()
-            route = self._new_route(tier, client)
-            if len(self._routes) >= TIER_CACHE_LIMIT:
-                self._routes.clear()
-            self._routes[cache_key] = route
-        return route
 
     def start(self, key: bytes, method: str, path: str, content_length: int = 0) -> Verdict | asyncio.Future[Verdict]:
         """decide() without a coroutine, for the middleware's hot path: the Verdict when it is known at once
@@ -311,10 +278,7 @@ class Guard:
         route = self._routes.get(key)
         if route is None:
             route = self._route(key)
-        return self._submit(route, self._cost(method, path, content_length), started)
-
-    def _submit(self, route: Route, cost: float, started: float) -> Verdict | asyncio.Future[Verdict]:
-        """Send a route's check of `cost` to the Redis bucket (a future), or decide at once without it."""
+        cost = self._cost(method, path, content_length)
         try:
             prepared = route.prepared.get(cost)
             if prepared is None:
@@ -331,6 +295,34 @@ class Guard:
             return self._refuse_cost(route.tier, route.client, cost, exc, started)
         except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
             return self._fall_back(route.tier, route.client, route.keys, cost, exc, started)
+        return future
+
+    # -- checks by a known tier, client and cost (Envoy's rate-limit service, the gRPC interceptor) --
+
+    def start_in(self, tier: str, client: str, cost: float) -> Verdict | asyncio.Future[Verdict]:
+        """start() for a caller that already knows the tier (a configured name), the client id and the
+        cost: no header, tier or cost lookup. Checks started in one event-loop turn share one EVALSHA."""
+        started = self._clock()
+        route = self._routes.get((tier, client))
+        if route is None:
+            runtime = self._tiers[tier]
+            bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
+            keys = [runtime.client_prefix + bucket_client, runtime.tier_key]
+            route = Route(runtime, client, keys, keys_resp(keys), {})
+            if len(self._routes) >= TIER_CACHE_LIMIT:
+                self._routes.clear()
+            self._routes[tier, client] = route
+        try:
+            prepared = route.prepared.get(cost) or self._prepare(route, cost)
+            bucket = self.redis_bucket
+            if bucket is None:
+                raise ConnectionError("no Redis bucket configured")
+            future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+            bucket.submit_to(prepared.check, future, self._resolve, (prepared.context, started))
+        except BucketError as exc:
+            return self._refuse_cost(route.tier, client, cost, exc, started)
+        except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
+            return self._fall_back(route.tier, client, route.keys, cost, exc, started)
         return future
 
     @staticmethod

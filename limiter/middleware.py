@@ -28,7 +28,7 @@ import math
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from limiter.guard import Guard, header_key
+from limiter.guard import Guard
 from limiter.tracing import end_decision_span, start_decision_span
 from limiter.verdict import Verdict
 
@@ -68,7 +68,12 @@ def client_key_of(client_of: Any, scope: dict[str, Any]) -> bytes:
     from starlette.requests import Request
 
     client = client_of(Request(scope))
-    return header_key(str(client)) if client else b""
+    if not client:
+        return b""
+    try:
+        return str(client).encode("latin-1")  # as a header value would come
+    except UnicodeEncodeError:
+        return str(client).encode()
 
 
 class RateLimitMiddleware:
