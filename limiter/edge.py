@@ -115,7 +115,7 @@ class Edge:
     def __init__(self, config: LimiterConfig, options: EdgeOptions | None = None, registry: CollectorRegistry | None = None):
         self.options = options or EdgeOptions()
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.limiter = RateLimiter(config, watch=self.options.config_path, registry=self.registry, reload_s=self.options.reload_s)
+        self.limiter = RateLimiter(config, config_path=self.options.config_path, registry=self.registry, reload_s=self.options.reload_s)
         self.metrics = self.limiter.metrics
         self.guard = self.limiter.guard
         self.backend_metrics = BackendMetrics(self.registry)

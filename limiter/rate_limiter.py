@@ -52,7 +52,7 @@ class RateLimiter:
 
     config: a validated `LimiterConfig`, or a path to `limiter.yaml` (validated as `ratepilot edge`
         does, and re-read every `reload_s` seconds while running: hot reload).
-    watch: the file to re-read for hot reload when `config` is a LimiterConfig loaded from it.
+    config_path: the file to re-read for hot reload when `config` is a LimiterConfig loaded from it.
     client: a callable `request -> client id` (e.g. the authenticated user); by default the client id
         is the config's `client_header` (`x-api-key`). None or "" is the anonymous client.
     registry: where the Prometheus metrics go (a fresh `CollectorRegistry` by default).
@@ -64,14 +64,14 @@ class RateLimiter:
         self,
         config: LimiterConfig | str | os.PathLike[str],
         *,
-        watch: str | os.PathLike[str] | None = None,
+        config_path: str | os.PathLike[str] | None = None,
         client: ClientOf | None = None,
         registry: CollectorRegistry | None = None,
         reload_s: float = 1.0,
         tracer_provider: Any = None,
     ):
         if isinstance(config, LimiterConfig):
-            self.config_path: Path | None = Path(watch) if watch is not None else None
+            self.config_path: Path | None = Path(config_path) if config_path is not None else None
         elif isinstance(config, (str, os.PathLike)):
             self.config_path = Path(config)
             config = load_config(self.config_path)  # ConfigError (one line) on a bad file
@@ -100,7 +100,7 @@ class RateLimiter:
         return self.guard.config
 
     async def start(self) -> None:
-        """Connect to Redis, load the script, start the rate reader and the config watcher.
+        """Connect to Redis, load the script, read the rate table once, start the rate reader and the config watcher.
 
         Redis being down does not fail the start: requests are decided by the tiers' failure policies
         until it answers. Starting a running limiter does nothing."""
@@ -124,7 +124,8 @@ class RateLimiter:
         except Exception as exc:
             log.warning("redis not reachable at start-up, deciding by the failure policies: %s", exc)
         self.reader = RateReader(self._rate_client, lambda: self.guard.config, self.guard.apply_rates, self.metrics)
-        self._spawn(self.reader.run())
+        await self.reader.poll_once()  # the controller's rates before the first check
+        self._spawn(self._keep_reading(self.reader))
         if self.config_path is not None:
             self._spawn(self._watch_config(ConfigWatcher(self.config_path, self.guard.config)))
 
@@ -181,6 +182,11 @@ class RateLimiter:
             await app(scope, receive_and_start, send_and_stop)
         finally:
             await self.stop()  # an app without lifespan support raises here; the server then carries on
+
+    async def _keep_reading(self, reader: RateReader) -> None:
+        """The rate reader's polls after the one at start-up, every `rate_table.poll_s`."""
+        await asyncio.sleep(self.guard.config.rate_table.poll_s)
+        await reader.run()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coroutine))
