@@ -46,7 +46,7 @@ from policy.safety import OVERRIDE_RULES, RULES, SafetyEngine, SafetyResult
 
 log = logging.getLogger("ratepilot.controller.loop")
 MAX_TIER_LOG_LINES = 20  # per tick; the decisions stream has every tier
-TICK_SPAN = "ratepilot.controller.tick"  # child spans: ratepilot.controller.{redis_read,prometheus,policy,safety,redis_write}
+TICK_SPAN = "ratepilot.controller.tick"  # child spans: ratepilot.controller.{redis_read,prometheus,policy,redis_write}
 NO_SPAN = nullcontext()
 
 
@@ -216,19 +216,18 @@ class ControlLoop:
         observation = self.builder.build(reading.metrics)
 
         loaded = self.policies.current
-        proposed: np.ndarray | None
-        try:
-            with self._stage("policy"):
+        with self._stage("policy"):  # the policy's proposal, clamped by the safety engine
+            proposed: np.ndarray | None
+            try:
                 proposed = np.asarray(loaded.policy.act(observation), dtype=np.float64)
-            if proposed.shape != (len(self.tiers),):
-                raise ValueError(f"returned shape {proposed.shape}, expected ({len(self.tiers)},)")
-            bad = int((~np.isfinite(proposed)).sum())
-            if bad:
-                self._fail(errors, "policy", f"{loaded.name} returned NaN/inf for {bad} tier(s)")
-        except Exception as exc:  # noqa: BLE001 - a failing policy keeps the rates in force
-            self._fail(errors, "policy", f"{loaded.name}: {type(exc).__name__}: {exc}")
-            proposed = None
-        with self._stage("safety"):
+                if proposed.shape != (len(self.tiers),):
+                    raise ValueError(f"returned shape {proposed.shape}, expected ({len(self.tiers)},)")
+                bad = int((~np.isfinite(proposed)).sum())
+                if bad:
+                    self._fail(errors, "policy", f"{loaded.name} returned NaN/inf for {bad} tier(s)")
+            except Exception as exc:  # noqa: BLE001 - a failing policy keeps the rates in force
+                self._fail(errors, "policy", f"{loaded.name}: {type(exc).__name__}: {exc}")
+                proposed = None
             safety = self.engine.apply(observation, proposed, caps, self._stale)
         self._stale = safety.stale_ticks
         rates = safety.rates
