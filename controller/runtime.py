@@ -25,7 +25,6 @@ from controller.policies import LoadedPolicy, PolicyHolder, load_policy
 from controller.prometheus_source import PrometheusSource
 from controller.rate_store import RateStore
 from controller.settings import ControllerSettings
-from limiter.tracing import configure_from_env
 
 log = logging.getLogger("ratepilot.controller")
 
@@ -52,7 +51,6 @@ class Controller:
         self.decisions = DecisionLog(self.redis, max_scan=max(settings.loop.decisions_maxlen * 2, 10_000))
         self.source = PrometheusSource(settings.prometheus, settings.tier_names)
         self.lease = LeaderLease(self.redis, settings.replica_id, settings.lease)
-        configure_from_env()  # OTLP export of the tick spans when the OTEL_* variables ask for it
         self.loop = ControlLoop(settings, self.store, self.source, self.policies, self.lease, self.metrics, clock)
         self.lease._on_change = self.loop.on_leadership  # noqa: SLF001 - the loop exists only after the lease
         if not settings.lease.enabled:

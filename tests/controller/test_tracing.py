@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -10,6 +11,7 @@ from opentelemetry.trace import StatusCode
 from controller.loop import TICK_SPAN, TickReport
 from controller.policies import LoadedPolicy
 from controller.runtime import Controller
+from controller.service import main
 from ratepilot.servers import PrometheusServer, RedisServer
 from tests.controller.policies import LatencyFollower, Raising
 from tests.controller.support import make_settings
@@ -51,3 +53,11 @@ def test_a_failing_stage_is_an_event_on_the_tick(
     assert any(s.name == "ratepilot.controller.policy" for s in spans)
     tick = next(s for s in spans if s.name == TICK_SPAN)
     assert [(e.name, (e.attributes or {})["ratepilot.stage"]) for e in tick.events] == [("stage_error", "policy")]
+
+
+def test_controller_refuses_an_exporter_it_does_not_have(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    assert main(["--once"]) == 2
+    assert capsys.readouterr().err == "ratepilot controller: OTEL_TRACES_EXPORTER='zipkin': only 'otlp' (or 'none') is supported\n"
