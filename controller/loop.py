@@ -28,11 +28,13 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import redis
+from opentelemetry.trace import StatusCode
 
 from controller.decisions import decision_texts
 from controller.lease import LeaderLease
@@ -43,11 +45,14 @@ from controller.prometheus_source import PrometheusSource
 from controller.rate_store import FencedError, RateStore, rates_in_force
 from controller.settings import QUERY_NAMES, ControllerSettings
 from limiter.bucket import MAX_RATE
+from limiter.tracing import configured_tracer
 from policy.observation import ObservationBuilder
 from policy.safety import SafePolicy, SafetyEngine, SafetyResult
 
 log = logging.getLogger("ratepilot.controller.loop")
 MAX_TIER_LOG_LINES = 20  # per tick; the decisions stream has every tier
+TICK_SPAN = "ratepilot.controller.tick"  # child spans: ratepilot.controller.{redis_read,prometheus,policy,redis_write}
+NO_SPAN = nullcontext()
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class ControlLoop:
         self.override_caps = OverrideCaps()
         self.safe = SafePolicy(policies.current.policy, self.engine)  # the policy in force, clamped
         self._count = 0
+        self.tracer = configured_tracer()  # OpenTelemetry: a span per tick when a provider is set (at start-up)
         self._prometheus_down = False  # this tick: every query failed
         self.failing_ticks = 0  # consecutive failing leader ticks
         self.pause_s = settings.loop.tick_interval_s  # before the next tick
@@ -124,7 +130,7 @@ class ControlLoop:
         errors: dict[str, str] = {}
         self._prometheus_down = False
         try:
-            report = self._tick(started, t0, errors)
+            report = self._traced_tick(started, t0, errors)
         except Exception as exc:  # noqa: BLE001 - the loop must survive anything; the reason is logged and counted
             log.exception("event=tick_crashed tick=%d error=%r", self._count, str(exc))
             self.metrics.errors.labels("tick").inc()
@@ -154,6 +160,28 @@ class ControlLoop:
         if failing:
             log.warning("event=tick_backoff tick=%d failing_ticks=%d next_tick_in_s=%.3g", self._count, self.failing_ticks, self.pause_s)
 
+    def _traced_tick(self, started: float, t0: float, errors: dict[str, str]) -> TickReport:
+        """`_tick` inside a `ratepilot.controller.tick` span (its stages are child spans) when tracing is on."""
+        if self.tracer is None:
+            return self._tick(started, t0, errors)
+        with self.tracer.start_as_current_span(TICK_SPAN) as span:
+            report = self._tick(started, t0, errors)
+            span.set_attributes({
+                "ratepilot.tick": report.tick, "ratepilot.result": report.result, "ratepilot.mode": report.mode,
+                "ratepilot.tiers": len(self.tiers), "ratepilot.version": report.version or 0,
+            })  # fmt: skip
+            for stage, reason in report.errors.items():
+                span.add_event("stage_error", {"ratepilot.stage": stage, "ratepilot.reason": reason})
+            if report.result in ("failed", "fenced"):
+                span.set_status(StatusCode.ERROR, report.result)
+            return report
+
+    def _stage(self, name: str) -> AbstractContextManager[Any]:
+        """A child span of the tick for one stage (nothing when tracing is off)."""
+        if self.tracer is None:
+            return NO_SPAN
+        return self.tracer.start_as_current_span(f"ratepilot.controller.{name}")
+
     def _fail(self, errors: dict[str, str], stage: str, reason: str) -> None:
         errors[stage] = reason
         self.metrics.errors.labels(stage).inc()
@@ -167,7 +195,8 @@ class ControlLoop:
         # the queries run while Redis is read: a tick costs max(Prometheus, Redis read), not the sum
         pending = self.source.start()
         try:
-            world = self.store.read_world()
+            with self._stage("redis_read"):
+                world = self.store.read_world()
         except redis.RedisError as exc:
             self._fail(errors, "redis_read", f"{type(exc).__name__}: {exc}")
             return TickReport(self._count, started, time.perf_counter() - t0, "failed", mode, fence=fence, errors=errors)
@@ -180,7 +209,8 @@ class ControlLoop:
             first = next(iter(override_problems.items()))
             self._fail(errors, "overrides", f"{len(override_problems)} tier(s), e.g. {first[0]}: {first[1]}")
 
-        reading = pending.result(in_force.rates)
+        with self._stage("prometheus"):
+            reading = pending.result(in_force.rates)
         self._prometheus_down = len(reading.errors) == len(QUERY_NAMES)
         if reading.errors:
             self._fail(errors, "prometheus", "; ".join(f"{k}: {v}" for k, v in reading.errors.items()))
@@ -188,7 +218,8 @@ class ControlLoop:
 
         loaded = self.policies.current
         self.safe.inner, self.safe.caps = loaded.policy, caps
-        safety = self.safe.decide(observation)
+        with self._stage("policy"):  # the policy's proposal, clamped by the safety engine
+            safety = self.safe.decide(observation)
         if self.safe.last_error is not None:
             self._fail(errors, "policy", f"{loaded.name}: {self.safe.last_error}")
         rates = safety.rates
@@ -197,9 +228,10 @@ class ControlLoop:
         decisions = decision_texts(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s)
 
         try:
-            version, _ = self.store.write(
-                self.lease.replica_id, fence, self.tiers, rates, bursts, sources, decisions, write_rates=(mode == "active")
-            )
+            with self._stage("redis_write"):
+                version, _ = self.store.write(
+                    self.lease.replica_id, fence, self.tiers, rates, bursts, sources, decisions, write_rates=(mode == "active")
+                )
         except FencedError as exc:
             self._fail(errors, "lease", f"write refused by Redis: {exc}")
             self.lease.step_down(str(exc))

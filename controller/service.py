@@ -33,6 +33,7 @@ from controller.settings import (
 )
 from limiter.config_file import apply_env, set_path
 from limiter.paths import output_problem
+from limiter.tracing import configure_from_env
 
 log = logging.getLogger("ratepilot.controller")
 
@@ -153,6 +154,11 @@ def main(argv: list[str]) -> int:
     try:
         policy = load_policy(settings.policy)  # refuse to start on a policy that does not load
     except PolicyLoadError as exc:
+        print(f"ratepilot controller: {exc}", file=sys.stderr)
+        return 2
+    try:
+        configure_from_env()  # OTLP export of the tick spans when the OTEL_* variables ask for it
+    except RuntimeError as exc:
         print(f"ratepilot controller: {exc}", file=sys.stderr)
         return 2
     if args.once:
