@@ -55,6 +55,7 @@ def test_promote_refuses_until_the_shadow_period_then_accepts(
     uri, root = tracked_store
     registry.configure(uri)
     version = register(root / "policy.npz", "shadowed")
+    capsys.readouterr()  # MLflow's registration messages
     shadow = ["--min-shadow-ticks", str(TICKS), "--redis-url", redis_server.url]
     assert main([*FAST, *shadow]) == 1
     err = capsys.readouterr().err.strip()
