@@ -1,7 +1,7 @@
 """`ratepilot promote --min-shadow-ticks/--min-shadow-s`: read from a real controller's decision stream.
 
 A real controller (real redis-server; its Prometheus is a closed port, so every tier is held stale,
-which changes nothing here) runs the registry's `candidate` in shadow, pinned to its version; promote
+which changes nothing here) runs the registry's `candidate` (of a fresh store, so no champion yet) in shadow, pinned to its version; promote
 refuses until the stream holds that version's ticks, then accepts; `--force` overrides and is recorded.
 The review notebook's shadow section reads the same stream.
 """
@@ -20,6 +20,7 @@ from nbclient import NotebookClient
 from controller.policies import LoadedPolicy
 from controller.runtime import Controller
 from policy.registry import make_policy
+from policy.rl import DEFAULT_MODEL_PATH
 from ratepilot.servers import RedisServer, free_port
 from tests.controller.support import make_settings
 from training import registry
@@ -45,23 +46,29 @@ def shadow_controller(redis_url: str) -> Controller:
     return controller
 
 
+@pytest.fixture
+def fresh_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An empty MLflow store of this test's own (no champion), for the controller and promote alike."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return registry.configure(uri)
+
+
 def tags(version: str) -> dict[str, str]:
     return dict(registry.client().get_model_version(registry.REGISTERED_MODEL, version).tags)
 
 
 def test_promote_refuses_until_the_shadow_period_then_accepts(
-    tracked_store: tuple[str, Path], redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fresh_store: str, redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    uri, root = tracked_store
-    registry.configure(uri)
-    version = register(root / "policy.npz", "shadowed")
+    version = register(DEFAULT_MODEL_PATH, "shadowed")
     capsys.readouterr()  # MLflow's registration messages
     shadow = ["--min-shadow-ticks", str(TICKS), "--redis-url", redis_server.url]
     assert main([*FAST, *shadow]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"ratepilot promote: refused: {candidate_model(version)} decided in shadow for only 0 of --min-shadow-ticks {TICKS} ticks"
     assert tags(version)["promotion.decision"] == "refused"
-    assert registry.version_by_alias(registry.CHAMPION) is None or registry.version_by_alias(registry.CHAMPION).version != version
+    assert registry.version_by_alias(registry.CHAMPION) is None
 
     controller = shadow_controller(redis_server.url)
     try:
@@ -77,23 +84,20 @@ def test_promote_refuses_until_the_shadow_period_then_accepts(
 
     assert main([*FAST, *shadow, "--min-shadow-s", "0.001", "--json", str(tmp_path / "ok.json")]) == 0
     record = json.loads((tmp_path / "ok.json").read_text())
-    assert record["promote"] is True and record["forced"] is False and record["shadow"]["ticks"] == TICKS
+    assert record["promote"] is True and record["forced"] is False and record["reason"] == "no champion yet"
+    assert record["shadow"]["ticks"] == TICKS
     assert record["shadow"]["shortfall"] is None
     assert registry.version_by_alias(registry.CHAMPION).version == version
     assert json.loads(tags(version)["promotion.shadow"])["ticks"] == TICKS
 
 
-def test_force_overrides_the_shadow_period_and_is_recorded(
-    tracked_store: tuple[str, Path], redis_server: RedisServer, tmp_path: Path
-) -> None:
-    uri, root = tracked_store
-    registry.configure(uri)
-    version = register(root / "policy.npz", "unshadowed")
+def test_force_overrides_the_shadow_period_and_is_recorded(fresh_store: str, redis_server: RedisServer, tmp_path: Path) -> None:
+    version = register(DEFAULT_MODEL_PATH, "unshadowed")
     code = main([*FAST, "--min-shadow-s", "60", "--redis-url", redis_server.url, "--force", "--json", str(tmp_path / "f.json")])
     assert code == 0
     record = json.loads((tmp_path / "f.json").read_text())
     assert record["promote"] is True and record["forced"] is True
-    assert "decided in shadow for only 0.0 of --min-shadow-s 60 s" in record["reason"]
+    assert record["reason"] == f"no champion yet; forced although {candidate_model(version)} decided in shadow for only 0.0 of --min-shadow-s 60 s"
     assert registry.version_by_alias(registry.CHAMPION).version == version
     assert tags(version)["promotion.forced"] == "True" and "min-shadow-s 60" in tags(version)["promotion.reason"]
 
