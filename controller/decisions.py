@@ -11,6 +11,7 @@ missing metric) are written as null.
 from __future__ import annotations
 
 import json
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -57,10 +58,11 @@ def decision_texts(
     proposed, action, rate, codes = _clamped(in_force, safety, n)
     shadow = None if candidate is None else _clamped(in_force, candidate.safety, n)
     by_code = {code: _rules_of(code) for code in {*codes, *(shadow[3] if shadow else ())}}
-    rows = zip(observed, observation.vector.tolist(), _column(in_force, n), proposed, action, rate, codes, strict=True)
+    beside = repeat(None, n) if shadow is None else zip(*shadow, strict=True)
+    rows = zip(observed, observation.vector.tolist(), _column(in_force, n), proposed, action, rate, codes, beside, strict=True)
     texts = []
-    for i, ((p99_ms, error_rate, cpu, admitted, throttled), vector, rate_in_force, tier_proposed, tier_action, tier_rate,
-            code) in enumerate(rows):  # fmt: skip
+    for (p99_ms, error_rate, cpu, admitted, throttled), vector, rate_in_force, tier_proposed, tier_action, tier_rate, code, \
+            shadow_row in rows:  # fmt: skip
         rule, rules, source = by_code[code]
         decision = {
             "t": now_s, "mode": mode, "policy": policy,
@@ -69,11 +71,12 @@ def decision_texts(
             "rate_in_force": rate_in_force, "proposed": tier_proposed, "action": tier_action, "rate": tier_rate,
             "rule": rule, "rules": rules, "source": source,
         }  # fmt: skip
-        if candidate is not None and shadow is not None:
-            c_rule, c_rules, _ = by_code[shadow[3][i]]
+        if shadow_row is not None and candidate is not None:
+            c_proposed, c_action, c_rate, c_code = shadow_row
+            c_rule, c_rules, _ = by_code[c_code]
             decision["candidate"] = {
-                "policy": candidate.loaded.name, "model": candidate.loaded.model, "proposed": shadow[0][i],
-                "action": shadow[1][i], "rate": shadow[2][i], "rule": c_rule, "rules": c_rules,
+                "policy": candidate.loaded.name, "model": candidate.loaded.model, "proposed": c_proposed,
+                "action": c_action, "rate": c_rate, "rule": c_rule, "rules": c_rules,
             }  # fmt: skip
         texts.append(orjson.dumps(decision).decode())
     return texts
