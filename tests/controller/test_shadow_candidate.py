@@ -31,7 +31,7 @@ from policy.rl import DEFAULT_MODEL_PATH
 from ratepilot.servers import PrometheusServer, RedisServer
 from tests.controller.api_server import ApiServer
 from tests.controller.policies import NaNPolicy, Raising
-from tests.controller.support import TOKEN, make_settings
+from tests.controller.support import TOKEN, make_settings, wait_for
 
 TIERS = {
     "free": {"static_rate": 100, "min_rate": 10, "max_rate": 1000},
@@ -175,6 +175,27 @@ def test_a_candidate_that_fails_to_load_never_stops_the_champion(
         assert compare(latest)["decisions"] == len(TIERS)
     finally:
         controller.stop()
+
+
+def test_a_running_controller_loads_the_candidate_off_the_tick_and_reports_it(
+    redis_client: redis.Redis, redis_server_session: RedisServer, prometheus: PrometheusServer
+) -> None:
+    settings = make_settings(redis_server_session.url, prometheus.url, tiers=TIERS, candidate__enabled=True,
+                             candidate__model=str(DEFAULT_MODEL_PATH))  # fmt: skip
+    controller = Controller(settings, LoadedPolicy(Scale([1.0] * 4), "champion"))
+    controller.start()
+    try:
+        wait_for(lambda: any("candidate" in d for d in stream(redis_client)), timeout_s=30)
+        with ApiServer(controller) as api:
+            status = httpx.get(f"{api.url}/status", timeout=10).json()
+            shadow = httpx.get(f"{api.url}/shadow", timeout=10).json()
+        assert status["candidate"]["name"] == "rl" and status["candidate"]["model"] == str(DEFAULT_MODEL_PATH)
+        assert status["candidate_error"] is None and shadow["decisions"] >= len(TIERS)
+        assert set(shadow["models"]) == {str(DEFAULT_MODEL_PATH)}
+    finally:
+        controller.stop()
+    table = {k.decode(): parse_entry(v).rate for k, v in redis_client.hgetall(RATES_KEY).items()}
+    assert table == {"free": 100.0, "pro": 400.0, "hot": 100.0, "idle": 50.0}  # the champion's hold only
 
 
 def test_candidate_settings_are_off_by_default_and_refuse_the_champion(redis_server_session: RedisServer) -> None:
