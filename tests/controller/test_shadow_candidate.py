@@ -209,3 +209,22 @@ def test_candidate_settings_are_off_by_default_and_refuse_the_champion(redis_ser
             make_settings(redis_server_session.url, "http://127.0.0.1:9", candidate__refresh_s=bad)
     with pytest.raises(SettingsError, match="candidate"):
         make_settings(redis_server_session.url, "http://127.0.0.1:9", candidate__unknown=1)
+
+
+def test_controller_once_records_the_candidate_and_survives_a_broken_one(
+    redis_client: redis.Redis, redis_server_session: RedisServer, prometheus: PrometheusServer, tmp_path: Path
+) -> None:
+    from controller.service import main
+    from tests.controller.support import write_config
+
+    def once(model: Path) -> dict[str, Any]:
+        settings = make_settings(redis_server_session.url, prometheus.url, tiers=TIERS, policy__name="aimd",
+                                 candidate__enabled=True, candidate__model=str(model))  # fmt: skip
+        config = write_config(tmp_path / "controller.yaml", settings)
+        assert main(["--config", str(config), "--once", "--json", str(tmp_path / "tick.json"), "--log-level", "ERROR"]) == 0
+        return json.loads((tmp_path / "tick.json").read_text())  # type: ignore[no-any-return]
+
+    report = once(DEFAULT_MODEL_PATH)
+    assert {tier["candidate"]["model"] for tier in report["tiers"].values()} == {str(DEFAULT_MODEL_PATH)}
+    report = once(tmp_path / "missing.npz")  # the champion's tick is still good: exit 0, no candidate recorded
+    assert report["result"] == "written" and all("candidate" not in tier for tier in report["tiers"].values())
