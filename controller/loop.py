@@ -44,6 +44,7 @@ from controller.policies import PolicyHolder
 from controller.prometheus_source import PrometheusSource
 from controller.rate_store import FencedError, RateStore, rates_in_force
 from controller.settings import QUERY_NAMES, ControllerSettings
+from controller.shadow import ShadowCandidate
 from limiter.bucket import MAX_RATE
 from limiter.tracing import configured_tracer
 from policy.observation import ObservationBuilder
@@ -91,6 +92,7 @@ class ControlLoop:
         lease: LeaderLease,
         metrics: ControllerMetrics,
         clock: Callable[[], float] = time.time,
+        shadow: ShadowCandidate | None = None,
     ):
         self.settings = settings
         self.tiers = settings.tier_names
@@ -100,6 +102,7 @@ class ControlLoop:
         self.lease = lease
         self.metrics = metrics
         self._clock = clock
+        self.shadow = shadow  # the candidate deciding beside the champion, never written
         self.static = settings.tier_array("static_rate")
         self.burst_s = settings.tier_array("burst_s")
         self.engine = SafetyEngine(settings.safety_limits())
@@ -122,6 +125,8 @@ class ControlLoop:
             self.builder.reset()
             self.safe.inner = self.policies.current.policy
             self.safe.reset()
+            if self.shadow is not None:
+                self.shadow.reset()
 
     def tick(self) -> TickReport:
         """Run one tick; never raises."""
@@ -225,7 +230,8 @@ class ControlLoop:
         rates = safety.rates
         bursts = np.clip(rates * self.burst_s, 1.0, MAX_RATE)
         sources = safety.source
-        decisions = decision_texts(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s)
+        candidate = None if self.shadow is None else self.shadow.decide(observation, caps, self.engine)
+        decisions = decision_texts(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s, candidate)
 
         try:
             with self._stage("redis_write"):

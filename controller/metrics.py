@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 TICK_RESULTS = ("written", "shadow", "follower", "fenced", "failed")
-ERROR_STAGES = ("redis_read", "prometheus", "policy", "safety", "redis_write", "overrides", "lease", "model_load", "tick")
+ERROR_STAGES = ("redis_read", "prometheus", "policy", "safety", "redis_write", "overrides", "lease", "model_load", "candidate_load", "candidate", "tick")
 
 
 class RateGauge(Collector):
@@ -73,6 +73,9 @@ class ControllerMetrics:
             "ratepilot_controller_failing_ticks",
             "Consecutive ticks that could not read Redis or any Prometheus query (0 when the last tick was good)",
             registry=r,
+        )
+        self.candidate_loaded = Gauge(
+            "ratepilot_controller_candidate_loaded", "1 while a candidate policy decides in shadow beside the champion", registry=r
         )
         for result in TICK_RESULTS:
             self.ticks.labels(result)

@@ -93,6 +93,25 @@ def _download(uri: str, store: str) -> Path:
     return found[0]
 
 
+def pin_alias(uri: str) -> str:
+    """`models:/NAME@ALIAS` as `models:/NAME/VERSION`, the version the alias points at now (so what was
+    loaded is known exactly); any other spec unchanged. PolicyLoadError when the alias cannot be resolved."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return uri
+    store = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_STORE
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise PolicyLoadError(f"{uri}: no MLflow store at {store}")
+    from mlflow import MlflowClient  # lazy: only registry look-ups need MLflow
+    from mlflow.exceptions import MlflowException
+
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    try:
+        version = MlflowClient(store, store).get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise PolicyLoadError(f"{uri}: cannot resolve the alias ({exc.message})") from None
+    return f"models:/{name}/{version.version}"
+
+
 def load_policy(settings: PolicySettings) -> LoadedPolicy:
     """Build the policy the settings name; PolicyLoadError on any failure."""
     if settings.name == "rl":

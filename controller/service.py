@@ -100,6 +100,7 @@ def _run_once(settings: ControllerSettings, policy: LoadedPolicy, args: argparse
     controller = Controller(settings, policy)
     try:
         controller.lease.try_acquire_or_renew()
+        controller.shadow.refresh()  # the candidate in shadow, when enabled (a failed load is logged, never fatal)
         report = controller.loop.tick()
     finally:
         controller.stop()

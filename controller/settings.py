@@ -234,6 +234,34 @@ class PolicySettings(_Strict):
     params: dict[PolicyParamName, PolicyParam] = Field(default_factory=dict, max_length=32)  # baseline constructor arguments
 
 
+CANDIDATE_URI = "models:/ratepilot-policy@candidate"  # what `ratepilot train` registers (training/registry.py)
+
+
+class CandidateSettings(_Strict):
+    """The candidate in shadow: a second policy run on the champion's observations every tick, clamped by
+    the same safety engine, its action recorded beside the champion's in the decision stream, its rates
+    never written. Off by default; a candidate that does not load is logged, counted and tried again."""
+
+    enabled: bool = False
+    name: str = "rl"  # rl or a baseline name, as policy.name
+    model: str | None = CANDIDATE_URI  # rl only: a .npz path or MLflow URI; an alias is pinned to its version
+    params: dict[PolicyParamName, PolicyParam] = Field(default_factory=dict, max_length=32)  # baseline arguments
+    refresh_s: float = Field(default=60.0, gt=0, le=86400, allow_inf_nan=False)  # retry a failed load / follow the alias
+
+    @model_validator(mode="after")
+    def _not_the_champion(self) -> CandidateSettings:
+        if self.name == "rl" and (self.model is None or self.model.rstrip("/").endswith("@champion")):
+            raise ValueError(
+                f"candidate.model must name the candidate (e.g. {CANDIDATE_URI}), not the champion: "
+                "the champion in shadow beside itself compares nothing"
+            )
+        return self
+
+    def policy_settings(self, model: str | None = None) -> PolicySettings:
+        """The candidate as policy settings (with `model` in place of the configured one when given)."""
+        return PolicySettings(name=self.name, model=model or self.model, params=dict(self.params))
+
+
 class SafetySettings(_Strict):
     """The safety engine's rules shared by all tiers (the per-tier bounds are in `tiers`)."""
 
@@ -290,6 +318,7 @@ class ControllerSettings(_Strict):
     loop: LoopSettings = Field(default_factory=LoopSettings)
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    candidate: CandidateSettings = Field(default_factory=CandidateSettings)
     safety: SafetySettings = Field(default_factory=SafetySettings)
     tiers: dict[str, TierSettings]
     admin: AdminSettings = Field(default_factory=AdminSettings)

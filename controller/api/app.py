@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from redis import RedisError
 
 from controller.api.errors import validation_failed
-from controller.api.routes import console, decisions, health, overrides, policy
+from controller.api.routes import console, decisions, health, overrides, policy, shadow
 from controller.api.routes import status as status_routes
 from controller.runtime import Controller
 
@@ -36,7 +36,7 @@ def create_app(controller: Controller, manage_lifecycle: bool = True) -> FastAPI
         lifespan=lifespan,
     )
     app.state.controller = controller
-    for module in (health, status_routes, decisions, overrides, policy, console):
+    for module in (health, status_routes, decisions, shadow, overrides, policy, console):
         app.include_router(module.router)
 
     app.add_exception_handler(RequestValidationError, validation_failed)
