@@ -49,9 +49,9 @@ async def serve(port: int, config_path: str | None, metrics_port: int | None) ->
 
         from limiter.config import load_config
         from limiter.grpc_interceptor import RateLimitInterceptor
-        from limiter.runtime import LimiterRuntime
+        from limiter.rate_limiter import RateLimiter
 
-        runtime = LimiterRuntime(load_config(config_path))
+        runtime = RateLimiter(load_config(config_path))
         await runtime.start()
         start_http_server(metrics_port or 0, addr="127.0.0.1", registry=runtime.registry)
         interceptors.append(RateLimitInterceptor(runtime.guard))

@@ -1,6 +1,6 @@
 """`RateLimitInterceptor`: a grpc.aio server interceptor that limits calls per method on the limiter's buckets.
 
-    runtime = LimiterRuntime(load_config(path), config_path=path)
+    runtime = RateLimiter(load_config(path), config_path=path)
     await runtime.start()
     server = grpc.aio.server(interceptors=[RateLimitInterceptor(runtime.guard)])
 

@@ -24,15 +24,15 @@ from prometheus_client import start_http_server
 
 from limiter.config import ConfigError, load_config, resolve_config_path
 from limiter.edge import setup_logging
+from limiter.rate_limiter import RateLimiter
 from limiter.rls.service import RateLimitService
-from limiter.runtime import LimiterRuntime
 
 log = logging.getLogger("ratepilot.rls")
 
 GRACE_S = 2.0  # in-flight calls may finish this long after SIGTERM
 
 
-async def serve(runtime: LimiterRuntime, address: str) -> None:
+async def serve(runtime: RateLimiter, address: str) -> None:
     """Bind `address`, start the runtime and a grpc.aio server; run until SIGTERM/SIGINT (or cancellation).
     Raises OSError when the address cannot be bound (before Redis is touched)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
         print(f"ratepilot rls: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level)
-    runtime = LimiterRuntime(config, config_path=config_path)
+    runtime = RateLimiter(config, config_path=config_path)
     if args.metrics_port:
         try:
             start_http_server(args.metrics_port, addr=args.host, registry=runtime.registry)

@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from limiter.config import ConfigError, parse_config
 from limiter.grpc_interceptor import RateLimitInterceptor
-from limiter.runtime import LimiterRuntime
+from limiter.rate_limiter import RateLimiter
 from ratepilot.servers import RedisServer
 from tests.limiter.support import CONFIG_HEAD, SLOW
 
@@ -83,7 +83,7 @@ def run(url: str, scenario: Callable[[Client], Awaitable[Any]]) -> Any:
     """A grpc.aio server with the interceptor (raw-bytes handlers), and `scenario(client)` against it."""
 
     async def body() -> Any:
-        runtime = LimiterRuntime(parse_config(textwrap.dedent(CONFIG).replace("REDIS_URL", url)))
+        runtime = RateLimiter(parse_config(textwrap.dedent(CONFIG).replace("REDIS_URL", url)))
         await runtime.start()
         server = grpc.aio.server(interceptors=[RateLimitInterceptor(runtime.guard)])
         handlers: dict[str, dict[str, grpc.RpcMethodHandler]] = {}

@@ -16,10 +16,10 @@ from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescript
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from limiter.config import ConfigError, load_config, parse_config
+from limiter.rate_limiter import RateLimiter
 from limiter.redis_bucket import RedisBucket
 from limiter.rls.server import main, serve
 from limiter.rls.service import OK, OVER_LIMIT, RateLimitService, rate_limit
-from limiter.runtime import LimiterRuntime
 from ratepilot.servers import RedisServer, free_port
 from tests.limiter.support import CONFIG_HEAD, SLOW
 
@@ -60,7 +60,7 @@ def request(*descriptors: RateLimitDescriptor, domain: str = "shop", hits: int =
     return rls_pb2.RateLimitRequest(domain=domain, descriptors=descriptors, hits_addend=hits)
 
 
-Scenario = Callable[[Any, LimiterRuntime], Awaitable[Any]]
+Scenario = Callable[[Any, RateLimiter], Awaitable[Any]]
 
 
 def run(url: str, scenario: Scenario, config_path: Path | None = None) -> Any:
@@ -69,9 +69,9 @@ def run(url: str, scenario: Scenario, config_path: Path | None = None) -> Any:
 
     async def body() -> Any:
         if config_path is None:
-            runtime = LimiterRuntime(parse_config(textwrap.dedent(CONFIG).replace("REDIS_URL", url)))
+            runtime = RateLimiter(parse_config(textwrap.dedent(CONFIG).replace("REDIS_URL", url)))
         else:
-            runtime = LimiterRuntime(load_config(config_path), config_path=config_path, reload_s=0.05)
+            runtime = RateLimiter(load_config(config_path), config_path=config_path, reload_s=0.05)
         await runtime.start()
         server = grpc.aio.server()
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(runtime.guard), server)
@@ -88,7 +88,7 @@ def run(url: str, scenario: Scenario, config_path: Path | None = None) -> Any:
 
 
 def test_descriptors_map_to_tiers_clients_and_costs(redis_server: RedisServer) -> None:
-    async def scenario(stub: Any, _runtime: LimiterRuntime) -> list[Any]:
+    async def scenario(stub: Any, _runtime: RateLimiter) -> list[Any]:
         return [
             await stub.ShouldRateLimit(request(descriptor(client_id="free_a", cost="2"))),  # free: 3 - 2
             await stub.ShouldRateLimit(request(descriptor(client_id="free_a"))),  # 1 - 1
@@ -113,7 +113,7 @@ def test_descriptors_map_to_tiers_clients_and_costs(redis_server: RedisServer) -
 
 
 def test_all_descriptors_of_a_request_go_in_one_round_trip(redis_server: RedisServer) -> None:
-    async def scenario(stub: Any, runtime: LimiterRuntime) -> tuple[Any, int]:
+    async def scenario(stub: Any, runtime: RateLimiter) -> tuple[Any, int]:
         bucket = runtime.guard.redis_bucket
         assert isinstance(bucket, RedisBucket)
         before = bucket.round_trips
@@ -129,7 +129,7 @@ def test_all_descriptors_of_a_request_go_in_one_round_trip(redis_server: RedisSe
 
 
 def test_redis_gone_follows_each_tiers_failure_policy(redis_server: RedisServer) -> None:
-    async def scenario(stub: Any, _runtime: LimiterRuntime) -> list[Any]:
+    async def scenario(stub: Any, _runtime: RateLimiter) -> list[Any]:
         redis_server.stop()
         return [
             await stub.ShouldRateLimit(request(descriptor(client_id="pro_a"))),  # fail_open: the local guard admits
@@ -146,7 +146,7 @@ def test_an_edited_rls_section_applies_without_a_restart(redis_server: RedisServ
     path = tmp_path / "limiter.yaml"
     path.write_text(textwrap.dedent(CONFIG).replace("REDIS_URL", redis_server.url))
 
-    async def scenario(stub: Any, runtime: LimiterRuntime) -> tuple[Any, Any]:
+    async def scenario(stub: Any, runtime: RateLimiter) -> tuple[Any, Any]:
         before = await stub.ShouldRateLimit(request(descriptor(client_id="free_a", hits=3), domain="shop"))
         path.write_text(path.read_text().replace("domain: shop", "domain: store"))
         deadline = asyncio.get_running_loop().time() + 10
@@ -161,7 +161,7 @@ def test_an_edited_rls_section_applies_without_a_restart(redis_server: RedisServ
 
 
 def test_too_many_descriptors_is_invalid_argument(redis_server: RedisServer) -> None:
-    async def scenario(stub: Any, _runtime: LimiterRuntime) -> grpc.StatusCode:
+    async def scenario(stub: Any, _runtime: RateLimiter) -> grpc.StatusCode:
         try:
             await stub.ShouldRateLimit(request(*[descriptor(client_id=str(i)) for i in range(5)]))
         except grpc.aio.AioRpcError as error:
@@ -207,7 +207,7 @@ def test_a_taken_port_is_refused_before_redis_is_touched() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        runtime = LimiterRuntime(config)
+        runtime = RateLimiter(config)
         with pytest.raises(OSError, match="cannot listen on 127.0.0.1:"):
             asyncio.run(serve(runtime, f"127.0.0.1:{taken.getsockname()[1]}"))
     assert runtime.guard.redis_bucket is None  # never started
