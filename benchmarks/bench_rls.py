@@ -32,15 +32,7 @@ from typing import Any
 
 from rich.progress import Progress
 
-from benchmarks.grpc_load import (
-    add_load_arguments,
-    bench_redis,
-    check_load_arguments,
-    redis_decisions,
-    require_redis_decisions,
-    server_pid,
-    side_by_side,
-)
+from benchmarks import grpc_load
 from ratepilot.servers import ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +40,7 @@ TARGET_RATIO = 0.7
 TARGET_ADDED_P99_MS = 1.0
 
 
-add_arguments = add_load_arguments
+add_arguments = grpc_load.add_load_arguments
 
 
 # -- the no-op servicer (its own process: `python -m benchmarks.bench_rls --serve-noop PORT`) ----------
@@ -75,9 +67,9 @@ async def serve_noop(port: int) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark: both servers, alternating rounds; the result dict (see the module docstring)."""
-    check_load_arguments(args)
+    grpc_load.check_load_arguments(args)
     load_before = os.getloadavg()[0]
-    with bench_redis("bench-rls-") as (work, _redis_server, config, env):
+    with grpc_load.bench_redis("bench-rls-") as (work, _redis_server, config, env):
         rls_port, noop_port, metrics_port = free_port(), free_port(), free_port()
         rls = ManagedProcess(
             "rls",
@@ -93,15 +85,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             noop.start()
             with Progress() as progress:
                 task = progress.add_task("rls vs no-op", total=args.rounds * 4)
-                targets = {"rls": (f"127.0.0.1:{rls_port}", server_pid(rls)), "noop": (f"127.0.0.1:{noop_port}", server_pid(noop))}
-                result = side_by_side(
+                targets = {"rls": (f"127.0.0.1:{rls_port}", grpc_load.server_pid(rls)), "noop": (f"127.0.0.1:{noop_port}", grpc_load.server_pid(noop))}
+                result = grpc_load.side_by_side(
                     targets, "rls", args.rounds, args.duration, args.concurrency, args.rate, lambda: progress.advance(task)
                 )
-            on_redis, total = redis_decisions(metrics_port)
+            on_redis, total = grpc_load.redis_decisions(metrics_port)
         finally:
             rls.stop()
             noop.stop()
-    require_redis_decisions(on_redis, total)
+    grpc_load.require_redis_decisions(on_redis, total)
     best, p99 = result.best, result.p99_ms
     ratio = best["rls"] / best["noop"]
     added = p99["rls"] - p99["noop"]
