@@ -1,0 +1,174 @@
+"""The priority allocator: exact allocations for each rule of policy/priority.py's table, and its invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policy.baselines import Static
+from policy.observation import IntervalMetrics, ObservationBuilder
+from policy.priority import (
+    PriorityConfigError,
+    PriorityGroup,
+    PriorityPolicy,
+    allocate,
+    allocate_groups,
+    water_fill,
+)
+from policy.safety import SafePolicy, SafetyEngine, SafetyLimits
+
+
+def two_tiers(reserve: float = 0.0) -> PriorityGroup:
+    """Tier 0 is the top priority, tier 1 the bottom."""
+    return PriorityGroup("backend", tiers=[0, 1], priority=[2, 1], weight=[1, 1], reserve=reserve)
+
+
+def test_overload_serves_the_top_tier_first_and_cuts_the_bottom() -> None:
+    result = allocate(np.array([30.0, 70.0]), np.array([60.0, 80.0]), two_tiers())
+    assert result.outcome == "overload"
+    assert result.capacity == 100.0
+    np.testing.assert_allclose(result.rates, [60.0, 40.0])
+    np.testing.assert_allclose(result.cut, [0.0, 40.0])
+
+
+def test_top_demand_above_capacity_takes_all_of_it() -> None:
+    result = allocate(np.array([30.0, 30.0]), np.array([80.0, 20.0]), two_tiers())
+    np.testing.assert_allclose(result.rates, [60.0, 0.0])
+
+
+def test_proposals_covering_every_demand_stand_exactly() -> None:
+    proposed = np.array([40.0, 60.0])
+    result = allocate(proposed, np.array([30.0, 50.0]), two_tiers())
+    assert result.outcome == "proposed"
+    assert np.array_equal(result.rates, proposed)
+
+
+def test_a_tier_proposed_below_its_demand_is_raised_from_the_others_excess() -> None:
+    result = allocate(np.array([20.0, 80.0]), np.array([40.0, 30.0]), two_tiers())
+    assert result.outcome == "reallocated"
+    np.testing.assert_allclose(result.rates, [40.0, 60.0])
+
+
+def test_surplus_goes_back_in_proportion_to_the_excess() -> None:
+    group = PriorityGroup("b", tiers=[0, 1, 2], priority=[1, 1, 1], weight=[1, 1, 1])
+    # given = demand [10, 50, 20]; C - 80 = 20 shared by the excess [0, 5, 20] -> +0, +4, +16
+    result = allocate(np.array([5.0, 55.0, 40.0]), np.array([10.0, 50.0, 20.0]), group)
+    np.testing.assert_allclose(result.rates, [10.0, 54.0, 36.0])
+
+
+def test_reserve_keeps_the_lower_tiers_within_their_share_under_overload() -> None:
+    # C = 100, lower tiers may take 80: top 10, bottom 80, the unused reserve (10) stays with the top tier
+    result = allocate(np.array([50.0, 50.0]), np.array([10.0, 100.0]), two_tiers(reserve=0.2))
+    assert result.outcome == "overload"
+    np.testing.assert_allclose(result.rates, [20.0, 80.0])
+
+
+def test_reserve_moves_surplus_past_the_lower_share_to_the_top_tier() -> None:
+    # demand is met ([5, 50]); the surplus would give [10, 90], but the bottom may hold only 80
+    result = allocate(np.array([10.0, 90.0]), np.array([5.0, 50.0]), two_tiers(reserve=0.2))
+    assert result.outcome == "reallocated"
+    np.testing.assert_allclose(result.rates, [20.0, 80.0])
+
+
+def test_weighted_max_min_within_one_level() -> None:
+    # water level L: 10 fits (10 <= L), then 80 left over weights 2 + 1: L = 26.67
+    given = water_fill(np.array([100.0, 100.0, 10.0]), np.array([1.0, 2.0, 1.0]), 90.0)
+    np.testing.assert_allclose(given, [80 / 3, 160 / 3, 10.0])
+
+
+def test_three_levels_fill_from_the_top() -> None:
+    group = PriorityGroup("b", tiers=[0, 1, 2], priority=[3, 2, 1], weight=[1, 1, 1])
+    result = allocate(np.array([20.0, 20.0, 20.0]), np.array([30.0, 40.0, 50.0]), group)
+    np.testing.assert_allclose(result.rates, [30.0, 30.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("proposed", "demand"),
+    [([30.0, 70.0], [np.nan, 10.0]), ([np.inf, 70.0], [1.0, 10.0]), ([0.0, 0.0], [1.0, 1.0]), ([30.0, 70.0], [-1.0, 5.0])],
+)
+def test_unusable_input_leaves_the_proposals(proposed: list[float], demand: list[float]) -> None:
+    result = allocate(np.array(proposed), np.array(demand), two_tiers())
+    assert result.outcome == "skipped"
+    np.testing.assert_array_equal(result.rates, proposed)
+
+
+def test_tiers_outside_every_group_keep_their_proposal() -> None:
+    group = PriorityGroup("b", tiers=[2, 0], priority=[5, 1], weight=[1, 1])
+    result = allocate_groups(np.array([50.0, 7.0, 50.0]), np.array([90.0, 99.0, 30.0]), [group])
+    np.testing.assert_allclose(result.rates, [70.0, 7.0, 30.0])  # tier 2 (top) 30, tier 0 the rest
+    assert result.groups["b"].outcome == "overload"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"weight": [1, 0]}, "weights"),
+        ({"weight": [1, float("nan")]}, "weights"),
+        ({"reserve": 0.95}, "reserve"),
+        ({"reserve": float("nan")}, "reserve"),
+        ({"tiers": [0, 0]}, "distinct"),
+        ({"priority": [1]}, "one entry per tier"),
+    ],
+)
+def test_bad_groups_are_refused(changes: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"tiers": [0, 1], "priority": [2, 1], "weight": [1, 1], **changes}
+    with pytest.raises(PriorityConfigError, match=message):
+        PriorityGroup("b", **args)  # type: ignore[arg-type]
+
+
+finite = st.floats(min_value=0.0, max_value=1e4, allow_nan=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    proposed=st.lists(finite, min_size=3, max_size=3),
+    demand=st.lists(finite, min_size=3, max_size=3),
+    priority=st.lists(st.integers(0, 2), min_size=3, max_size=3),
+    reserve=st.sampled_from([0.0, 0.1, 0.5]),
+)
+def test_invariants(proposed: list[float], demand: list[float], priority: list[int], reserve: float) -> None:
+    group = PriorityGroup("b", tiers=[0, 1, 2], priority=priority, weight=[1, 2, 1], reserve=reserve)
+    p, d = np.array(proposed), np.array(demand)
+    result = allocate(p, d, group)
+    if result.outcome == "skipped":
+        assert p.sum() <= 0
+        return
+    capacity = p.sum()
+    assert result.rates.sum() == pytest.approx(capacity, rel=1e-9, abs=1e-9)  # the total never moves
+    assert np.all(result.rates >= -1e-9 * capacity)
+    for level in set(priority):  # a higher level is short only when no lower level holds a rate beyond its demand
+        higher = group.priority > level
+        if np.any(result.rates[higher] < d[higher] - 1e-6 * (1 + capacity)):
+            assert result.rates[group.priority == level].sum() <= 1e-6 * (1 + capacity)
+    lower = ~group.top
+    if lower.any() and np.unique(priority).size > 1:
+        assert result.rates[lower].sum() <= (1 - reserve) * capacity * (1 + 1e-9) + 1e-9
+
+
+def observation_of(admitted: list[float], throttled: list[float], rate: list[float]):  # type: ignore[no-untyped-def]
+    n = len(rate)
+    builder = ObservationBuilder(slo_ms=np.full(n, 250.0), reference_rate=np.full(n, 50.0))
+    metrics = IntervalMetrics(
+        p99_latency_ms=np.full(n, 100.0), error_rate=np.zeros(n), cpu=np.full(n, 0.5),
+        admitted_rps=np.array(admitted), throttled_rps=np.array(throttled), rate=np.array(rate),
+    )  # fmt: skip
+    return builder.build(metrics)
+
+
+def test_policy_wrapper_divides_by_the_observed_demand() -> None:
+    policy = PriorityPolicy(Static(rate=50.0), [two_tiers()])
+    observation = observation_of(admitted=[40.0, 50.0], throttled=[30.0, 20.0], rate=[50.0, 50.0])
+    np.testing.assert_allclose(policy.act(observation), [70.0, 30.0])  # demand [70, 70], C = 100
+    assert policy.last_result is not None and policy.last_result.groups["backend"].outcome == "overload"
+
+
+def test_the_safety_engine_still_clamps_the_allocation() -> None:
+    limits = SafetyLimits(min_rate=np.array([1.0, 10.0]), max_rate=np.array([60.0, 1000.0]), static_rate=np.array([50.0, 50.0]))
+    safe = SafePolicy(PriorityPolicy(Static(rate=50.0), [two_tiers()]), SafetyEngine(limits))
+    observation = observation_of(admitted=[50.0, 50.0], throttled=[50.0, 50.0], rate=[50.0, 50.0])
+    result = safe.decide(observation)  # allocation [100, 0]: the top tier's max and the bottom's min apply
+    np.testing.assert_allclose(result.proposed, [100.0, 0.0])
+    np.testing.assert_allclose(result.rates, [60.0, 25.0])  # 100 -> max 60; 0 -> step limit x0.5 of 50
+    assert result.deciding_rule == ["tier_bounds", "step_limit"]
