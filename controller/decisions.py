@@ -3,7 +3,8 @@
 `write_rates.lua` appends one entry per tier per tick to `ratepilot:decisions` (MAXLEN ~), with the
 fields tier, version, fence, replica and decision (JSON: observation with its feature vector in
 `policy.observation.OBS_FIELDS` order, proposed rate and action, clamped rate, the rules that
-fired, mode). Non-finite numbers (a missing metric) are written as null.
+fired, mode; for tiers sharing a backend also `priority`: the backend, the policy's own rate, the
+demand and the outcome of the division by priority, whose result is `proposed`). Non-finite numbers (a missing metric) are written as null.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import redis
 from controller.rate_store import DECISIONS_KEY
 from policy.base import rate_to_action
 from policy.observation import Observation
+from policy.priority import PriorityResult
 from policy.safety import OVERRIDE_RULES, RULES, SafetyResult
 
 SCAN_BATCH = 1000
@@ -35,11 +37,27 @@ def _rules_of(code: int) -> tuple[str, list[str], str]:
     return (fired[-1] if fired else "none"), fired, source
 
 
+def priority_fields(priority: PriorityResult | None, n: int) -> list[dict[str, Any] | None]:
+    """Per tier, what the division by priority saw and did (None for tiers in no backend group)."""
+    fields: list[dict[str, Any] | None] = [None] * n
+    for backend, group in (priority.groups if priority else {}).items():
+        for i, policy_rate, demand in zip(group.tiers.tolist(), group.proposed.tolist(), group.demand.tolist(), strict=True):
+            fields[i] = {"backend": backend, "policy_rate": policy_rate, "demand": demand, "outcome": group.outcome}
+    return fields
+
+
 def decision_texts(
-    observation: Observation, in_force: np.ndarray, safety: SafetyResult, mode: str, policy: str, now_s: float
+    observation: Observation,
+    in_force: np.ndarray,
+    safety: SafetyResult,
+    mode: str,
+    policy: str,
+    now_s: float,
+    priority: PriorityResult | None = None,
 ) -> list[str]:
     """One decision JSON per tier, in tier order, as the stream stores it."""
     n, m = observation.n_tiers, observation.metrics
+    by_priority = priority_fields(priority, n)
     with np.errstate(all="ignore"):
         action = rate_to_action(in_force, np.where(np.isfinite(safety.proposed), safety.proposed, in_force))
     observed = zip(*(_column(getattr(m, name), n) for name in OBSERVED), strict=True)
@@ -49,7 +67,7 @@ def decision_texts(
     rows = zip(observed, observation.vector.tolist(), _column(in_force, n), _column(safety.proposed, n),
                _column(action, n), _column(safety.rates, n), codes.tolist(), strict=True)  # fmt: skip
     texts = []
-    for (p99_ms, error_rate, cpu, admitted, throttled), vector, rate_in_force, proposed, tier_action, rate, code in rows:
+    for i, ((p99_ms, error_rate, cpu, admitted, throttled), vector, rate_in_force, proposed, tier_action, rate, code) in enumerate(rows):
         rule, rules, source = by_code[code]
         decision = {
             "t": now_s, "mode": mode, "policy": policy,
@@ -58,6 +76,8 @@ def decision_texts(
             "rate_in_force": rate_in_force, "proposed": proposed, "action": tier_action, "rate": rate,
             "rule": rule, "rules": rules, "source": source,
         }  # fmt: skip
+        if by_priority[i] is not None:
+            decision["priority"] = by_priority[i]
         texts.append(orjson.dumps(decision).decode())
     return texts
 

@@ -43,7 +43,9 @@ from controller.prometheus_source import PrometheusSource
 from controller.rate_store import FencedError, RateStore, rates_in_force
 from controller.settings import QUERY_NAMES, ControllerSettings
 from limiter.bucket import MAX_RATE
+from policy.base import Policy
 from policy.observation import ObservationBuilder
+from policy.priority import PriorityPolicy, PriorityResult
 from policy.safety import SafePolicy, SafetyEngine, SafetyResult
 
 log = logging.getLogger("ratepilot.controller.loop")
@@ -100,7 +102,9 @@ class ControlLoop:
         self.engine = SafetyEngine(settings.safety_limits())
         self.builder = ObservationBuilder(slo_ms=settings.tier_array("slo_ms"), reference_rate=self.static)
         self.override_caps = OverrideCaps()
-        self.safe = SafePolicy(policies.current.policy, self.engine)  # the policy in force, clamped
+        # tiers sharing a backend: the policy's rates divided by priority before the safety engine clamps them
+        self.priority = PriorityPolicy(policies.current.policy, settings.priority_groups())
+        self.safe = SafePolicy(self._decider(policies.current.policy), self.engine)  # the policy in force, clamped
         self._count = 0
         self._prometheus_down = False  # this tick: every query failed
         self.failing_ticks = 0  # consecutive failing leader ticks
@@ -114,8 +118,20 @@ class ControlLoop:
         self.metrics.is_leader.set(1.0 if leader else 0.0)
         if leader:
             self.builder.reset()
-            self.safe.inner = self.policies.current.policy
+            self.safe.inner = self._decider(self.policies.current.policy)
             self.safe.reset()
+
+    def _decider(self, policy: Policy) -> Policy:
+        """The policy in force, wrapped so that each backend group is divided by priority (when there is one)."""
+        if not self.priority.groups:
+            return policy
+        self.priority.inner = policy
+        return self.priority
+
+    @property
+    def last_priority(self) -> PriorityResult | None:
+        """This tick's division by priority (None without backend groups or when the policy failed)."""
+        return self.priority.last_result if self.priority.groups else None
 
     def tick(self) -> TickReport:
         """Run one tick; never raises."""
@@ -187,14 +203,15 @@ class ControlLoop:
         observation = self.builder.build(reading.metrics)
 
         loaded = self.policies.current
-        self.safe.inner, self.safe.caps = loaded.policy, caps
+        self.safe.inner, self.safe.caps = self._decider(loaded.policy), caps
         safety = self.safe.decide(observation)
+        priority = self.last_priority
         if self.safe.last_error is not None:
             self._fail(errors, "policy", f"{loaded.name}: {self.safe.last_error}")
         rates = safety.rates
         bursts = np.clip(rates * self.burst_s, 1.0, MAX_RATE)
         sources = safety.source
-        decisions = decision_texts(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s)
+        decisions = decision_texts(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s, priority)
 
         try:
             version, _ = self.store.write(
@@ -212,11 +229,18 @@ class ControlLoop:
         self.metrics.record_rules(self.tiers, safety.fired)
         self.metrics.last_tick.set(self._clock())
         self._log_rules(safety)
+        self._log_priority(priority)
         result = "written" if mode == "active" else "shadow"
         return TickReport(
             self._count, started, time.perf_counter() - t0, result, mode, version or None, fence, errors,
             dict(zip(self.tiers, decisions, strict=True)),
         )  # fmt: skip
+
+    def _log_priority(self, priority: PriorityResult | None) -> None:
+        for backend, group in (priority.groups if priority else {}).items():
+            if group.outcome in ("overload", "reallocated"):
+                log.info("event=priority tick=%d backend=%s outcome=%s capacity=%.6g demand=%.6g cut=%.6g", self._count, backend,
+                         group.outcome, group.capacity, group.demand.sum(), group.cut.sum())  # fmt: skip
 
     def _log_rules(self, safety: SafetyResult) -> None:
         rules = safety.deciding_rule

@@ -90,6 +90,7 @@ class GroupAllocation:
     demand: np.ndarray  # D, tokens/s
     proposed: np.ndarray  # what the policy asked for
     rates: np.ndarray  # the allocation (sums to C unless skipped)
+    tiers: np.ndarray  # the group's tier indices (PriorityGroup.tiers)
 
     @property
     def cut(self) -> np.ndarray:
@@ -166,7 +167,7 @@ def allocate(proposed: np.ndarray, demand: np.ndarray, group: PriorityGroup) -> 
     proposed = np.asarray(proposed, dtype=np.float64)
     demand = np.asarray(demand, dtype=np.float64)
     if not usable(proposed, demand):
-        return GroupAllocation("skipped", float(np.nansum(proposed)), demand, proposed, proposed.copy())
+        return GroupAllocation("skipped", float(np.nansum(proposed)), demand, proposed, proposed.copy(), group.tiers)
     capacity = float(proposed.sum())
     given = fill_by_priority(demand, group, capacity)
     rates = keep_reserve(share_surplus(given, proposed, capacity), group, capacity, given)
@@ -176,7 +177,7 @@ def allocate(proposed: np.ndarray, demand: np.ndarray, group: PriorityGroup) -> 
         outcome, rates = "proposed", proposed.copy()
     else:
         outcome = "reallocated"
-    return GroupAllocation(outcome, capacity, demand, proposed, rates)
+    return GroupAllocation(outcome, capacity, demand, proposed, rates, group.tiers)
 
 
 def demand_of(observation: Observation) -> np.ndarray:
