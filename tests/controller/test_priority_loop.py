@@ -21,8 +21,8 @@ from controller.rate_store import DECISIONS_KEY
 from controller.runtime import Controller
 from controller.settings import SettingsError
 from limiter.rate_table import RATES_KEY, parse_entry
-from policy.baselines import Static
 from policy.base import Policy
+from policy.baselines import Static
 from ratepilot.servers import PrometheusServer, RedisServer
 from tests.controller.policies import Raising
 from tests.controller.support import make_settings, query, wait_for
