@@ -3,8 +3,9 @@
 `write_rates.lua` appends one entry per tier per tick to `ratepilot:decisions` (MAXLEN ~), with the
 fields tier, version, fence, replica and decision (JSON: observation with its feature vector in
 `policy.observation.OBS_FIELDS` order, proposed rate and action, clamped rate, the rules that
-fired, mode; for tiers sharing a backend also `priority`: the backend, the policy's own rate, the
-demand and the outcome of the division by priority, whose result is `proposed`). Non-finite numbers (a missing metric) are written as null.
+fired, mode; for tiers sharing a backend also `priority`: the backend, the demand, the outcome of
+the division by priority and `rate_before`, the rate before it). Non-finite numbers (a missing
+metric) are written as null.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def priority_fields(priority: PriorityResult | None, n: int) -> list[dict[str, A
     """Per tier, what the division by priority saw and did (None for tiers in no backend group)."""
     fields: list[dict[str, Any] | None] = [None] * n
     for backend, group in (priority.groups if priority else {}).items():
-        for i, policy_rate, demand in zip(group.tiers.tolist(), group.proposed.tolist(), group.demand.tolist(), strict=True):
-            fields[i] = {"backend": backend, "policy_rate": policy_rate, "demand": demand, "outcome": group.outcome}
+        for i, before, demand in zip(group.tiers.tolist(), group.proposed.tolist(), group.demand.tolist(), strict=True):
+            fields[i] = {"backend": backend, "rate_before": before, "demand": demand, "outcome": group.outcome}
     return fields
 
 

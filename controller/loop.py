@@ -43,10 +43,9 @@ from controller.prometheus_source import PrometheusSource
 from controller.rate_store import FencedError, RateStore, rates_in_force
 from controller.settings import QUERY_NAMES, ControllerSettings
 from limiter.bucket import MAX_RATE
-from policy.base import Policy
 from policy.observation import ObservationBuilder
-from policy.priority import PriorityPolicy, PriorityResult
-from policy.safety import SafePolicy, SafetyEngine, SafetyResult
+from policy.priority import PriorityResult, PrioritySafePolicy
+from policy.safety import SafetyEngine, SafetyResult
 
 log = logging.getLogger("ratepilot.controller.loop")
 MAX_TIER_LOG_LINES = 20  # per tick; the decisions stream has every tier
@@ -102,9 +101,8 @@ class ControlLoop:
         self.engine = SafetyEngine(settings.safety_limits())
         self.builder = ObservationBuilder(slo_ms=settings.tier_array("slo_ms"), reference_rate=self.static)
         self.override_caps = OverrideCaps()
-        # tiers sharing a backend: the policy's rates divided by priority before the safety engine clamps them
-        self.priority = PriorityPolicy(policies.current.policy, settings.priority_groups())
-        self.safe = SafePolicy(self._decider(policies.current.policy), self.engine)  # the policy in force, clamped
+        # the policy in force, clamped; tiers sharing a backend divided by priority before the per-tier caps
+        self.safe = PrioritySafePolicy(policies.current.policy, self.engine, groups=settings.priority_groups())
         self._count = 0
         self._prometheus_down = False  # this tick: every query failed
         self.failing_ticks = 0  # consecutive failing leader ticks
@@ -118,20 +116,8 @@ class ControlLoop:
         self.metrics.is_leader.set(1.0 if leader else 0.0)
         if leader:
             self.builder.reset()
-            self.safe.inner = self._decider(self.policies.current.policy)
+            self.safe.inner = self.policies.current.policy
             self.safe.reset()
-
-    def _decider(self, policy: Policy) -> Policy:
-        """The policy in force, wrapped so that each backend group is divided by priority (when there is one)."""
-        if not self.priority.groups:
-            return policy
-        self.priority.inner = policy
-        return self.priority
-
-    @property
-    def last_priority(self) -> PriorityResult | None:
-        """This tick's division by priority (None without backend groups or when the policy failed)."""
-        return self.priority.last_result if self.priority.groups else None
 
     def tick(self) -> TickReport:
         """Run one tick; never raises."""
@@ -203,9 +189,9 @@ class ControlLoop:
         observation = self.builder.build(reading.metrics)
 
         loaded = self.policies.current
-        self.safe.inner, self.safe.caps = self._decider(loaded.policy), caps
+        self.safe.inner, self.safe.caps = loaded.policy, caps
         safety = self.safe.decide(observation)
-        priority = self.last_priority
+        priority = self.safe.last_division
         if self.safe.last_error is not None:
             self._fail(errors, "policy", f"{loaded.name}: {self.safe.last_error}")
         rates = safety.rates

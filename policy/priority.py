@@ -1,12 +1,16 @@
 """Priority across tiers that share one backend: the policy's capacity estimate, divided by priority.
 
 The policy proposes one rate per tier. For the tiers of one backend group their sum is the policy's
-estimate of what that backend can take this interval, C = sum(proposed). `allocate` divides C
-again against each tier's demand D (admitted + throttled tokens/s of the last interval) so that
-higher priorities keep their demand served first and lower ones absorb the cut. The total is never
-changed: the backend sees the load the policy chose, only its split moves. The safety engine runs
-afterwards (`SafePolicy(PriorityPolicy(...))`), so its per-tier bounds, step limits, brake and
-operator caps still have the last word.
+estimate of what that backend can take this interval. `PrioritySafePolicy` lets the safety engine's
+rate rules (step limit, stale hold/decay, emergency brake) act on those proposals first, so the total
+moves no faster than they allow, and takes C = the sum of the group's rates after them. `allocate`
+divides C again against each tier's demand D (admitted + throttled tokens/s of the last interval):
+higher priorities keep their demand served first and lower ones absorb the cut. The total is not
+changed, so the backend sees the load the policy (as the safety engine moderated it) chose; only its
+split moves. The per-tier caps (tier bounds, operator caps, pins, the final guard) then apply to the
+divided rates, so they keep the last word. A tier may thus move further in one tick than the step
+limit allows a single tier: the brake's cut of the total lands on the lowest priority instead of on
+every tier alike.
 
 | step | rule             | does                                                                                   |
 |------|------------------|----------------------------------------------------------------------------------------|
@@ -21,8 +25,8 @@ operator caps still have the last word.
 
 Outcome of a group (`GroupAllocation.outcome`):
 
-* `skipped`: step 1; `proposed`: every proposal already covered its tier's demand (the result is
-  exactly the proposal);
+* `skipped`: step 1; `proposed`: every rate already covered its tier's demand (the result is
+  exactly the rates given);
 * `reallocated`: C covered the total demand but some tier was proposed less than its demand: it is
   raised to its demand, paid for from the other tiers' excess;
 * `overload`: the total demand exceeds C; the lowest priorities were cut (`cut` > 0).
@@ -33,12 +37,12 @@ Pure numpy, no I/O; tests assert exact allocations (`tests/policy/test_priority.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from policy.base import Policy
 from policy.observation import Observation
+from policy.safety import RULES, OperatorCaps, SafePolicy, SafetyResult, apply_caps
 
 OUTCOMES = ("skipped", "proposed", "reallocated", "overload")
 MAX_RESERVE = 0.9  # the lower tiers always keep at least a tenth of the backend
@@ -88,7 +92,7 @@ class GroupAllocation:
     outcome: str  # one of OUTCOMES
     capacity: float  # C = sum of the proposals, tokens/s
     demand: np.ndarray  # D, tokens/s
-    proposed: np.ndarray  # what the policy asked for
+    proposed: np.ndarray  # the rates before the division (the policy's, after the safety engine's rate rules)
     rates: np.ndarray  # the allocation (sums to C unless skipped)
     tiers: np.ndarray  # the group's tier indices (PriorityGroup.tiers)
 
@@ -208,25 +212,27 @@ def allocate_groups(proposed: np.ndarray, demand: np.ndarray, groups: Sequence[P
 
 
 @dataclass
-class PriorityPolicy(Policy):
-    """Any policy whose proposals are divided by priority within each backend group (wrap it in SafePolicy)."""
+class PrioritySafePolicy(SafePolicy):
+    """`SafePolicy` whose backend groups are divided by priority between the rate rules and the per-tier caps."""
 
-    inner: Policy
-    groups: Sequence[PriorityGroup]
-    last_result: PriorityResult | None = field(default=None, init=False)
-
-    name = "priority"
+    groups: Sequence[PriorityGroup] = ()
+    last_division: PriorityResult | None = field(default=None, init=False)  # None without groups or usable rates
 
     def reset(self) -> None:
-        """Reset the wrapped policy."""
-        self.inner.reset()
-        self.last_result = None
+        """Reset the wrapped policy, the stale counters and the last division."""
+        super().reset()
+        self.last_division = None
 
-    def act(self, observation: Observation) -> np.ndarray:
-        """The inner policy's rates divided by priority; what the inner policy raises propagates."""
-        self.last_result = None
-        proposed = np.asarray(self.inner.act(observation), dtype=np.float64)
-        if proposed.shape != (observation.n_tiers,):
-            return proposed  # the safety engine's policy_error rule handles the wrong shape
-        self.last_result = allocate_groups(proposed, demand_of(observation), self.groups)
-        return self.last_result.rates
+    def decide(self, observation: Observation) -> SafetyResult:
+        """The safety engine's result with each group's rates divided by priority and capped again."""
+        result = super().decide(observation)
+        self.last_division = None
+        if not self.groups:
+            return result
+        before_caps = result.rates if result.before_caps is None else result.before_caps
+        division = allocate_groups(before_caps, demand_of(observation), self.groups)
+        rates, capped = apply_caps(division.rates, self.engine.limits, self.caps or OperatorCaps.none(observation.n_tiers))
+        fired = {rule: capped[rule] if rule in capped else result.fired[rule] for rule in RULES}
+        self.last_division = division
+        self.last_result = replace(result, rates=rates, fired=fired)
+        return self.last_result

@@ -77,8 +77,8 @@ def test_overload_gives_the_top_tier_its_demand_and_cuts_the_bottom(
     assert pro["rate"] + free["rate"] == pytest.approx(120.0)  # the policy's capacity estimate, divided
     assert hot["rate"] == 60.0 and "priority" not in hot
     assert pro["priority"]["backend"] == "api" and pro["priority"]["outcome"] == "overload"
-    assert pro["priority"]["policy_rate"] == 60.0 and pro["priority"]["demand"] == pytest.approx(80.0, abs=0.5)
-    assert free["proposed"] == pytest.approx(40.0, abs=0.5)  # what the safety engine got: the divided rate
+    assert pro["priority"]["rate_before"] == 60.0 and pro["priority"]["demand"] == pytest.approx(80.0, abs=0.5)
+    assert free["proposed"] == 60.0  # what the policy asked for
     table = {k.decode(): parse_entry(v) for k, v in redis_client.hgetall(RATES_KEY).items()}
     assert table["pro"].rate == pytest.approx(pro["rate"]) and table["free"].rate == pytest.approx(free["rate"])
     stream = [json.loads(fields[b"decision"]) for _, fields in redis_client.xrange(DECISIONS_KEY)]

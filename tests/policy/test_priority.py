@@ -12,12 +12,12 @@ from policy.observation import IntervalMetrics, ObservationBuilder
 from policy.priority import (
     PriorityConfigError,
     PriorityGroup,
-    PriorityPolicy,
+    PrioritySafePolicy,
     allocate,
     allocate_groups,
     water_fill,
 )
-from policy.safety import SafePolicy, SafetyEngine, SafetyLimits
+from policy.safety import OperatorCaps, SafePolicy, SafetyEngine, SafetyLimits
 
 
 def two_tiers(reserve: float = 0.0) -> PriorityGroup:
@@ -147,28 +147,51 @@ def test_invariants(proposed: list[float], demand: list[float], priority: list[i
         assert result.rates[lower].sum() <= (1 - reserve) * capacity * (1 + 1e-9) + 1e-9
 
 
-def observation_of(admitted: list[float], throttled: list[float], rate: list[float]):  # type: ignore[no-untyped-def]
+def observation_of(admitted: list[float], throttled: list[float], rate: list[float], p99_ms: float = 100.0):  # type: ignore[no-untyped-def]
     n = len(rate)
     builder = ObservationBuilder(slo_ms=np.full(n, 250.0), reference_rate=np.full(n, 50.0))
     metrics = IntervalMetrics(
-        p99_latency_ms=np.full(n, 100.0), error_rate=np.zeros(n), cpu=np.full(n, 0.5),
+        p99_latency_ms=np.full(n, p99_ms), error_rate=np.zeros(n), cpu=np.full(n, 0.5),
         admitted_rps=np.array(admitted), throttled_rps=np.array(throttled), rate=np.array(rate),
     )  # fmt: skip
     return builder.build(metrics)
 
 
-def test_policy_wrapper_divides_by_the_observed_demand() -> None:
-    policy = PriorityPolicy(Static(rate=50.0), [two_tiers()])
-    observation = observation_of(admitted=[40.0, 50.0], throttled=[30.0, 20.0], rate=[50.0, 50.0])
-    np.testing.assert_allclose(policy.act(observation), [70.0, 30.0])  # demand [70, 70], C = 100
-    assert policy.last_result is not None and policy.last_result.groups["backend"].outcome == "overload"
+def safe_two_tiers(min_rate: list[float], max_rate: list[float]) -> PrioritySafePolicy:
+    limits = SafetyLimits(min_rate=np.array(min_rate), max_rate=np.array(max_rate), static_rate=np.array([50.0, 50.0]))
+    return PrioritySafePolicy(Static(rate=50.0), SafetyEngine(limits), groups=[two_tiers()])
 
 
-def test_the_safety_engine_still_clamps_the_allocation() -> None:
-    limits = SafetyLimits(min_rate=np.array([1.0, 10.0]), max_rate=np.array([60.0, 1000.0]), static_rate=np.array([50.0, 50.0]))
-    safe = SafePolicy(PriorityPolicy(Static(rate=50.0), [two_tiers()]), SafetyEngine(limits))
-    observation = observation_of(admitted=[50.0, 50.0], throttled=[50.0, 50.0], rate=[50.0, 50.0])
-    result = safe.decide(observation)  # allocation [100, 0]: the top tier's max and the bottom's min apply
-    np.testing.assert_allclose(result.proposed, [100.0, 0.0])
-    np.testing.assert_allclose(result.rates, [60.0, 25.0])  # 100 -> max 60; 0 -> step limit x0.5 of 50
-    assert result.deciding_rule == ["tier_bounds", "step_limit"]
+def test_the_wrapper_divides_by_the_observed_demand() -> None:
+    safe = safe_two_tiers([1.0, 1.0], [1000.0, 1000.0])
+    result = safe.decide(observation_of(admitted=[40.0, 50.0], throttled=[30.0, 20.0], rate=[50.0, 50.0]))
+    np.testing.assert_allclose(result.rates, [70.0, 30.0])  # demand [70, 70], C = 100
+    np.testing.assert_allclose(result.proposed, [50.0, 50.0])  # what the policy asked for
+    assert result.deciding_rule == ["none", "none"]
+    assert safe.last_division is not None and safe.last_division.groups["backend"].outcome == "overload"
+
+
+def test_the_brakes_cut_lands_on_the_bottom_tier() -> None:
+    safe = safe_two_tiers([1.0, 1.0], [1000.0, 1000.0])
+    # p99 = 4 x SLO: the brake halves both rates (C = 25 + 25); the top tier keeps its demand of 40
+    result = safe.decide(observation_of(admitted=[40.0, 50.0], throttled=[0.0, 20.0], rate=[50.0, 50.0], p99_ms=1000.0))
+    np.testing.assert_allclose(result.rates, [40.0, 10.0])
+    assert result.fired_rules(0) == ["emergency_brake"] and result.fired_rules(1) == ["emergency_brake"]
+
+
+def test_the_per_tier_caps_still_apply_to_the_division() -> None:
+    safe = safe_two_tiers([1.0, 10.0], [60.0, 1000.0])
+    safe.caps = OperatorCaps(min_rate=np.array([np.nan, np.nan]), max_rate=np.array([np.nan, np.nan]), pinned=np.array([np.nan, 5.0]))
+    result = safe.decide(observation_of(admitted=[50.0, 50.0], throttled=[50.0, 50.0], rate=[50.0, 50.0]))
+    # division [100, 0]: the top tier's max 60, the bottom's min 10, then the operator's pin 5
+    np.testing.assert_allclose(result.rates, [60.0, 5.0])
+    assert result.deciding_rule == ["tier_bounds", "pinned"] and result.source == ["controller", "override"]
+
+
+def test_without_groups_it_is_the_safety_engine_alone() -> None:
+    limits = SafetyLimits(min_rate=np.array([1.0, 1.0]), max_rate=np.array([1000.0, 1000.0]), static_rate=np.array([50.0, 50.0]))
+    observation = observation_of(admitted=[40.0, 50.0], throttled=[30.0, 20.0], rate=[50.0, 50.0], p99_ms=1000.0)
+    plain = SafePolicy(Static(rate=50.0), SafetyEngine(limits)).decide(observation)
+    grouped = PrioritySafePolicy(Static(rate=50.0), SafetyEngine(limits))
+    np.testing.assert_array_equal(grouped.decide(observation).rates, plain.rates)
+    assert grouped.last_division is None
