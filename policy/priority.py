@@ -8,7 +8,8 @@ divides C again against each tier's demand D (admitted + throttled tokens/s of t
 higher priorities keep their demand served first and lower ones absorb the cut. The total is not
 changed, so the backend sees the load the policy (as the safety engine moderated it) chose; only its
 split moves. The per-tier caps (tier bounds, operator caps, pins, the final guard) then apply to the
-divided rates, so they keep the last word. A tier may thus move further in one tick than the step
+divided rates, so they keep the last word. When the policy failed (rule policy_error) nothing is
+divided: the rates in force stand. A tier may thus move further in one tick than the step
 limit allows a single tier: the brake's cut of the total lands on the lowest priority instead of on
 every tier alike.
 
@@ -227,8 +228,8 @@ class PrioritySafePolicy(SafePolicy):
         """The safety engine's result with each group's rates divided by priority and capped again."""
         result = super().decide(observation)
         self.last_division = None
-        if not self.groups:
-            return result
+        if not self.groups or result.fired["policy_error"].any():
+            return result  # a failed policy keeps the rates in force, undivided
         before_caps = result.rates if result.before_caps is None else result.before_caps
         division = allocate_groups(before_caps, demand_of(observation), self.groups)
         rates, capped = apply_caps(division.rates, self.engine.limits, self.caps or OperatorCaps.none(observation.n_tiers))

@@ -188,6 +188,15 @@ def test_the_per_tier_caps_still_apply_to_the_division() -> None:
     assert result.deciding_rule == ["tier_bounds", "pinned"] and result.source == ["controller", "override"]
 
 
+def test_a_failing_policy_is_not_divided() -> None:
+    limits = SafetyLimits(min_rate=np.array([1.0, 1.0]), max_rate=np.array([1000.0, 1000.0]), static_rate=np.array([50.0, 50.0]))
+    safe = PrioritySafePolicy(Static(rate=50.0), SafetyEngine(limits), groups=[two_tiers()])
+    safe.inner.act = lambda observation: 1 / 0  # type: ignore[method-assign]
+    result = safe.decide(observation_of(admitted=[40.0, 50.0], throttled=[30.0, 20.0], rate=[50.0, 30.0]))
+    np.testing.assert_array_equal(result.rates, [50.0, 30.0])
+    assert result.deciding_rule == ["policy_error", "policy_error"] and safe.last_division is None
+
+
 def test_without_groups_it_is_the_safety_engine_alone() -> None:
     limits = SafetyLimits(min_rate=np.array([1.0, 1.0]), max_rate=np.array([1000.0, 1000.0]), static_rate=np.array([50.0, 50.0]))
     observation = observation_of(admitted=[40.0, 50.0], throttled=[30.0, 20.0], rate=[50.0, 50.0], p99_ms=1000.0)
