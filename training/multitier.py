@@ -116,10 +116,10 @@ class TwoTierRun:
     capacity_tokens: np.ndarray  # the backend's capacity, tokens/s
     cut_interval: int  # first interval with the halved capacity
 
-    def served_within_slo(self, start: int | None = None) -> np.ndarray:
-        """Per tier, goodput within the SLO / demand over intervals from `start` (default: the cut) on."""
-        start = self.cut_interval if start is None else start
-        return self.good_tokens[:, start:].sum(axis=1) / (self.demand_tokens[:, start:].sum(axis=1) * INTERVAL_S)
+    def served_within_slo(self, start: int | None = None, end: int | None = None) -> np.ndarray:
+        """Per tier, goodput within the SLO / demand over intervals [start, end) (default: from the cut on)."""
+        window = slice(self.cut_interval if start is None else start, end)
+        return self.good_tokens[:, window].sum(axis=1) / (self.demand_tokens[:, window].sum(axis=1) * INTERVAL_S)
 
 
 def run_two_tiers(policy: Policy, seed: int, seconds: int = 180, cut_s: int = 60) -> TwoTierRun:
