@@ -9,10 +9,10 @@ import { Counter } from "k6/metrics";
 const TARGET = (__ENV.TARGET || "http://127.0.0.1:8080").replace(/\/$/, "");
 const KEY_HEADER = __ENV.KEY_HEADER || "x-api-key";
 const PHASES = [
-  {"tag": "p0_steady", "end_s": 36, "clients": [{"prefix": "demo_", "count": 50, "share": 1.0}], "requests": [{"method": "GET", "path": "/v1/items", "share": 1.0, "body_bytes": 0}]},
-  {"tag": "p1_flash_crowd_x10", "end_s": 72, "clients": [{"prefix": "demo_", "count": 50, "share": 1.0}], "requests": [{"method": "GET", "path": "/v1/items", "share": 1.0, "body_bytes": 0}]},
-  {"tag": "p2_capacity_halved", "end_s": 126, "clients": [{"prefix": "demo_", "count": 50, "share": 1.0}], "requests": [{"method": "GET", "path": "/v1/items", "share": 1.0, "body_bytes": 0}]},
-  {"tag": "p3_recovery", "end_s": 180, "clients": [{"prefix": "demo_", "count": 50, "share": 1.0}], "requests": [{"method": "GET", "path": "/v1/items", "share": 1.0, "body_bytes": 0}]}
+  {"tag": "p0_steady", "end_s": 36, "clients": [{"prefix": "gold_", "count": 10, "share": 0.25}, {"prefix": "demo_", "count": 40, "share": 0.75}], "requests": [{"method": "GET", "path": "/v1/items", "share": 1.0, "body_bytes": 0}]},
+  {"tag": "p1_flash_crowd_x10", "end_s": 72, "clients": [{"prefix": "gold_", "count": 10, "share": 0.25}, {"prefix": "demo_", "count": 40, "share": 0.75}], "requests": [{"method": "GET", "path": "/v1/items", "share": 1.0, "body_bytes": 0}]},
+  {"tag": "p2_capacity_halved", "end_s": 126, "clients": [{"prefix": "gold_", "count": 10, "share": 0.25}, {"prefix": "demo_", "count": 40, "share": 0.75}], "requests": [{"method": "GET", "path": "/v1/items", "share": 1.0, "body_bytes": 0}]},
+  {"tag": "p3_recovery", "end_s": 180, "clients": [{"prefix": "gold_", "count": 10, "share": 0.25}, {"prefix": "demo_", "count": 40, "share": 0.75}], "requests": [{"method": "GET", "path": "/v1/items", "share": 1.0, "body_bytes": 0}]}
 ];
 const admitted = new Counter("ratepilot_admitted");
 const throttled = new Counter("ratepilot_throttled");
