@@ -1,42 +1,41 @@
-"""Priority across tiers that share one backend: the policy's capacity estimate, divided by priority.
+"""Priority across tiers that share one backend: the load the policy admits, divided by priority.
 
-The policy proposes one rate per tier. For the tiers of one backend group their sum is the policy's
-estimate of what that backend can take this interval. `PrioritySafePolicy` lets the safety engine's
-rate rules (step limit, stale hold/decay, emergency brake) act on those proposals first, so the total
-moves no faster than they allow, and takes C = the sum of the group's rates after them. `allocate`
-divides C again against each tier's demand D (admitted + throttled tokens/s of the last interval):
-higher priorities keep their demand served first and lower ones absorb the cut. The total is not
-changed, so the backend sees the load the policy (as the safety engine moderated it) chose; only its
-split moves. The per-tier caps (tier bounds, operator caps, pins, the final guard) then apply to the
-divided rates, so they keep the last word. When the policy failed (rule policy_error) nothing is
-divided: the rates in force stand. A tier may thus move further in one tick than the step
-limit allows a single tier: the brake's cut of the total lands on the lowest priority instead of on
-every tier alike.
+The policy proposes one rate per tier. For the tiers of one backend group the load those rates
+admit, C = sum of min(rate_i, D_i) with D_i the tier's demand (admitted + throttled tokens/s of the
+last interval), is the policy's estimate of what that backend can take this interval: a rate above
+its tier's demand is headroom, not load the backend has shown it can take. `allocate` divides C
+again against the demands, higher priorities first, so the lowest priorities absorb the cut.
 
-| step | rule             | does                                                                                   |
-|------|------------------|----------------------------------------------------------------------------------------|
-| 1    | skip             | a proposal or a demand is NaN/inf/negative, or C <= 0: the group's proposals stand     |
-| 2    | reserve          | tiers below the top priority together may get at most (1 - reserve) x C                |
-| 3    | fill             | priority levels, highest first, share the budget left by weighted max-min: tier i of a |
-|      |                  | level gets min(D_i, w_i x L), L the largest water level that fits the level's budget    |
-| 4    | surplus          | C left after every demand is met goes back to the tiers whose proposal exceeded what    |
-|      |                  | step 3 gave them, in proportion to that excess (the policy's own headroom)             |
-| 5    | reserve_surplus  | surplus that would lift the lower tiers past (1 - reserve) x C goes to the top level,  |
-|      |                  | by weight (headroom kept for the top tier's bursts, as Stripe reserves capacity)       |
+`PrioritySafePolicy` divides the rates the safety engine's rate rules (step limit, stale hold/decay,
+emergency brake) left, so the load moves no faster than they allow, and then applies the per-tier
+caps (tier bounds, operator caps, pins, the final guard) to the divided rates, so they keep the last
+word. A tier may move further in one tick than the step limit allows a single tier: the brake's cut
+of the load lands on the lowest priority instead of on every tier alike. When the policy failed
+(rule policy_error) nothing is divided: the rates in force stand.
 
-Outcome of a group (`GroupAllocation.outcome`):
+| step | rule      | does                                                                                  |
+|------|-----------|---------------------------------------------------------------------------------------|
+| 1    | skip      | a rate or a demand is NaN/inf/negative, or every rate is 0: the group's rates stand    |
+| 2    | load      | C = sum of min(rate_i, D_i): the load the rates admit                                  |
+| 3    | reserve   | tiers below the top priority together may get at most (1 - reserve) x the group's     |
+|      |           | total rate (the policy's whole estimate, headroom included)                           |
+| 4    | fill      | priority levels, highest first, share what is left of C by weighted max-min: tier i of|
+|      |           | a level gets min(D_i, w_i x L), L the largest water level that fits the level's budget |
+| 5    | top       | C left over (only when the reserve held the lower tiers back) goes to the top level,  |
+|      |           | by weight: capacity kept for the top tier's bursts, as Stripe reserves it             |
+| 6    | headroom  | a tier given its whole demand gets back what its rate had above that demand           |
 
-* `skipped`: step 1; `proposed`: every rate already covered its tier's demand (the result is
-  exactly the rates given);
-* `reallocated`: C covered the total demand but some tier was proposed less than its demand: it is
-  raised to its demand, paid for from the other tiers' excess;
-* `overload`: the total demand exceeds C; the lowest priorities were cut (`cut` > 0).
+So the load the divided rates admit is C again (never more than the policy's), and where every
+rate covers its demand the rates stand unchanged. Outcome of a group (`GroupAllocation.outcome`):
+`skipped` (step 1), `proposed` (the rates stand), `reallocated` (changed, every demand met: the
+top level got the reserve's leftover), `overload` (some tier is left below its demand; `cut` > 0).
 
 Pure numpy, no I/O; tests assert exact allocations (`tests/policy/test_priority.py`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -91,10 +90,10 @@ class GroupAllocation:
     """What `allocate` did to one group; arrays over the group's tiers."""
 
     outcome: str  # one of OUTCOMES
-    capacity: float  # C = sum of the proposals, tokens/s
+    capacity: float  # C = sum of min(rate, demand): the load the rates admit, tokens/s (NaN when skipped)
     demand: np.ndarray  # D, tokens/s
     proposed: np.ndarray  # the rates before the division (the policy's, after the safety engine's rate rules)
-    rates: np.ndarray  # the allocation (sums to C unless skipped)
+    rates: np.ndarray  # the divided rates (admitting C again unless skipped)
     tiers: np.ndarray  # the group's tier indices (PriorityGroup.tiers)
 
     @property
@@ -107,7 +106,7 @@ class GroupAllocation:
 
 
 def usable(proposed: np.ndarray, demand: np.ndarray) -> bool:
-    """skip: True when every proposal and demand is a finite non-negative number and C > 0."""
+    """skip: True when every rate and demand is a finite non-negative number and some rate is > 0."""
     values = np.concatenate([proposed, demand])
     return bool(np.all(np.isfinite(values)) and np.all(values >= 0) and proposed.sum() > 0)
 
@@ -130,11 +129,11 @@ def water_fill(demand: np.ndarray, weight: np.ndarray, budget: float) -> np.ndar
     return given
 
 
-def fill_by_priority(demand: np.ndarray, group: PriorityGroup, capacity: float) -> np.ndarray:
-    """reserve + fill: levels from the highest priority down share C; lower levels stay within (1 - reserve) C."""
+def fill_by_priority(demand: np.ndarray, group: PriorityGroup, capacity: float, total_rate: float) -> np.ndarray:
+    """reserve + fill: levels from the highest priority down share C; lower levels stay within (1 - reserve) x total rate."""
     given = np.zeros_like(demand)
     left = capacity
-    lower_left = (1.0 - group.reserve) * capacity  # what the tiers below the top may still take
+    lower_left = (1.0 - group.reserve) * total_rate  # what the tiers below the top may still take
     top_priority = group.priority.max()
     for level in sorted(set(group.priority.tolist()), reverse=True):
         members = group.priority == level
@@ -147,36 +146,36 @@ def fill_by_priority(demand: np.ndarray, group: PriorityGroup, capacity: float) 
     return given
 
 
-def share_surplus(given: np.ndarray, proposed: np.ndarray, capacity: float) -> np.ndarray:
-    """surplus: C - sum(given) back to the tiers proposed above what they got, in proportion to that excess."""
-    surplus = capacity - given.sum()
-    excess = np.maximum(proposed - given, 0.0)
-    if surplus <= _TOLERANCE * capacity or excess.sum() <= 0:
+def give_leftover_to_top(given: np.ndarray, group: PriorityGroup, capacity: float) -> np.ndarray:
+    """top: C not given by `fill_by_priority` goes to the top priority level, by weight."""
+    leftover = capacity - given.sum()
+    if leftover <= _TOLERANCE * capacity:
         return given
-    return given + excess * (surplus / excess.sum())
+    top_weight = np.where(group.top, group.weight, 0.0)
+    return given + top_weight * (leftover / top_weight.sum())
 
 
-def keep_reserve(rates: np.ndarray, group: PriorityGroup, capacity: float, given: np.ndarray) -> np.ndarray:
-    """reserve_surplus: surplus lifting the lower tiers past (1 - reserve) C moves to the top level by weight."""
-    top = group.top
-    over = rates[~top].sum() - (1.0 - group.reserve) * capacity
-    if group.reserve <= 0 or over <= _TOLERANCE * capacity:
-        return rates
-    extra = np.where(top, 0.0, rates - given)  # the lower tiers' share of the surplus (step 3 kept within)
-    rates = rates - extra * (over / extra.sum())
-    return rates + np.where(top, group.weight, 0.0) * (over / group.weight[top].sum())
+def demand_met(rates: np.ndarray, demand: np.ndarray, scale: float) -> np.ndarray:
+    """Per tier: the rate covers the demand (to float rounding of sums as large as `scale`)."""
+    return rates >= demand - _TOLERANCE * scale
+
+
+def give_back_headroom(given: np.ndarray, proposed: np.ndarray, demand: np.ndarray) -> np.ndarray:
+    """headroom: a tier given its whole demand keeps what its rate had above the demand."""
+    met = demand_met(given, demand, float(proposed.sum() + demand.sum()))
+    return given + np.where(met, np.maximum(proposed - demand, 0.0), 0.0)
 
 
 def allocate(proposed: np.ndarray, demand: np.ndarray, group: PriorityGroup) -> GroupAllocation:
-    """Divide one group's C = sum(proposed) against its demand by priority (the table above)."""
+    """Divide the load C = sum(min(rate, demand)) of one group against its demand by priority (the table above)."""
     proposed = np.asarray(proposed, dtype=np.float64)
     demand = np.asarray(demand, dtype=np.float64)
     if not usable(proposed, demand):
-        return GroupAllocation("skipped", float(np.nansum(proposed)), demand, proposed, proposed.copy(), group.tiers)
-    capacity = float(proposed.sum())
-    given = fill_by_priority(demand, group, capacity)
-    rates = keep_reserve(share_surplus(given, proposed, capacity), group, capacity, given)
-    if demand.sum() > capacity * (1 + _TOLERANCE):
+        return GroupAllocation("skipped", math.nan, demand, proposed, proposed.copy(), group.tiers)
+    capacity = float(np.minimum(proposed, demand).sum())
+    given = give_leftover_to_top(fill_by_priority(demand, group, capacity, float(proposed.sum())), group, capacity)
+    rates = give_back_headroom(given, proposed, demand)
+    if not demand_met(rates, demand, float(proposed.sum() + demand.sum())).all():
         outcome = "overload"
     elif np.allclose(rates, proposed, rtol=_TOLERANCE, atol=0.0):
         outcome, rates = "proposed", proposed.copy()

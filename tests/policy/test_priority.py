@@ -34,8 +34,10 @@ def test_overload_serves_the_top_tier_first_and_cuts_the_bottom() -> None:
 
 
 def test_top_demand_above_capacity_takes_all_of_it() -> None:
+    # C = min(30, 80) + min(30, 20) = 50: all of it to the top tier
     result = allocate(np.array([30.0, 30.0]), np.array([80.0, 20.0]), two_tiers())
-    np.testing.assert_allclose(result.rates, [60.0, 0.0])
+    np.testing.assert_allclose(result.rates, [50.0, 0.0])
+    assert result.capacity == 50.0
 
 
 def test_proposals_covering_every_demand_stand_exactly() -> None:
@@ -45,31 +47,31 @@ def test_proposals_covering_every_demand_stand_exactly() -> None:
     assert np.array_equal(result.rates, proposed)
 
 
-def test_a_tier_proposed_below_its_demand_is_raised_from_the_others_excess() -> None:
+def test_the_top_tier_takes_the_bottoms_load_never_its_headroom() -> None:
+    # the bottom's 80 admits only its demand of 30: C = 20 + 30 = 50, the top takes 40 of it
     result = allocate(np.array([20.0, 80.0]), np.array([40.0, 30.0]), two_tiers())
-    assert result.outcome == "reallocated"
-    np.testing.assert_allclose(result.rates, [40.0, 60.0])
+    assert result.outcome == "overload" and result.capacity == 50.0
+    np.testing.assert_allclose(result.rates, [40.0, 10.0])
 
 
-def test_surplus_goes_back_in_proportion_to_the_excess() -> None:
+def test_headroom_goes_back_to_the_tiers_whose_demand_is_met() -> None:
     group = PriorityGroup("b", tiers=[0, 1, 2], priority=[1, 1, 1], weight=[1, 1, 1])
-    # given = demand [10, 50, 20]; C - 80 = 20 shared by the excess [0, 5, 20] -> +0, +4, +16
+    # C = 5 + 50 + 20 = 75 by max-min over demand [10, 50, 20]: [10, 45, 20]; tier 2 keeps its 20 above demand
     result = allocate(np.array([5.0, 55.0, 40.0]), np.array([10.0, 50.0, 20.0]), group)
-    np.testing.assert_allclose(result.rates, [10.0, 54.0, 36.0])
+    np.testing.assert_allclose(result.rates, [10.0, 45.0, 40.0])
 
 
-def test_reserve_keeps_the_lower_tiers_within_their_share_under_overload() -> None:
-    # C = 100, lower tiers may take 80: top 10, bottom 80, the unused reserve (10) stays with the top tier
-    result = allocate(np.array([50.0, 50.0]), np.array([10.0, 100.0]), two_tiers(reserve=0.2))
+def test_reserve_keeps_the_lower_tiers_within_their_share() -> None:
+    # total rate 100, the bottom may admit 70 of its 100: C = 10 + 80 = 90, the 10 it may not take go to the top
+    result = allocate(np.array([20.0, 80.0]), np.array([10.0, 100.0]), two_tiers(reserve=0.3))
     assert result.outcome == "overload"
-    np.testing.assert_allclose(result.rates, [20.0, 80.0])
+    np.testing.assert_allclose(result.rates, [30.0, 70.0])
 
 
-def test_reserve_moves_surplus_past_the_lower_share_to_the_top_tier() -> None:
-    # demand is met ([5, 50]); the surplus would give [10, 90], but the bottom may hold only 80
+def test_reserve_leaves_the_rates_when_the_lower_tiers_stay_within_it() -> None:
     result = allocate(np.array([10.0, 90.0]), np.array([5.0, 50.0]), two_tiers(reserve=0.2))
-    assert result.outcome == "reallocated"
-    np.testing.assert_allclose(result.rates, [20.0, 80.0])
+    assert result.outcome == "proposed"
+    np.testing.assert_array_equal(result.rates, [10.0, 90.0])
 
 
 def test_weighted_max_min_within_one_level() -> None:
@@ -97,7 +99,8 @@ def test_unusable_input_leaves_the_proposals(proposed: list[float], demand: list
 def test_tiers_outside_every_group_keep_their_proposal() -> None:
     group = PriorityGroup("b", tiers=[2, 0], priority=[5, 1], weight=[1, 1])
     result = allocate_groups(np.array([50.0, 7.0, 50.0]), np.array([90.0, 99.0, 30.0]), [group])
-    np.testing.assert_allclose(result.rates, [70.0, 7.0, 30.0])  # tier 2 (top) 30, tier 0 the rest
+    # C = min(50, 90) + min(50, 30) = 80: tier 2 (top) its 30 and its headroom back, tier 0 the other 50
+    np.testing.assert_allclose(result.rates, [50.0, 7.0, 50.0])
     assert result.groups["b"].outcome == "overload"
 
 
@@ -135,16 +138,20 @@ def test_invariants(proposed: list[float], demand: list[float], priority: list[i
     if result.outcome == "skipped":
         assert p.sum() <= 0
         return
-    capacity = p.sum()
-    assert result.rates.sum() == pytest.approx(capacity, rel=1e-9, abs=1e-9)  # the total never moves
-    assert np.all(result.rates >= -1e-9 * capacity)
-    for level in set(priority):  # a higher level is short only when no lower level holds a rate beyond its demand
+    load = np.minimum(p, d).sum()
+    divided_load = np.minimum(result.rates, d)
+    tol = 1e-6 * (1 + p.sum())
+    assert divided_load.sum() <= load + tol  # the division never adds load
+    assert result.rates.sum() <= p.sum() + tol and np.all(result.rates >= -tol)
+    for level in set(priority):  # a higher level short of demand: no lower level admits anything
         higher = group.priority > level
-        if np.any(result.rates[higher] < d[higher] - 1e-6 * (1 + capacity)):
-            assert result.rates[group.priority == level].sum() <= 1e-6 * (1 + capacity)
+        if np.any(result.rates[higher] < d[higher] - tol):
+            assert divided_load[group.priority == level].sum() <= tol
     lower = ~group.top
-    if lower.any() and np.unique(priority).size > 1:
-        assert result.rates[lower].sum() <= (1 - reserve) * capacity * (1 + 1e-9) + 1e-9
+    if lower.any():
+        assert divided_load[lower].sum() <= (1 - reserve) * p.sum() + tol
+    if np.all(p >= d) and reserve == 0:
+        np.testing.assert_allclose(result.rates, p, atol=tol)  # every demand covered: the rates stand
 
 
 def observation_of(admitted: list[float], throttled: list[float], rate: list[float], p99_ms: float = 100.0):  # type: ignore[no-untyped-def]
