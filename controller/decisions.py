@@ -4,8 +4,9 @@
 fields tier, version, fence, replica and decision (JSON: observation with its feature vector in
 `policy.observation.OBS_FIELDS` order, proposed rate and action, clamped rate, the rules that
 fired, mode) and, while a candidate runs in shadow (`controller/shadow.py`), `candidate`: its policy,
-model, proposed rate, action, clamped rate and rules on the same observation. Non-finite numbers (a
-missing metric) are written as null.
+model, proposed rate, action, clamped rate and rules on the same observation; for tiers sharing a
+backend also `priority`: the backend, the demand, the outcome of the division by priority and
+`rate_before`, the rate before it. Non-finite numbers (a missing metric) are written as null.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from controller.rate_store import DECISIONS_KEY
 from controller.shadow import CandidateDecision
 from policy.base import rate_to_action
 from policy.observation import Observation
+from policy.priority import PriorityResult
 from policy.safety import OVERRIDE_RULES, RULES, SafetyResult
 
 SCAN_BATCH = 1000
@@ -39,6 +41,15 @@ def _rules_of(code: int) -> tuple[str, list[str], str]:
     return (fired[-1] if fired else "none"), fired, source
 
 
+def priority_fields(priority: PriorityResult | None, n: int) -> list[dict[str, Any] | None]:
+    """Per tier, what the division by priority saw and did (None for tiers in no backend group)."""
+    fields: list[dict[str, Any] | None] = [None] * n
+    for backend, group in (priority.groups if priority else {}).items():
+        for i, before, demand in zip(group.tiers.tolist(), group.proposed.tolist(), group.demand.tolist(), strict=True):
+            fields[i] = {"backend": backend, "rate_before": before, "demand": demand, "outcome": group.outcome}
+    return fields
+
+
 def _clamped(in_force: np.ndarray, safety: SafetyResult, n: int) -> tuple[list[float], list[float], list[float], list[int]]:
     """Per tier: proposed rate, action, clamped rate and the fired rules' bit code of one safety result."""
     with np.errstate(all="ignore"):
@@ -50,10 +61,11 @@ def _clamped(in_force: np.ndarray, safety: SafetyResult, n: int) -> tuple[list[f
 
 def decision_texts(
     observation: Observation, in_force: np.ndarray, safety: SafetyResult, mode: str, policy: str, now_s: float,
-    candidate: CandidateDecision | None = None,
+    candidate: CandidateDecision | None = None, priority: PriorityResult | None = None,
 ) -> list[str]:
     """One decision JSON per tier, in tier order, as the stream stores it; with the candidate's beside when given."""
     n, m = observation.n_tiers, observation.metrics
+    by_priority = priority_fields(priority, n)
     observed = zip(*(_column(getattr(m, name), n) for name in OBSERVED), strict=True)
     proposed, action, rate, codes = _clamped(in_force, safety, n)
     shadow = None if candidate is None else _clamped(in_force, candidate.safety, n)
@@ -61,8 +73,8 @@ def decision_texts(
     beside = repeat(None, n) if shadow is None else zip(*shadow, strict=True)
     rows = zip(observed, observation.vector.tolist(), _column(in_force, n), proposed, action, rate, codes, beside, strict=True)
     texts = []
-    for (p99_ms, error_rate, cpu, admitted, throttled), vector, rate_in_force, tier_proposed, tier_action, tier_rate, code, \
-            shadow_row in rows:  # fmt: skip
+    for i, ((p99_ms, error_rate, cpu, admitted, throttled), vector, rate_in_force, tier_proposed, tier_action, tier_rate,
+            code, shadow_row) in enumerate(rows):  # fmt: skip
         rule, rules, source = by_code[code]
         decision = {
             "t": now_s, "mode": mode, "policy": policy,
@@ -78,6 +90,8 @@ def decision_texts(
                 "policy": candidate.loaded.name, "model": candidate.loaded.model, "proposed": c_proposed,
                 "action": c_action, "rate": c_rate, "rule": c_rule, "rules": c_rules,
             }  # fmt: skip
+        if by_priority[i] is not None:
+            decision["priority"] = by_priority[i]
         texts.append(orjson.dumps(decision).decode())
     return texts
 

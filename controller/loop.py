@@ -48,7 +48,8 @@ from controller.shadow import ShadowCandidate
 from limiter.bucket import MAX_RATE
 from limiter.tracing import configured_tracer
 from policy.observation import ObservationBuilder
-from policy.safety import SafePolicy, SafetyEngine, SafetyResult
+from policy.priority import PriorityResult, PrioritySafePolicy
+from policy.safety import SafetyEngine, SafetyResult
 
 log = logging.getLogger("ratepilot.controller.loop")
 MAX_TIER_LOG_LINES = 20  # per tick; the decisions stream has every tier
@@ -108,7 +109,8 @@ class ControlLoop:
         self.engine = SafetyEngine(settings.safety_limits())
         self.builder = ObservationBuilder(slo_ms=settings.tier_array("slo_ms"), reference_rate=self.static)
         self.override_caps = OverrideCaps()
-        self.safe = SafePolicy(policies.current.policy, self.engine)  # the policy in force, clamped
+        # the policy in force, clamped; tiers sharing a backend divided by priority before the per-tier caps
+        self.safe = PrioritySafePolicy(policies.current.policy, self.engine, groups=settings.priority_groups())
         self._count = 0
         self.tracer = configured_tracer()  # OpenTelemetry: a span per tick when a provider is set (at start-up)
         self._prometheus_down = False  # this tick: every query failed
@@ -225,13 +227,14 @@ class ControlLoop:
         self.safe.inner, self.safe.caps = loaded.policy, caps
         with self._stage("policy"):  # the policy's proposal, clamped by the safety engine
             safety = self.safe.decide(observation)
+        priority = self.safe.last_division
         if self.safe.last_error is not None:
             self._fail(errors, "policy", f"{loaded.name}: {self.safe.last_error}")
         rates = safety.rates
         bursts = np.clip(rates * self.burst_s, 1.0, MAX_RATE)
         sources = safety.source
         candidate = None if self.shadow is None else self.shadow.decide(observation, caps, self.engine)
-        decisions = decision_texts(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s, candidate)
+        decisions = decision_texts(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s, candidate, priority)
 
         try:
             with self._stage("redis_write"):
@@ -250,11 +253,18 @@ class ControlLoop:
         self.metrics.record_rules(self.tiers, safety.fired)
         self.metrics.last_tick.set(self._clock())
         self._log_rules(safety)
+        self._log_priority(priority)
         result = "written" if mode == "active" else "shadow"
         return TickReport(
             self._count, started, time.perf_counter() - t0, result, mode, version or None, fence, errors,
             dict(zip(self.tiers, decisions, strict=True)),
         )  # fmt: skip
+
+    def _log_priority(self, priority: PriorityResult | None) -> None:
+        for backend, group in (priority.groups if priority else {}).items():
+            if group.outcome in ("overload", "reallocated"):
+                log.info("event=priority tick=%d backend=%s outcome=%s capacity=%.6g demand=%.6g cut=%.6g", self._count, backend,
+                         group.outcome, group.capacity, group.demand.sum(), group.cut.sum())  # fmt: skip
 
     def _log_rules(self, safety: SafetyResult) -> None:
         rules = safety.deciding_rule

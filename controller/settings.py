@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from limiter.bucket import MAX_RATE
 from limiter.config_file import apply_env, first_error, parse_mapping
+from policy.priority import MAX_RESERVE, PriorityGroup
 from policy.safety import SafetyLimits
 
 ENV_CONFIG = "RATEPILOT_CONTROLLER_CONFIG"
@@ -282,6 +283,12 @@ class TierSettings(_Strict):
     max_rate: Rate = Field(gt=0, le=MAX_RATE, allow_inf_nan=False)
     burst_s: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)  # burst = rate x burst_s
     slo_ms: float = Field(default=250.0, gt=0, le=3_600_000, allow_inf_nan=False)  # p99 latency objective
+    # priority across tiers (policy/priority.py): tiers naming the same backend share the policy's
+    # capacity estimate, higher priority served first, weight within one priority, reserve only on the top
+    backend: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    priority: int = Field(default=0, strict=True, ge=0, le=1000)
+    weight: float = Field(default=1.0, gt=0, le=1e6, allow_inf_nan=False)
+    reserve: float = Field(default=0.0, ge=0, le=MAX_RESERVE, allow_inf_nan=False)  # share of the backend lower tiers never take
 
     @model_validator(mode="after")
     def _ordered(self) -> TierSettings:
@@ -331,6 +338,17 @@ class ControllerSettings(_Strict):
         bad = [name for name in value if not TIER_NAME.match(name)]
         if bad:
             raise ValueError(f"tier names must match {TIER_NAME.pattern}: {bad[:5]}")
+        for tier, t in value.items():
+            if (t.priority or t.weight != 1.0 or t.reserve) and t.backend is None:
+                raise ValueError(f"tier {tier}: priority, weight and reserve need a backend (the tiers that share it)")
+        for backend, members in _by_backend(value).items():
+            top = max(t.priority for t in members.values())
+            below = [name for name, t in members.items() if t.reserve and t.priority != top]
+            if below:
+                raise ValueError(f"backend {backend}: only the top priority may hold a reserve, not {below[:5]}")
+            reserve = sum(t.reserve for t in members.values())
+            if reserve > MAX_RESERVE:
+                raise ValueError(f"backend {backend}: the reserves add up to {reserve:g}, more than {MAX_RESERVE:g}")
         return value
 
     @property
@@ -341,6 +359,20 @@ class ControllerSettings(_Strict):
     def tier_array(self, field_name: str) -> np.ndarray:
         """One float per tier of a TierSettings field, in tier order."""
         return np.array([getattr(t, field_name) for t in self.tiers.values()], dtype=np.float64)
+
+    def priority_groups(self) -> list[PriorityGroup]:
+        """One group per backend named by the tiers (indices in tier order); empty when no tier names one."""
+        index = {name: i for i, name in enumerate(self.tiers)}
+        return [
+            PriorityGroup(
+                backend,
+                tiers=np.array([index[name] for name in members]),
+                priority=np.array([t.priority for t in members.values()]),
+                weight=np.array([t.weight for t in members.values()], dtype=np.float64),
+                reserve=sum(t.reserve for t in members.values()),
+            )
+            for backend, members in _by_backend(self.tiers).items()
+        ]
 
     def safety_limits(self) -> SafetyLimits:
         """The safety engine's limits for these tiers."""
@@ -357,6 +389,14 @@ class ControllerSettings(_Strict):
             stale_hold_ticks=s.stale_hold_ticks,
             stale_decay=s.stale_decay,
         )
+
+
+def _by_backend(tiers: Mapping[str, TierSettings]) -> dict[str, dict[str, TierSettings]]:
+    groups: dict[str, dict[str, TierSettings]] = {}
+    for name, tier in tiers.items():
+        if tier.backend is not None:
+            groups.setdefault(tier.backend, {})[name] = tier
+    return groups
 
 
 def default_config_text() -> str:

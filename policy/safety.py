@@ -216,6 +216,7 @@ class SafetyResult:
     proposed: np.ndarray  # what the policy asked for (NaN where it gave nothing usable)
     fired: dict[str, np.ndarray]  # rule -> mask of tiers where it fired
     stale_ticks: np.ndarray  # pass back in on the next tick
+    before_caps: np.ndarray | None = None  # after rules 1-6, before the per-tier caps (policy.priority divides these)
 
     @property
     def deciding_rule(self) -> list[str]:
@@ -283,14 +284,21 @@ class SafetyEngine:
             limits.brake_error_rate,
             limits.brake_ratio,
         )
-        has_cap_min, has_cap_max = ~np.isnan(caps.min_rate), ~np.isnan(caps.max_rate)
-        tier_low = np.where(has_cap_min, np.nan, limits.min_rate)
-        tier_high = np.where(has_cap_max, np.nan, limits.max_rate)
-        rates, fired["tier_bounds"] = clamp_between(rates, tier_low, tier_high)
-        rates, fired["override_caps"] = clamp_between(rates, caps.min_rate, caps.max_rate)
-        rates, fired["pinned"] = pin(rates, caps.pinned)
-        rates, fired["guard"] = guard(rates, limits.static_rate)
-        return SafetyResult(rates=rates, proposed=raw, fired=fired, stale_ticks=stale)
+        capped_rates, capped = apply_caps(rates, limits, caps)
+        return SafetyResult(rates=capped_rates, proposed=raw, fired={**fired, **capped}, stale_ticks=stale, before_caps=rates)
+
+
+def apply_caps(rates: np.ndarray, limits: SafetyLimits, caps: OperatorCaps) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rules 7-10 (tier_bounds, override_caps, pinned, guard): the per-tier caps, and where each fired."""
+    fired: dict[str, np.ndarray] = {}
+    has_cap_min, has_cap_max = ~np.isnan(caps.min_rate), ~np.isnan(caps.max_rate)
+    tier_low = np.where(has_cap_min, np.nan, limits.min_rate)
+    tier_high = np.where(has_cap_max, np.nan, limits.max_rate)
+    rates, fired["tier_bounds"] = clamp_between(rates, tier_low, tier_high)
+    rates, fired["override_caps"] = clamp_between(rates, caps.min_rate, caps.max_rate)
+    rates, fired["pinned"] = pin(rates, caps.pinned)
+    rates, fired["guard"] = guard(rates, limits.static_rate)
+    return rates, fired
 
 
 def propose(policy: Policy, observation: Observation) -> tuple[np.ndarray | None, str | None]:

@@ -8,6 +8,11 @@ controller with the committed default policy on free local ports, plays the scen
 open-loop load generator while a live view shows the loop (a load scenario of
 `ratepilot loadtest`, `demo` by default, or a trace), then (unless --no-compare) plays the same
 arrivals against a static limiter and prints the side-by-side table and the plot's path.
+
+Two tiers share the backend: the scenario's `gold_` keys are the top-priority tier `gold`, the
+`demo_` keys the tier `demo` (`--one-tier`: a single tier for all keys). A second table and
+`demo-tiers.png` show each tier's share of requests served within the SLO, whole run and during the
+lowest-capacity phase.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from rich.console import Console
 
 from limiter.paths import check_outputs
 from ratepilot.demo.report import comparison_table, plot, write_json
-from ratepilot.demo.run import RunResult, play
+from ratepilot.demo.run import ERROR_BUDGET, RunResult, play
 from ratepilot.demo.schedule import (
     DEFAULT_DURATION_S,
     DEFAULT_SCENARIO,
@@ -40,8 +45,9 @@ from ratepilot.demo.schedule import (
     scenario_schedule,
     trace_scenario,
 )
-from ratepilot.demo.stack import StackSettings
+from ratepilot.demo.stack import PRIORITY, TIER, StackSettings, tier_prefixes
 from ratepilot.demo.supervisor import PartFailed, log_tail
+from ratepilot.demo.tiers import request_tiers, tier_plot, tier_reports, tier_table
 from ratepilot.loadtest.plan import request_plan
 from ratepilot.loadtest.scenario import load_scenario, scenario_names
 from ratepilot.servers import ServerError, find_binary
@@ -82,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slo-ms", type=positive_number(float), default=300.0, help="p99 latency SLO (default 300)")
     parser.add_argument("--tick-interval", type=positive_number(float), default=5.0, help="controller tick, s (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the backend's service times")
+    parser.add_argument("--one-tier", action="store_true", help="one tier for every key (default: gold above demo, by priority)")
     return parser
 
 
@@ -143,6 +150,7 @@ def main(argv: list[str]) -> int:
         policy=args.policy,
         model=str(Path(args.model).resolve()) if args.model else None,  # the parts run in their own folders
         seed=args.seed,
+        two_tiers=not args.one_tier,
     )
     # absolute: the parts run with their own folder as working directory and get paths into `out`
     out = (args.out or Path("demo-output") / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
@@ -179,9 +187,16 @@ def main(argv: list[str]) -> int:
     console.print(comparison_table([(r.mode, r.summary) for r in results], settings.slo_ms))
     png = plot(out / "demo.png", results, schedule, settings.slo_ms)
     console.print(f"plot: {png}", highlight=False)
+    tiers = request_tiers(plan, arrivals.size, tier_prefixes(settings), TIER)
+    by_tier = {r.mode: tier_reports(r, tiers, schedule, settings.slo_ms, ERROR_BUDGET) for r in results}
+    console.print(tier_table(by_tier, schedule, PRIORITY if settings.two_tiers else {}))
+    tiers_png = tier_plot(out / "demo-tiers.png", results, tiers, schedule, settings.slo_ms)
+    console.print(f"plot per tier: {tiers_png}", highlight=False)
     if args.json:
         meta = {"scenario": schedule.name, "duration_s": schedule.duration_s, "scale": scale,
-                "nominal_capacity_rps": capacity, "slo_ms": settings.slo_ms, "plot": str(png), "logs": str(out)}  # fmt: skip
-        write_json(args.json, results, {"meta": meta})
+                "nominal_capacity_rps": capacity, "slo_ms": settings.slo_ms, "plot": str(png), "logs": str(out),
+                "tier_plot": str(tiers_png)}  # fmt: skip
+        tier_json = {mode: {tier: report.to_dict() for tier, report in reports.items()} for mode, reports in by_tier.items()}
+        write_json(args.json, results, {"meta": meta, "tiers": tier_json})
         console.print(f"json: {args.json}", highlight=False)
     return 0

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from ratepilot.demo.loadgen import LoadGenerator, RequestPlan, RunRecord
 from ratepilot.demo.schedule import LoadSchedule
-from ratepilot.demo.stack import KEY_PREFIX, TIER, Stack, StackSettings
+from ratepilot.demo.stack import KEY_PREFIX, TIER, Stack, StackSettings, static_rates
 from ratepilot.demo.summary import RunSummary, summarize, window_stats
 from ratepilot.demo.supervisor import Supervisor
 from ratepilot.demo.view import LiveView, Sample
@@ -39,6 +39,7 @@ class Samples:
     capacity: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     rule: list[str] = field(default_factory=list)
+    tier_rate: dict[str, list[float]] = field(default_factory=dict)  # per tier, the rate in force each second
 
 
 @dataclass
@@ -60,20 +61,21 @@ async def _json(session: aiohttp.ClientSession, url: str, **params: str) -> Any:
         return None
 
 
-async def _edge_state(session: aiohttp.ClientSession, prometheus_url: str) -> tuple[float, str, float]:
-    """(rate in force, its source, backend CPU) from Prometheus' latest scrape of the edge."""
+async def _edge_state(session: aiohttp.ClientSession, prometheus_url: str) -> tuple[dict[str, float], str, float]:
+    """(rate in force per tier, the demo tier's rate source, backend CPU) from Prometheus' latest scrape of the edge."""
     data = await _json(session, f"{prometheus_url}/api/v1/query", query=PROMQL)
-    rate, source, cpu = math.nan, "-", math.nan
+    rates: dict[str, float] = {}
+    source, cpu = "-", math.nan
     for series in (data or {}).get("data", {}).get("result", []):
         labels, value = series["metric"], float(series["value"][1])
         name = labels.get("__name__")
-        if name == "ratepilot_refill_rate" and labels.get("tier") == TIER:
-            rate = value
+        if name == "ratepilot_refill_rate" and "tier" in labels:
+            rates[labels["tier"]] = value
         elif name == "ratepilot_rate_source" and labels.get("tier") == TIER and value == 1:
             source = labels.get("source", "-")
         elif name == "ratepilot_backend_cpu_utilization":
             cpu = value
-    return rate, source, cpu
+    return rates, source, cpu
 
 
 async def _rule(session: aiohttp.ClientSession, controller_url: str | None) -> str:
@@ -118,13 +120,16 @@ async def _drive(
             try:
                 supervisor.check()
                 await set_capacity(second)
-                (rate, source, cpu), rule = await asyncio.gather(
+                (rates, source, cpu), rule = await asyncio.gather(
                     _edge_state(session, prometheus_url), _rule(session, controller_url)
                 )
             except Exception as exc:  # a dead part or a refused request ends the run
                 failure.append(exc)
                 stop.set()
                 return
+            for tier in static_rates(stack.settings):
+                samples.tier_rate.setdefault(tier, []).append(rates.get(tier, math.nan))
+            rate = float(sum(rates.get(tier, math.nan) for tier in static_rates(stack.settings)))  # all tiers' rates
             samples.rate.append(rate)
             samples.capacity.append(capacity_now[0])
             samples.cpu.append(cpu)

@@ -19,8 +19,12 @@ from policy.rl import DEFAULT_MODEL_PATH
 from ratepilot.demo.supervisor import HttpPart, Supervisor
 from ratepilot.servers import PrometheusServer, RedisServer, free_port
 
-TIER = "demo"
+TIER = "demo"  # the tier of the demo's keys (the only tier of a single-tier stack, the bottom one of two)
 KEY_PREFIX = "demo_"
+TOP_TIER, TOP_PREFIX = "gold", "gold_"  # two-tier stacks: the top-priority tier and its keys
+TOP_SHARE = 0.25  # the gold tier's static rate, share of the nominal capacity (its share of the demo's traffic)
+PRIORITY = {TOP_TIER: 2, TIER: 1}
+BACKEND = "demo-backend"  # the backend group both tiers share in the controller's config
 
 
 @dataclass(frozen=True)
@@ -36,24 +40,40 @@ class StackSettings:
     policy: str = "rl"
     model: str | None = None  # rl: None = the committed default policy
     seed: int = 0
+    two_tiers: bool = False  # gold (priority 2) beside demo (priority 1), sharing the one backend
+
+
+def static_rates(settings: StackSettings) -> dict[str, float]:
+    """Each tier's static (aggregate) rate: together the nominal capacity."""
+    rate = settings.nominal_capacity_rps
+    if not settings.two_tiers:
+        return {TIER: rate}
+    return {TOP_TIER: rate * TOP_SHARE, TIER: rate * (1 - TOP_SHARE)}
+
+
+def tier_prefixes(settings: StackSettings) -> dict[str, str]:
+    """API-key prefix of each tier."""
+    return {TOP_TIER: TOP_PREFIX, TIER: KEY_PREFIX} if settings.two_tiers else {TIER: KEY_PREFIX}
 
 
 def limiter_config(redis_url: str, settings: StackSettings) -> dict[str, object]:
-    """limiter.yaml of the demo edge: one tier whose aggregate bucket is the nominal capacity."""
-    rate = settings.nominal_capacity_rps
+    """limiter.yaml of the demo edge: the tiers' aggregate buckets add up to the nominal capacity."""
+    prefixes = tier_prefixes(settings)
+    tiers = {
+        tier: {
+            "client": {"rate": rate, "burst": max(rate * settings.burst_s, 2.0)},  # never binds
+            "aggregate": {"rate": rate, "burst": max(rate * settings.burst_s, 2.0)},
+            "failure_policy": "fail_open",
+            "key_prefixes": [prefixes[tier]],
+        }
+        for tier, rate in static_rates(settings).items()
+    }
     return {
         "redis": {"url": redis_url, "timeout_ms": 50},  # a busy 2-core box: avoid spurious fail-open
         "client_header": "x-api-key",
         "anonymous_tier": TIER,
         "default_tier": TIER,
-        "tiers": {
-            TIER: {
-                "client": {"rate": rate, "burst": max(rate * settings.burst_s, 2.0)},  # never binds
-                "aggregate": {"rate": rate, "burst": max(rate * settings.burst_s, 2.0)},
-                "failure_policy": "fail_open",
-                "key_prefixes": [KEY_PREFIX],
-            }
-        },
+        "tiers": tiers,
         "costs": {"default": 1, "payload": {"max_extra": 0}},
         "rate_table": {"poll_s": 1, "client_scale_max": 1.0},
         "exempt_paths": ["/health", "/metrics", "/admin/backend"],
@@ -61,23 +81,20 @@ def limiter_config(redis_url: str, settings: StackSettings) -> dict[str, object]
 
 
 def controller_config(redis_url: str, prometheus_url: str, port: int, settings: StackSettings) -> dict[str, object]:
-    """controller.yaml of the demo: the one tier, bounded around the nominal capacity."""
-    rate = settings.nominal_capacity_rps
+    """controller.yaml of the demo: the tiers, bounded around their static rates; two tiers share one backend by priority."""
+    tiers: dict[str, dict[str, object]] = {}
+    for tier, rate in static_rates(settings).items():
+        tiers[tier] = {"static_rate": rate, "min_rate": rate / 10, "max_rate": rate * 2, "burst_s": settings.burst_s,
+                       "slo_ms": settings.slo_ms}  # fmt: skip
+        if settings.two_tiers:
+            tiers[tier].update(backend=BACKEND, priority=PRIORITY[tier], max_rate=settings.nominal_capacity_rps * 2)
     return {
         "redis": {"url": redis_url},
         "prometheus": {"url": prometheus_url, "window": "10s"},
         "loop": {"tick_interval_s": settings.tick_interval_s, "rate_ttl_s": max(30.0, 3 * settings.tick_interval_s)},
         "lease": {"enabled": True},
         "policy": {"name": settings.policy, "model": None},
-        "tiers": {
-            TIER: {
-                "static_rate": rate,
-                "min_rate": rate / 10,
-                "max_rate": rate * 2,
-                "burst_s": settings.burst_s,
-                "slo_ms": settings.slo_ms,
-            }
-        },
+        "tiers": tiers,
         "admin": {"enabled": True, "host": "127.0.0.1", "port": port},
     }
 

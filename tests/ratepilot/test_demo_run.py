@@ -59,7 +59,10 @@ def test_short_demo_runs_the_closed_loop_and_stops_everything(tmp_path: Path) ->
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (out,) = (tmp_path / "demo-output").iterdir()
     data = json.loads(report.read_text())
-    assert set(data) == {"adaptive", "meta"}
+    assert set(data) == {"adaptive", "meta", "tiers"}
+    assert set(data["tiers"]["adaptive"]) == {"gold", "demo"}  # two tiers of different priority share the backend
+    for tier in data["tiers"]["adaptive"].values():
+        assert 0 <= tier["served_within_slo"] <= 1 and tier["requests"] > 0
     adaptive = data["adaptive"]
     for key in METRICS:
         assert isinstance(adaptive[key], float) and math.isfinite(adaptive[key]), key
