@@ -1,0 +1,93 @@
+"""Local mode's I/O: every `local_mode.sync_s` one `lease.lua` call reconciles a node's leases with Redis.
+
+The arithmetic (what to give back, what to ask for, what a grant means) is `limiter.leases`; this
+module only sends the plan and hands the answer back. A call that fails or times out is not resent
+(its grants may have been debited: losing them under-admits, resending could double-spend); the
+table is told Redis is unreachable, and the next interval tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+from limiter.config import LocalModeConfig
+from limiter.leases import LeaseTable, SyncItem
+from limiter.metrics import LimiterMetrics
+
+log = logging.getLogger("ratepilot.leases")
+
+SCRIPT: str = resources.files("limiter.lua").joinpath("lease.lua").read_text()
+KEYS_PER_CALL = 512  # a larger plan goes out as several calls (each atomic on its own keys)
+ERROR_LOG_INTERVAL_S = 10.0
+
+
+def sync_args(items: list[SyncItem]) -> tuple[list[str], list[int | float]]:
+    """KEYS and ARGV of one lease.lua call: per key rate, capacity µt, returned µt, wanted µt."""
+    keys = [item.key for item in items]
+    args: list[int | float] = []
+    for item in items:
+        args += (item.rate, item.capacity_ut, item.return_ut, item.want_ut)
+    return keys, args
+
+
+class LeaseSync:
+    """Runs one node's lease syncs: `await sync_once()`, or `run()` until `stop()`."""
+
+    def __init__(
+        self,
+        client: Any,
+        table: LeaseTable,
+        settings: Callable[[], LocalModeConfig],
+        metrics: LimiterMetrics,
+        timeout_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.table = table
+        self.syncs = 0  # successful sync rounds
+        self._script = client.register_script(SCRIPT)
+        self._settings = settings
+        self._metrics = metrics
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._last_error_log = -ERROR_LOG_INTERVAL_S
+        self._stopping = asyncio.Event()
+
+    async def sync_once(self) -> bool:
+        """One sync round; False when Redis could not be reached (nothing granted, nothing given back)."""
+        plan = self.table.plan()
+        for start in range(0, len(plan), KEYS_PER_CALL):
+            items = plan[start : start + KEYS_PER_CALL]
+            keys, args = sync_args(items)
+            try:
+                reply = await asyncio.wait_for(self._script(keys=keys, args=args), self._timeout_s)
+                grants = [int(grant) for grant in reply[1:]]
+            except Exception as exc:  # any failure: the rest of the plan is dropped too (see leases.py)
+                self._metrics.redis_errors.labels("lease_sync").inc()
+                self.table.unreachable()
+                now = self._clock()
+                if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
+                    self._last_error_log = now
+                    log.warning("lease sync failed; deciding from the leases held, then the local guard: %r", exc)
+                return False
+            self.table.granted(items, grants)
+        self.syncs += 1
+        return True
+
+    async def run(self) -> None:
+        """Sync every `sync_s` (start to start) until stop()."""
+        while not self._stopping.is_set():
+            started = self._clock()
+            await self.sync_once()
+            wait_s = max(0.0, self._settings().sync_s - (self._clock() - started))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), wait_s)
+
+    def stop(self) -> None:
+        """End run() after its current sync."""
+        self._stopping.set()
