@@ -1,4 +1,4 @@
-"""`ratepilot bench limiter|sim|controller [options] --json FILE`: run one benchmark, write its JSON, print a table.
+"""`ratepilot bench limiter|sim|controller|nodes [options] --json FILE`: run one benchmark, write its JSON, print a table.
 
 Each benchmark module exposes `add_arguments(parser)` and `run(args) -> dict`; it is imported
 only when chosen, so one benchmark's dependencies never slow down or break another.
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "limiter": ("benchmarks.bench_limiter", "limiter checks/s against raw EVALSHA, `limits` and pyrate-limiter"),
     "sim": ("benchmarks.bench_sim", "simulator steps/s"),
     "controller": ("benchmarks.bench_controller", "controller tick latency"),
+    "nodes": ("benchmarks.bench_nodes", "1, 3 and 6 real edges: local mode's admissions against its bound and strict mode"),
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
