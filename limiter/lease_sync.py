@@ -16,6 +16,8 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
+
 from limiter.config import LocalModeConfig
 from limiter.leases import LeaseTable, SyncItem
 from limiter.metrics import LimiterMetrics
@@ -37,7 +39,10 @@ def sync_args(items: list[SyncItem]) -> tuple[list[str], list[int | float]]:
 
 
 class LeaseSync:
-    """Runs one node's lease syncs: `await sync_once()`, or `run()` until `stop()`."""
+    """Runs one node's lease syncs: `await sync_once()`, or `run()` until `stop()`.
+
+    Rounds count in `ratepilot_lease_syncs_total{outcome}`; failures also in
+    `ratepilot_redis_errors_total{kind="lease_sync"}`."""
 
     def __init__(
         self,
@@ -45,6 +50,7 @@ class LeaseSync:
         table: LeaseTable,
         settings: Callable[[], LocalModeConfig],
         metrics: LimiterMetrics,
+        registry: CollectorRegistry,
         timeout_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -57,6 +63,8 @@ class LeaseSync:
         self._clock = clock
         self._last_error_log = -ERROR_LOG_INTERVAL_S
         self._stopping = asyncio.Event()
+        self._rounds = Counter("ratepilot_lease_syncs", "Lease sync rounds by outcome (ok, failed)", ["outcome"],
+                               registry=registry)  # fmt: skip
 
     async def sync_once(self) -> bool:
         """One sync round; False when Redis could not be reached (nothing granted, nothing given back)."""
@@ -70,6 +78,7 @@ class LeaseSync:
             except Exception as exc:  # any failure: the rest of the plan is dropped too (see leases.py)
                 self._metrics.redis_errors.labels("lease_sync").inc()
                 self.table.unreachable()
+                self._rounds.labels("failed").inc()
                 now = self._clock()
                 if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
                     self._last_error_log = now
@@ -77,6 +86,7 @@ class LeaseSync:
                 return False
             self.table.granted(items, grants)
         self.syncs += 1
+        self._rounds.labels("ok").inc()
         return True
 
     async def run(self) -> None:

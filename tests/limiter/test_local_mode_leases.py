@@ -137,7 +137,7 @@ def test_a_failed_sync_grants_and_returns_nothing(redis_server: RedisServer) -> 
 
     async def scenario() -> None:
         client = redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        sync = LeaseSync(client, table, lambda: LocalModeConfig(), metrics)
+        sync = LeaseSync(client, table, lambda: LocalModeConfig(), metrics, registry)
         assert await sync.sync_once()
         assert table.held_ut(CLIENT) == 8 * MICRO
         for _ in range(2):
@@ -149,6 +149,8 @@ def test_a_failed_sync_grants_and_returns_nothing(redis_server: RedisServer) -> 
 
     asyncio.run(scenario())
     assert registry.get_sample_value("ratepilot_redis_errors_total", {"kind": "lease_sync"}) == 1
+    assert registry.get_sample_value("ratepilot_lease_syncs_total", {"outcome": "ok"}) == 1
+    assert registry.get_sample_value("ratepilot_lease_syncs_total", {"outcome": "failed"}) == 1
     assert table.held_ut(CLIENT) == table.held_ut(TIER) == 4 * MICRO
     # served from what it holds, then asks (which falls back to the local guard while Redis is away)
     assert [table.decide(KEYS, buckets())[0] for _ in range(5)] == [ALLOW] * 4 + [ASK]
