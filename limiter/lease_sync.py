@@ -39,14 +39,13 @@ def sync_args(items: list[SyncItem]) -> tuple[list[str], list[int | float]]:
 
 
 class LeaseSync:
-    """Runs one node's lease syncs: `await sync_once()`, or `run()` until `stop()`.
+    """Runs one node's lease syncs: `connect(client)`, then `await sync_once()`, or `run()` until `stop()`.
 
     Rounds count in `ratepilot_lease_syncs_total{outcome}`; failures also in
     `ratepilot_redis_errors_total{kind="lease_sync"}`."""
 
     def __init__(
         self,
-        client: Any,
         table: LeaseTable,
         settings: Callable[[], LocalModeConfig],
         metrics: LimiterMetrics,
@@ -56,7 +55,7 @@ class LeaseSync:
     ):
         self.table = table
         self.syncs = 0  # successful sync rounds
-        self._script = client.register_script(SCRIPT)
+        self._script: Any = None  # set by connect()
         self._settings = settings
         self._metrics = metrics
         self._timeout_s = timeout_s
@@ -65,6 +64,11 @@ class LeaseSync:
         self._stopping = asyncio.Event()
         self._rounds = Counter("ratepilot_lease_syncs", "Lease sync rounds by outcome (ok, failed)", ["outcome"],
                                registry=registry)  # fmt: skip
+
+    def connect(self, client: Any) -> None:
+        """Sync through this redis.asyncio client (the edge's off-request-path one)."""
+        self._script = client.register_script(SCRIPT)
+        self._stopping.clear()
 
     async def sync_once(self) -> bool:
         """One sync round; False when Redis could not be reached (nothing granted, nothing given back)."""

@@ -50,7 +50,8 @@ def new_node_id() -> str:
 
 
 class Membership:
-    """One node's heartbeat: `await beat()` refreshes it and reads the live count; `run()` loops.
+    """One node's heartbeat: `connect(client)`, then `await beat()` refreshes it and reads the live count;
+    `run()` loops until `stop()`; `await leave()` withdraws the node.
 
     `on_count(live_nodes)` is called after every heartbeat whose count differs from the last one.
     Heartbeats that fail count in `ratepilot_redis_errors_total{kind="heartbeat"}` and keep the last
@@ -59,7 +60,6 @@ class Membership:
 
     def __init__(
         self,
-        client: Any,
         settings: Callable[[], NodesConfig],
         on_count: Callable[[int], None],
         metrics: LimiterMetrics,
@@ -72,7 +72,7 @@ class Membership:
         self.key = key
         self.live_nodes = 1
         self.beats = 0  # successful heartbeats
-        self._script = client.register_script(SCRIPT)
+        self._script: Any = None  # set by connect()
         self._settings = settings
         self._on_count = on_count
         self._metrics = metrics
@@ -82,6 +82,11 @@ class Membership:
         self._gauge = Gauge("ratepilot_live_nodes", "Edge nodes with a live heartbeat, as this node last read it",
                             registry=registry)  # fmt: skip
         self._gauge.set(1)
+
+    def connect(self, client: Any) -> None:
+        """Heartbeat through this redis.asyncio client (the edge's off-request-path one)."""
+        self._script = client.register_script(SCRIPT)
+        self._stopping.clear()
 
     async def beat(self) -> int:
         """Refresh this node's heartbeat and read the live count; on a Redis failure keep the last count."""
@@ -107,17 +112,16 @@ class Membership:
             log.warning("could not withdraw the heartbeat (it expires by itself): %s", exc)
 
     async def run(self) -> None:
-        """Heartbeat every `heartbeat_s` (from the start of one to the next) until stop(); then leave."""
+        """Heartbeat every `heartbeat_s` (from the start of one to the next) until stop()."""
         while not self._stopping.is_set():
             started = self._clock()
             await self.beat()
             wait_s = max(0.0, self._settings().heartbeat_s - (self._clock() - started))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), wait_s)
-        await self.leave()
 
     def stop(self) -> None:
-        """End run() after its current heartbeat (it then withdraws this node)."""
+        """End run() after its current heartbeat (leave() withdraws the node)."""
         self._stopping.set()
 
     def _set(self, live_nodes: int) -> None:

@@ -137,7 +137,8 @@ def test_a_failed_sync_grants_and_returns_nothing(redis_server: RedisServer) -> 
 
     async def scenario() -> None:
         client = redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        sync = LeaseSync(client, table, lambda: LocalModeConfig(), metrics, registry)
+        sync = LeaseSync(table, lambda: LocalModeConfig(), metrics, registry)
+        sync.connect(client)
         assert await sync.sync_once()
         assert table.held_ut(CLIENT) == 8 * MICRO
         for _ in range(2):

@@ -32,7 +32,8 @@ def _member(url: str, key: str, settings: NodesConfig, counts: list[int], node_i
     registry = CollectorRegistry()
     metrics = LimiterMetrics(registry)
     client = redis.asyncio.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    member = Membership(client, lambda: settings, counts.append, metrics, registry, node_id=node_id, key=key)
+    member = Membership(lambda: settings, counts.append, metrics, registry, node_id=node_id, key=key)
+    member.connect(client)
     return member, registry
 
 
@@ -87,7 +88,7 @@ def test_redis_outage_keeps_the_last_count_and_counts_errors(redis_server: Redis
     asyncio.run(scenario())
 
 
-def test_run_loops_until_stopped_then_leaves(redis_server: RedisServer) -> None:
+def test_run_loops_until_stopped_and_leave_withdraws(redis_server: RedisServer) -> None:
     key = f"test:nodes:{uuid.uuid4().hex[:8]}"
     settings = NodesConfig(heartbeat_s=0.05, expiry_s=1.0)
 
@@ -100,6 +101,7 @@ def test_run_loops_until_stopped_then_leaves(redis_server: RedisServer) -> None:
             await asyncio.sleep(0.01)
         member.stop()
         await asyncio.wait_for(task, 5)
+        await member.leave()
 
     asyncio.run(scenario())
     assert redis.Redis.from_url(redis_server.url).zcard(key) == 0
