@@ -5,7 +5,9 @@ the many-node tests.
 The partitioned node runs in a network namespace with two veth pairs to the host: one that clients
 reach it by, one it reaches Redis by. `Partition.cut()` takes the Redis link down (this kernel has no
 netem: a link down is the fault), `heal()` brings it back up. Namespaces need root and `ip`
-(iproute2); `namespaces_available()` says whether they can be made here.
+(iproute2); `namespaces_available()` says whether they can be made here. Where they cannot,
+`BlackholeProxy` is the fallback: the node reaches Redis through a TCP proxy of ours whose `cut()`
+silently drops every byte both ways (as a dead link does: nothing is refused, nothing arrives).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -253,3 +257,53 @@ class Partition:
         for kind in ("c", "r"):
             subprocess.run(["ip", "link", "del", f"{self.name}{kind}0"], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+class BlackholeProxy:
+    """A TCP proxy from `port` on 127.0.0.1 to `target_port`; while cut, bytes both ways are dropped."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.cut_off = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                inbound, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                outbound = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                inbound.close()
+                continue
+            for source, sink in ((inbound, outbound), (outbound, inbound)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if not self.cut_off.is_set():
+                    sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
+
+    def cut(self) -> None:
+        """Drop every byte from now on (connections stay open, as behind a dead link)."""
+        self.cut_off.set()
+
+    def heal(self) -> None:
+        """Forward again."""
+        self.cut_off.clear()
+
+    def close(self) -> None:
+        """Stop accepting."""
+        self._closed.set()
+        self._listener.close()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -52,8 +52,10 @@ class LeaseSync:
         registry: CollectorRegistry,
         timeout_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        on_synced: Callable[[Sequence[SyncItem], Sequence[int]], None] | None = None,
     ):
         self.table = table
+        self._on_synced = on_synced  # (items, tokens µt left in each bucket after the grant)
         self.syncs = 0  # successful sync rounds
         self._script: Any = None  # set by connect()
         self._settings = settings
@@ -78,7 +80,8 @@ class LeaseSync:
             keys, args = sync_args(items)
             try:
                 reply = await asyncio.wait_for(self._script(keys=keys, args=args), self._timeout_s)
-                grants = [int(grant) for grant in reply[1:]]
+                grants = [int(grant) for grant in reply[1::2]]
+                left = [int(tokens) for tokens in reply[2::2]]
             except Exception as exc:  # any failure: the rest of the plan is dropped too (see leases.py)
                 self._metrics.redis_errors.labels("lease_sync").inc()
                 self.table.unreachable()
@@ -89,6 +92,8 @@ class LeaseSync:
                     log.warning("lease sync failed; deciding from the leases held, then the local guard: %r", exc)
                 return False
             self.table.granted(items, grants)
+            if self._on_synced is not None:
+                self._on_synced(items, left)
         self.syncs += 1
         self._rounds.labels("ok").inc()
         return True

@@ -10,7 +10,7 @@
 -- ARGV, per key      rate (tokens/s), capacity µt, returned µt (tokens the node gives back: it no
 --                    longer spends them), wanted µt (tokens the node asks for)
 --
--- Returns {now µs, then per key: granted µt}. Per key: refill to now, add the returned tokens
+-- Returns {now µs, then per key: granted µt, tokens µt left in the bucket}. Per key: refill to now, add the returned tokens
 -- (capped at the capacity: a return never fills a bucket past full), grant min(tokens, wanted) and
 -- debit it. The write-back is token_bucket.lua's: a bucket full again is deleted (a missing key reads
 -- as full), otherwise it expires (PX) once it would be full again. The caller counts every granted
@@ -47,6 +47,6 @@ for i = 1, #KEYS do
   else
     call('SET', key, format('%d', tokens_ut) .. now_suffix, 'PX', format('%d', min(ceil((reset_us + ceil(1 / rate)) / 1000) + 1, 1e13)))
   end
-  reply[i + 1] = granted_ut
+  reply[2 * i], reply[2 * i + 1] = granted_ut, tokens_ut
 end
 return reply

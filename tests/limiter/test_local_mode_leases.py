@@ -106,7 +106,7 @@ def _lease(client: redis.Redis, items: list[SyncItem]) -> list[int]:
 
     keys, args = sync_args(items)
     reply = client.eval(SCRIPT, len(keys), *keys, *args)
-    return [int(x) for x in reply[1:]]
+    return [int(x) for x in reply[1::2]]
 
 
 def test_grants_debit_the_bucket_strict_mode_checks(redis_client: redis.Redis) -> None:
@@ -128,16 +128,25 @@ def test_returns_are_capped_at_the_capacity(redis_client: redis.Redis) -> None:
     assert _lease(redis_client, [SyncItem(TIER, 0.001, 10 * MICRO, 0, 100 * MICRO)]) == [10 * MICRO]
 
 
+def test_the_reply_gives_what_each_bucket_has_left(redis_client: redis.Redis) -> None:
+    from limiter.lease_sync import SCRIPT
+
+    keys, args = sync_args([SyncItem(CLIENT, 0.001, 20 * MICRO, 0, 15 * MICRO), SyncItem(TIER, 0.001, 10 * MICRO, 0, 4 * MICRO)])
+    now_us, *rest = (int(x) for x in redis_client.eval(SCRIPT, len(keys), *keys, *args))
+    assert now_us > 0 and rest == [15 * MICRO, 5 * MICRO, 4 * MICRO, 6 * MICRO]
+
+
 def test_a_failed_sync_grants_and_returns_nothing(redis_server: RedisServer) -> None:
     table = LeaseTable()
     for _ in range(4):
         table.decide(KEYS, buckets())
     registry = CollectorRegistry()
     metrics = LimiterMetrics(registry)
+    synced: list[tuple[list[SyncItem], list[int]]] = []
 
     async def scenario() -> None:
         client = redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        sync = LeaseSync(table, lambda: LocalModeConfig(), metrics, registry)
+        sync = LeaseSync(table, lambda: LocalModeConfig(), metrics, registry, on_synced=lambda i, t: synced.append((list(i), list(t))))
         sync.connect(client)
         assert await sync.sync_once()
         assert table.held_ut(CLIENT) == 8 * MICRO
@@ -152,6 +161,7 @@ def test_a_failed_sync_grants_and_returns_nothing(redis_server: RedisServer) -> 
     assert registry.get_sample_value("ratepilot_redis_errors_total", {"kind": "lease_sync"}) == 1
     assert registry.get_sample_value("ratepilot_lease_syncs_total", {"outcome": "ok"}) == 1
     assert registry.get_sample_value("ratepilot_lease_syncs_total", {"outcome": "failed"}) == 1
+    assert [tokens for _, tokens in synced] == [[12 * MICRO, 992 * MICRO]]  # the one sync that got through
     assert table.held_ut(CLIENT) == table.held_ut(TIER) == 4 * MICRO
     # served from what it holds, then asks (which falls back to the local guard while Redis is away)
     assert [table.decide(KEYS, buckets())[0] for _ in range(5)] == [ALLOW] * 4 + [ASK]
