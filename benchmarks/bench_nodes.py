@@ -88,6 +88,8 @@ def measure_size(size: int, config: Path, workdir: Path, seconds: float, connect
         "strict_admitted": strict.admitted,
         "strict_bound": round(CLIENT_BURST + CLIENT_RATE * strict.seconds, 1),
         "admitted_over_strict": round(local.admitted / max(1, strict.admitted), 4),
+        "target_within_bound": local.admitted <= bound + 1,  # + 1: the last request may straddle the span's end
+        "target_at_least_095_strict": local.admitted >= 0.95 * strict.admitted,
         "requests_local": sum(sum(s.values()) for s in local.statuses.values()),
         "requests_strict": sum(sum(s.values()) for s in strict.statuses.values()),
         "lease_decision_share": round(lease_share / max(1.0, local_total), 4),
