@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := redis-server prometheus faketime
-SYSTEM_BINARIES := redis-server prometheus promtool faketime
+# chromium: the web console's browser test (driven by Playwright, no browser download)
+SYSTEM_PACKAGES := redis-server prometheus faketime chromium
+SYSTEM_BINARIES := redis-server prometheus promtool faketime chromium
 
-.PHONY: setup system-deps bench-deps test lint unit demo train evaluate bench clean
+.PHONY: setup system-deps bench-deps test lint unit demo train evaluate bench loadtest k6-scripts clean
 
 setup: system-deps $(STAMP)
 
@@ -59,6 +60,15 @@ bench: setup bench-deps
 	$(BIN)/ratepilot bench limiter --json benchmarks/results/limiter.json
 	$(BIN)/ratepilot bench sim --json benchmarks/results/sim.json
 	$(BIN)/ratepilot bench controller --json benchmarks/results/controller.json
+
+# make loadtest ARGS="flash_crowd --target http://127.0.0.1:8080 --scale 0.5" (ratepilot loadtest --help)
+loadtest: setup
+	$(BIN)/ratepilot loadtest $(ARGS)
+
+# the load scenarios as k6 scripts (ratepilot/loadtest/k6/; a test checks they match the YAML)
+k6-scripts: setup
+	for f in ratepilot/loadtest/scenarios/*.yaml; do n=$$(basename $$f .yaml); \
+		$(BIN)/ratepilot loadtest $$n --export-k6 ratepilot/loadtest/k6/$$n.js || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate", "evaluate policies on scenarios and traces"),
     "promote": ("training.promote", "move the champion alias to the candidate model if it is as good"),
     "demo": ("ratepilot.demo", "the whole closed loop locally on real Redis and Prometheus"),
+    "loadtest": ("ratepilot.loadtest.cli", "play a load scenario open-loop against an HTTP endpoint, or export it for k6"),
     "bench": ("benchmarks.cli", "benchmarks: limiter, sim, controller"),
 }
 

@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from redis import RedisError
 
-from controller.api.routes import decisions, health, overrides, policy
+from controller.api.routes import console, decisions, health, overrides, policy
 from controller.api.routes import status as status_routes
 from controller.runtime import Controller
 
@@ -34,7 +34,7 @@ def create_app(controller: Controller, manage_lifecycle: bool = True) -> FastAPI
         lifespan=lifespan,
     )
     app.state.controller = controller
-    for module in (health, status_routes, decisions, overrides, policy):
+    for module in (health, status_routes, decisions, overrides, policy, console):
         app.include_router(module.router)
 
     @app.exception_handler(RedisError)
