@@ -16,6 +16,7 @@ import asyncio
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,7 +191,7 @@ def wait_for(condition: Any, timeout_s: float, what: str, poll_s: float = 0.05) 
 
 def namespaces_available() -> bool:
     """True when this process may create network namespaces and veth pairs (root and `ip`)."""
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
         return False
     probe = f"rpprobe{secrets.token_hex(3)}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
