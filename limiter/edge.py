@@ -39,13 +39,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from limiter.config import ConfigError, ConfigWatcher, LimiterConfig, load_config, resolve_config_path
-from limiter.guard import Guard, Verdict
+from limiter.guard import Guard
 from limiter.local_bucket import LocalBucket
 from limiter.metrics import BackendMetrics, LimiterMetrics
 from limiter.middleware import RateLimitMiddleware
 from limiter.rate_reader import RateReader
 from limiter.redis_bucket import RedisBucket
 from limiter.synthetic_backend import SyntheticBackend
+from limiter.verdict import Verdict
 
 log = logging.getLogger("ratepilot.edge")
 

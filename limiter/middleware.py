@@ -22,7 +22,8 @@ import math
 import uuid
 from typing import Any
 
-from limiter.guard import Guard, Verdict
+from limiter.guard import Guard
+from limiter.verdict import Verdict
 
 log = logging.getLogger("ratepilot.throttle")
 
@@ -92,7 +93,7 @@ class RateLimitMiddleware:
         if state is None:
             scope["state"] = state = {}
         state["ratepilot"] = verdict
-        if not verdict[0]:  # Verdict.allowed (a tuple item: no property call per request)
+        if not verdict.allowed:
             await self._refuse(scope, verdict, send)
             return
         def send_with_headers(message: dict[str, Any]) -> Any:
@@ -100,7 +101,7 @@ class RateLimitMiddleware:
             if message["type"] == "http.response.start":
                 message["headers"] = [
                     *message.get("headers", ()),
-                    (b"ratelimit-policy", verdict[9]),  # Verdict.policy_header
+                    (b"ratelimit-policy", verdict.policy_header),
                     (b"ratelimit", verdict.ratelimit_field()),
                 ]
             return send(message)
