@@ -142,13 +142,13 @@ class RateTableConfig(_Strict):
 class LocalGuardConfig(_Strict):
     """The in-process bucket used while Redis is unreachable (fail_open tiers)."""
 
-    # share of every configured rate and burst each replica admits on its own during an outage;
-    # set it to 1/replicas to keep the fleet total at the configured limit
-    fraction: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    # share of every rate and burst each edge node admits on its own during an outage; unset (the
+    # default): 1 / the live edge nodes (limiter.membership), so the fleet keeps the configured total
+    fraction: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
 
     def static_fraction(self) -> float:
         """The fixed fraction, or 1 (a lone node's share) when it follows the live-node count."""
-        return self.fraction
+        return 1.0 if self.fraction is None else self.fraction
 
 
 class NodesConfig(_Strict):

@@ -40,7 +40,9 @@ from starlette.routing import Route
 
 from limiter.config import ConfigError, ConfigWatcher, LimiterConfig, load_config, resolve_config_path
 from limiter.guard import Guard
+from limiter.lease_sync import LeaseSync
 from limiter.local_bucket import LocalBucket
+from limiter.membership import Membership
 from limiter.metrics import BackendMetrics, LimiterMetrics
 from limiter.middleware import RateLimitMiddleware
 from limiter.rate_reader import RateReader
@@ -135,6 +137,10 @@ class Edge:
         elif self.options.backend != "echo" and not self.options.backend.startswith(("http://", "https://")):
             raise ValueError(f"backend must be 'synthetic', 'echo' or an http(s):// URL, got {self.options.backend!r}")
         self.reader: RateReader | None = None
+        # many edge nodes (docs/limiter.md): the heartbeat sets the fail-open share; local-mode leases sync
+        self.membership = Membership(lambda: self.guard.config.nodes, self.guard.set_live_nodes, self.metrics, self.registry)
+        self.lease_sync = LeaseSync(self.guard.nodes.leases, lambda: self.guard.config.local_mode, self.metrics,
+                                    self.registry, on_synced=self.guard.leases_synced)  # fmt: skip
         self._http: httpx.AsyncClient | None = None
         self._rate_client: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -187,6 +193,10 @@ class Edge:
             await self._warm_up(self.guard.redis_bucket)
             self.reader = RateReader(self._rate_client, lambda: self.guard.config, self.guard.apply_rates, self.metrics)
             self._spawn(self.reader.run())
+            self.membership.connect(self._rate_client)
+            self._spawn(self.membership.run())
+            self.lease_sync.connect(self._rate_client)
+            self._spawn(self.lease_sync.run())
             if self.options.config_path is not None:
                 self._spawn(self._watch_config(ConfigWatcher(self.options.config_path, config)))
         if self.options.backend.startswith(("http://", "https://")):
@@ -207,6 +217,10 @@ class Edge:
         self._stopping = True
         if self.reader is not None:
             self.reader.stop()
+        if self._rate_client is not None:
+            self.membership.stop()
+            self.lease_sync.stop()
+            await self.membership.leave()  # the others re-balance on their next heartbeat
         for task in self._tasks:
             task.cancel()
         if self._tasks:
