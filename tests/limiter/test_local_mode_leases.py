@@ -10,12 +10,13 @@ import redis
 import redis.asyncio
 from prometheus_client import CollectorRegistry
 
+from benchmarks.sync_redis_bucket import SyncRedisBucket
 from limiter.bucket import MICRO, BucketSpec
+from limiter.check_encoding import check_template
 from limiter.config import LocalModeConfig
 from limiter.lease_sync import LeaseSync, sync_args
 from limiter.leases import ALLOW, ASK, REFUSE, LeaseTable, SyncItem
 from limiter.metrics import LimiterMetrics
-from limiter.redis_bucket import SyncRedisBucket, check_template
 from ratepilot.servers import RedisServer
 
 CLIENT, TIER = "rp:{t}:c:alice", "rp:{t}:tier"
