@@ -99,13 +99,13 @@ class LeaseSync:
         return True
 
     async def run(self) -> None:
-        """Sync every `sync_s` (start to start) until stop()."""
+        """Sync, then wait `sync_s`, until stop(). The wait counts from the end of a sync, so every
+        interval a lease's need is measured over is at least `sync_s` long (start to start, a slow
+        sync would be followed by a short interval whose small need gives the leases back)."""
         while not self._stopping.is_set():
-            started = self._clock()
             await self.sync_once()
-            wait_s = max(0.0, self._settings().sync_s - (self._clock() - started))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), wait_s)
+                await asyncio.wait_for(self._stopping.wait(), self._settings().sync_s)
 
     def stop(self) -> None:
         """End run() after its current sync."""

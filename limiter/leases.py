@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 
 ALLOW, REFUSE, ASK = 0, 1, 2  # decide() outcomes
 TARGET_FACTOR = 2  # a node's need: twice what it was asked in the last sync interval
-FORGET_AFTER_SYNCS = 2  # a lease unused for this many syncs is returned whole and forgotten
+FORGET_AFTER_SYNCS = 10  # a lease unused for this many syncs (1 s at the default 0.1 s) is returned whole and forgotten
 
 
 class Lease:
