@@ -161,7 +161,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xticks(list(x), [f"{s} edge(s)" for s in sizes])
     ax.set_ylabel("requests admitted (one client id)")
     ax.set_title("ratepilot bench nodes: local mode vs strict")
-    ax.legend()
+    ax.legend(loc="lower center", ncols=3, fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
