@@ -1,4 +1,4 @@
-"""`ratepilot bench limiter|sim|controller|nodes [options] --json FILE`: run one benchmark, write its JSON, print a table.
+"""`ratepilot bench BENCHMARK [options] --json FILE`: run one benchmark, write its JSON, print a table.
 
 Each benchmark module exposes `add_arguments(parser)` and `run(args) -> dict`; it is imported
 only when chosen, so one benchmark's dependencies never slow down or break another.
@@ -16,10 +16,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from limiter.paths import output_problem
+
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "limiter": ("benchmarks.bench_limiter", "limiter checks/s against raw EVALSHA, `limits` and pyrate-limiter"),
     "sim": ("benchmarks.bench_sim", "simulator steps/s"),
     "controller": ("benchmarks.bench_controller", "controller tick latency"),
+    "grpc": ("benchmarks.bench_grpc", "gRPC calls/s and added p99: an echo server with the rate-limit interceptor vs without"),
+    "rls": ("benchmarks.bench_rls", "Envoy ShouldRateLimit calls/s and added p99: ratepilot rls vs a no-op servicer"),
     "nodes": ("benchmarks.bench_nodes", "1, 3 and 6 real edges: local mode's admissions against its bound and strict mode"),
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -89,6 +93,9 @@ def main(argv: list[str]) -> int:
     )
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    if problem := output_problem({"--json": args.json}):
+        print(f"ratepilot bench {name}: {problem}", file=sys.stderr)
+        return 2
     try:
         result: dict[str, Any] = module.run(args)
     except (ValueError, OSError, RuntimeError) as error:

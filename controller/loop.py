@@ -14,6 +14,12 @@ tick never raises: each failing stage is logged as a key-value line, counted in
 | policy      | raised / NaN / wrong shape: the rate in force is kept             | next tick     |
 | redis_write | nothing was written (one script: all tiers or none)              | next tick     |
 | lease       | Redis refused the write as fenced: this replica steps down        | lease retries |
+
+A leader tick that could not read Redis (read or write failed) or got no answer to any Prometheus
+query is a failing tick; after each one in a row the pause to the next tick doubles, up to
+`LoopSettings.backoff_cap_s` (`pause_s`, published as `ratepilot_controller_tick_pause_seconds`
+with `ratepilot_controller_failing_ticks`), so a dead dependency is not hammered at the tick rate.
+The first good tick (or a follower tick, which touches nothing) restores the configured interval.
 """
 
 from __future__ import annotations
@@ -26,20 +32,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 import redis
 
+from controller.decisions import decision_texts
 from controller.lease import LeaderLease
 from controller.metrics import ControllerMetrics
 from controller.overrides import OverrideCaps
 from controller.policies import PolicyHolder
 from controller.prometheus_source import PrometheusSource
 from controller.rate_store import FencedError, RateStore, rates_in_force
-from controller.settings import ControllerSettings
-from limiter.rate_table import MAX_SANE_RATE
-from policy.base import rate_to_action
-from policy.observation import Observation, ObservationBuilder
-from policy.safety import OVERRIDE_RULES, RULES, SafetyEngine, SafetyResult
+from controller.settings import QUERY_NAMES, ControllerSettings
+from limiter.bucket import MAX_RATE
+from policy.observation import ObservationBuilder
+from policy.safety import SafePolicy, SafetyEngine, SafetyResult
 
 log = logging.getLogger("ratepilot.controller.loop")
 MAX_TIER_LOG_LINES = 20  # per tick; the decisions stream has every tier
@@ -69,27 +74,6 @@ class TickReport:
         return {k: v for k, v in self.__dict__.items() if k != "decisions"}
 
 
-def _json_numbers(values: np.ndarray) -> list[str]:
-    """JSON text per value: the shortest text that reads back as the same float, null where it is NaN or infinite."""
-    flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
-    return orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",") if flat.size else []
-
-
-def _json_rows(matrix: np.ndarray) -> list[str]:
-    """JSON array text per row of a 2-D array, non-finite values as null."""
-    rows = np.ascontiguousarray(matrix, dtype=np.float64)
-    if not rows.shape[0] or not rows.shape[1]:
-        return ["[]"] * rows.shape[0]
-    return ["[" + row + "]" for row in orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY)[2:-2].decode().split("],[")]
-
-
-def _rules_json(code: int) -> tuple[str, str, str]:
-    """(deciding rule, JSON list of fired rules, source) for a fired-rules bit code."""
-    fired = [rule for bit, rule in enumerate(RULES) if code >> bit & 1]
-    source = "override" if OVERRIDE_RULES & set(fired) else "controller"
-    return (fired[-1] if fired else "none"), json.dumps(fired), source
-
-
 class ControlLoop:
     """Holds what a tick needs between ticks: the observation builder's last features and the stale counters."""
 
@@ -116,8 +100,12 @@ class ControlLoop:
         self.engine = SafetyEngine(settings.safety_limits())
         self.builder = ObservationBuilder(slo_ms=settings.tier_array("slo_ms"), reference_rate=self.static)
         self.override_caps = OverrideCaps()
-        self._stale: np.ndarray | None = None
+        self.safe = SafePolicy(policies.current.policy, self.engine)  # the policy in force, clamped
         self._count = 0
+        self._prometheus_down = False  # this tick: every query failed
+        self.failing_ticks = 0  # consecutive failing leader ticks
+        self.pause_s = settings.loop.tick_interval_s  # before the next tick
+        metrics.tick_pause.set(self.pause_s)
         self.last_report: TickReport | None = None
         self.last_leader_report: TickReport | None = None
 
@@ -126,14 +114,15 @@ class ControlLoop:
         self.metrics.is_leader.set(1.0 if leader else 0.0)
         if leader:
             self.builder.reset()
-            self._stale = None
-            self.policies.current.policy.reset()
+            self.safe.inner = self.policies.current.policy
+            self.safe.reset()
 
     def tick(self) -> TickReport:
         """Run one tick; never raises."""
         self._count += 1
         started, t0 = self._clock(), time.perf_counter()
         errors: dict[str, str] = {}
+        self._prometheus_down = False
         try:
             report = self._tick(started, t0, errors)
         except Exception as exc:  # noqa: BLE001 - the loop must survive anything; the reason is logged and counted
@@ -146,6 +135,7 @@ class ControlLoop:
         self.last_report = report
         if report.result != "follower":
             self.last_leader_report = report
+        self._pace(report)
         log.log(
             logging.INFO if report.result in ("written", "shadow", "follower") else logging.WARNING,
             "event=tick tick=%d result=%s mode=%s tiers=%d version=%s fence=%s duration_ms=%.1f errors=%s",
@@ -153,6 +143,16 @@ class ControlLoop:
             report.duration_s * 1000, json.dumps(report.errors) if report.errors else "{}",
         )  # fmt: skip
         return report
+
+    def _pace(self, report: TickReport) -> None:
+        """Set the pause before the next tick: doubled per failing tick in a row, the interval after a good one."""
+        failing = report.result == "failed" or self._prometheus_down
+        self.failing_ticks = self.failing_ticks + 1 if failing else 0
+        self.pause_s = self.settings.loop.pause_after(self.failing_ticks)
+        self.metrics.failing_ticks.set(self.failing_ticks)
+        self.metrics.tick_pause.set(self.pause_s)
+        if failing:
+            log.warning("event=tick_backoff tick=%d failing_ticks=%d next_tick_in_s=%.3g", self._count, self.failing_ticks, self.pause_s)
 
     def _fail(self, errors: dict[str, str], stage: str, reason: str) -> None:
         errors[stage] = reason
@@ -181,28 +181,20 @@ class ControlLoop:
             self._fail(errors, "overrides", f"{len(override_problems)} tier(s), e.g. {first[0]}: {first[1]}")
 
         reading = pending.result(in_force.rates)
+        self._prometheus_down = len(reading.errors) == len(QUERY_NAMES)
         if reading.errors:
             self._fail(errors, "prometheus", "; ".join(f"{k}: {v}" for k, v in reading.errors.items()))
         observation = self.builder.build(reading.metrics)
 
         loaded = self.policies.current
-        proposed: np.ndarray | None
-        try:
-            proposed = np.asarray(loaded.policy.act(observation), dtype=np.float64)
-            if proposed.shape != (len(self.tiers),):
-                raise ValueError(f"returned shape {proposed.shape}, expected ({len(self.tiers)},)")
-            bad = int((~np.isfinite(proposed)).sum())
-            if bad:
-                self._fail(errors, "policy", f"{loaded.name} returned NaN/inf for {bad} tier(s)")
-        except Exception as exc:  # noqa: BLE001 - a failing policy keeps the rates in force
-            self._fail(errors, "policy", f"{loaded.name}: {type(exc).__name__}: {exc}")
-            proposed = None
-        safety = self.engine.apply(observation, proposed, caps, self._stale)
-        self._stale = safety.stale_ticks
+        self.safe.inner, self.safe.caps = loaded.policy, caps
+        safety = self.safe.decide(observation)
+        if self.safe.last_error is not None:
+            self._fail(errors, "policy", f"{loaded.name}: {self.safe.last_error}")
         rates = safety.rates
-        bursts = np.clip(rates * self.burst_s, 1.0, MAX_SANE_RATE)
+        bursts = np.clip(rates * self.burst_s, 1.0, MAX_RATE)
         sources = safety.source
-        decisions = self._decisions(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s)
+        decisions = decision_texts(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s)
 
         try:
             version, _ = self.store.write(
@@ -225,32 +217,6 @@ class ControlLoop:
             self._count, started, time.perf_counter() - t0, result, mode, version or None, fence, errors,
             dict(zip(self.tiers, decisions, strict=True)),
         )  # fmt: skip
-
-    def _decisions(
-        self, observation: Observation, in_force: np.ndarray, safety: SafetyResult, mode: str, policy: str, now_s: float
-    ) -> list[str]:
-        """One decision JSON per tier, formatted directly (json.dumps per tier dominated a 10,000-tier tick)."""
-        m = observation.metrics
-        with np.errstate(all="ignore"):
-            action = rate_to_action(in_force, np.where(np.isfinite(safety.proposed), safety.proposed, in_force))
-        columns = [_json_numbers(v) for v in (m.p99_latency_ms, m.error_rate, m.cpu, m.admitted_rps, m.throttled_rps)]
-        vectors = _json_rows(observation.vector)
-        proposed, rates = _json_numbers(safety.proposed), _json_numbers(safety.rates)
-        forced, actions = _json_numbers(in_force), _json_numbers(action)
-        # the fired rules of a tier as a bit code: few distinct codes, each formatted once
-        codes = np.stack([safety.fired[r] for r in RULES], axis=1).astype(np.int64) @ (1 << np.arange(len(RULES)))
-        by_code = {int(code): _rules_json(int(code)) for code in np.unique(codes)}
-        head = '{"t":' + repr(now_s) + ',"mode":' + json.dumps(mode) + ',"policy":' + json.dumps(policy) + ',"observation":{'
-        out = []
-        for i, code in enumerate(codes.tolist()):
-            rule, rules, source = by_code[code]
-            out.append(
-                f'{head}"p99_latency_ms":{columns[0][i]},"error_rate":{columns[1][i]},"cpu":{columns[2][i]},'
-                f'"admitted_rps":{columns[3][i]},"throttled_rps":{columns[4][i]},"vector":{vectors[i]}}},'
-                f'"rate_in_force":{forced[i]},"proposed":{proposed[i]},"action":{actions[i]},"rate":{rates[i]},'
-                f'"rule":"{rule}","rules":{rules},"source":"{source}"}}'
-            )
-        return out
 
     def _log_rules(self, safety: SafetyResult) -> None:
         rules = safety.deciding_rule

@@ -64,6 +64,16 @@ class ControllerMetrics:
         self.last_tick = Gauge(
             "ratepilot_controller_last_tick_timestamp_seconds", "Unix time of the last completed leader tick", registry=r
         )
+        self.tick_pause = Gauge(
+            "ratepilot_controller_tick_pause_seconds",
+            "Pause before the next tick: loop.tick_interval_s, longer while backing off after failing ticks",
+            registry=r,
+        )
+        self.failing_ticks = Gauge(
+            "ratepilot_controller_failing_ticks",
+            "Consecutive ticks that could not read Redis or any Prometheus query (0 when the last tick was good)",
+            registry=r,
+        )
         for result in TICK_RESULTS:
             self.ticks.labels(result)
         for stage in ERROR_STAGES:

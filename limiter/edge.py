@@ -13,6 +13,11 @@ that saturates), or `--backend-url URL` (requests are forwarded with httpx), or 
 | `/admin/backend`      | no      | GET / POST `{"capacity_rps": X}`: the synthetic capacity    |
 
 The config file is re-read every second (hot reload); the rate table every `rate_table.poll_s`.
+
+`--processes N` runs N uvicorn worker processes on one port (the kernel spreads connections over
+them), each with its own `Edge` built by `worker_app()` from the options the parent validated. They
+share the buckets through Redis; each has its own metrics (a scrape of `/metrics` reaches one
+process) and, with the synthetic backend, its own worker pool of `capacity_rps`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,11 +47,10 @@ from starlette.routing import Route
 
 from limiter.config import ConfigError, ConfigWatcher, LimiterConfig, load_config, resolve_config_path
 from limiter.guard import Guard
-from limiter.lease_sync import LeaseSync
 from limiter.local_bucket import LocalBucket
-from limiter.membership import Membership
 from limiter.metrics import BackendMetrics, LimiterMetrics
 from limiter.middleware import RateLimitMiddleware
+from limiter.node_tasks import NodeTasks
 from limiter.rate_reader import RateReader
 from limiter.redis_bucket import RedisBucket
 from limiter.synthetic_backend import SyntheticBackend
@@ -59,6 +65,8 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 RATE_CLIENT_TIMEOUT_S = 1.0  # the rate table is read off the request path; it may wait longer
 STOP_TIMEOUT_S = 5.0  # shutdown waits this long for the background tasks
+MAX_PROCESSES = 64
+ENV_WORKER = "RATEPILOT_EDGE_WORKER"  # set by `--processes N` for worker_app(): the options as JSON
 ECHO_BODY = b'{"ok":true}'
 
 
@@ -137,10 +145,7 @@ class Edge:
         elif self.options.backend != "echo" and not self.options.backend.startswith(("http://", "https://")):
             raise ValueError(f"backend must be 'synthetic', 'echo' or an http(s):// URL, got {self.options.backend!r}")
         self.reader: RateReader | None = None
-        # many edge nodes (docs/limiter.md): the heartbeat sets the fail-open share; local-mode leases sync
-        self.membership = Membership(lambda: self.guard.config.nodes, self.guard.set_live_nodes, self.metrics, self.registry)
-        self.lease_sync = LeaseSync(self.guard.nodes.leases, lambda: self.guard.config.local_mode, self.metrics,
-                                    self.registry, on_synced=self.guard.leases_synced)  # fmt: skip
+        self.node_tasks = NodeTasks(self.guard, self.metrics, self.registry)  # heartbeat, local mode's lease sync
         self._http: httpx.AsyncClient | None = None
         self._rate_client: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -193,10 +198,7 @@ class Edge:
             await self._warm_up(self.guard.redis_bucket)
             self.reader = RateReader(self._rate_client, lambda: self.guard.config, self.guard.apply_rates, self.metrics)
             self._spawn(self.reader.run())
-            self.membership.connect(self._rate_client)
-            self._spawn(self.membership.run())
-            self.lease_sync.connect(self._rate_client)
-            self._spawn(self.lease_sync.run())
+            self.node_tasks.start(self._rate_client, self._spawn)
             if self.options.config_path is not None:
                 self._spawn(self._watch_config(ConfigWatcher(self.options.config_path, config)))
         if self.options.backend.startswith(("http://", "https://")):
@@ -217,10 +219,7 @@ class Edge:
         self._stopping = True
         if self.reader is not None:
             self.reader.stop()
-        if self._rate_client is not None:
-            self.membership.stop()
-            self.lease_sync.stop()
-            await self.membership.leave()  # the others re-balance on their next heartbeat
+        await self.node_tasks.stop()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -381,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=_positive(int), default=16, help="synthetic backend workers")
     parser.add_argument("--queue-limit", type=int, default=64, help="synthetic backend queue bound")
     parser.add_argument("--backend-timeout-s", type=_positive(float), default=2.0, help="queue wait / forward timeout")
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help=f"uvicorn worker processes on the port, 1..{MAX_PROCESSES} (each its own edge; buckets shared in Redis)",
+    )  # fmt: skip
     parser.add_argument("--no-limit", action="store_true", help="serve without the limiter (baseline)")
     parser.add_argument("--no-admin", action="store_true", help="disable POST /admin/backend")
     parser.add_argument("--seed", type=int, help="seed of the synthetic service times")
@@ -409,6 +412,9 @@ def main(argv: list[str]) -> int:
     if not 0 < args.port < 65536 or args.queue_limit < 0:
         print("ratepilot edge: --port must be in 1..65535 and --queue-limit >= 0", file=sys.stderr)
         return 2
+    if not 1 <= args.processes <= MAX_PROCESSES:
+        print(f"ratepilot edge: --processes must be in 1..{MAX_PROCESSES}, got {args.processes}", file=sys.stderr)
+        return 2
     if args.backend_url and not args.backend_url.startswith(("http://", "https://")):
         print(f"ratepilot edge: --backend-url must be an http(s):// URL, got {args.backend_url!r}", file=sys.stderr)
         return 2
@@ -433,10 +439,28 @@ def main(argv: list[str]) -> int:
         freeze_gc=True,
         seed=args.seed,
     )
-    edge = Edge(config, options)
-    log.info("edge starting", extra={"fields": {"port": args.port, "backend": options.backend, "limited": options.limited}})
+    fields = {"port": args.port, "backend": options.backend, "limited": options.limited, "processes": args.processes}
+    log.info("edge starting", extra={"fields": fields})
+    server = {"host": args.host, "port": args.port, "access_log": False, "log_config": None, "lifespan": "on"}
+    if args.processes == 1:
+        edge = Edge(config, options)
+        uvicorn.run(edge.app, log_level=args.log_level, **server, **_server_options())  # type: ignore[arg-type]
+        return 0
+    os.environ[ENV_WORKER] = json.dumps(
+        {"log_level": args.log_level, "options": dataclasses.asdict(options) | {"config_path": str(config_path)}}
+    )
     uvicorn.run(
-        edge.app, host=args.host, port=args.port, access_log=False, log_config=None, lifespan="on",
-        log_level=args.log_level, **_server_options(),  # type: ignore[arg-type]
+        f"{__name__}:worker_app", factory=True, workers=args.processes, log_level=args.log_level,
+        **server, **_server_options(),  # type: ignore[arg-type]
     )  # fmt: skip
     return 0
+
+
+def worker_app() -> Any:
+    """The app of one worker process of `ratepilot edge --processes N` (a uvicorn factory): an Edge built
+    from the options in $RATEPILOT_EDGE_WORKER and the config file they name (validated by the parent)."""
+    spec = json.loads(os.environ[ENV_WORKER])
+    setup_logging(spec["log_level"])
+    options = EdgeOptions(**spec["options"] | {"config_path": Path(spec["options"]["config_path"])})
+    assert options.config_path is not None
+    return Edge(load_config(options.config_path), options).app

@@ -188,7 +188,7 @@ class Guard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tiers: dict[str, TierRuntime] = {}
         self._tier_cache: dict[str, TierRuntime] = {}
-        self._routes: dict[bytes, Route] = {}
+        self._routes: dict[bytes | tuple[str, str], Route] = {}  # API key, or (tier, client) for start_in()
         self.nodes = NodeShare(self._latency, clock)  # many edge nodes: the live count, local mode's leases
         self.apply_config(config)
 
@@ -328,6 +328,38 @@ class Guard:
             return self._refuse_cost(route.tier, route.client, cost, exc, started)
         except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
             return self._fall_back(route.tier, route.client, route.keys, cost, exc, started)
+        return future
+
+    # -- checks by a known tier, client and cost (Envoy's rate-limit service, the gRPC interceptor) --
+
+    def start_in(self, tier: str, client: str, cost: float) -> Verdict | asyncio.Future[Verdict]:
+        """start() for a caller that already knows the tier (a configured name), the client id and the
+        cost: no header, tier or cost lookup. Checks started in one event-loop turn share one EVALSHA."""
+        started = self._clock()
+        route = self._routes.get((tier, client))
+        if route is None:
+            runtime = self._tiers[tier]
+            bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
+            keys = [runtime.client_prefix + bucket_client, runtime.tier_key]
+            route = Route(runtime, client, keys, keys_resp(keys), {})
+            if len(self._routes) >= TIER_CACHE_LIMIT:
+                self._routes.clear()
+            self._routes[tier, client] = route
+        try:
+            prepared = route.prepared.get(cost) or self._prepare(route, cost)
+            if route.tier.local:  # mode: local, as in start()
+                verdict = self.nodes.decide(prepared.context, started)
+                if verdict is not None:
+                    return verdict
+            bucket = self.redis_bucket
+            if bucket is None:
+                raise ConnectionError("no Redis bucket configured")
+            future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+            bucket.submit_to(prepared.check, future, self._resolve, (prepared.context, started))
+        except BucketError as exc:
+            return self._refuse_cost(route.tier, client, cost, exc, started)
+        except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
+            return self._fall_back(route.tier, client, route.keys, cost, exc, started)
         return future
 
     @staticmethod

@@ -72,7 +72,7 @@ class Membership:
         self.key = key
         self.live_nodes = 1
         self.beats = 0  # successful heartbeats
-        self._script: Any = None  # set by connect()
+        self._client: Any = None  # set by connect()
         self._settings = settings
         self._on_count = on_count
         self._metrics = metrics
@@ -84,15 +84,16 @@ class Membership:
         self._gauge.set(1)
 
     def connect(self, client: Any) -> None:
-        """Heartbeat through this redis.asyncio client (the edge's off-request-path one)."""
-        self._script = client.register_script(SCRIPT)
+        """Heartbeat through this redis.asyncio client (the edge's off-request-path one). Plain EVAL, once a
+        heartbeat: the script is small, and a connection whose last command is EVALSHA reads as a bucket's."""
+        self._client = client
         self._stopping.clear()
 
     async def beat(self) -> int:
         """Refresh this node's heartbeat and read the live count; on a Redis failure keep the last count."""
         expiry_us = round(self._settings().expiry_s * 1_000_000)
         try:
-            _now_us, live = await self._script(keys=[self.key], args=[self.node_id, expiry_us, 0])
+            _now_us, live = await self._client.eval(SCRIPT, 1, self.key, self.node_id, expiry_us, 0)
         except Exception as exc:  # any Redis failure: the shares stay as they are
             self._metrics.redis_errors.labels("heartbeat").inc()
             now = self._clock()
@@ -107,7 +108,7 @@ class Membership:
     async def leave(self) -> None:
         """Withdraw this node's heartbeat (at shutdown), so the others re-balance on their next heartbeat."""
         try:
-            await self._script(keys=[self.key], args=[self.node_id, 0, 1])
+            await self._client.eval(SCRIPT, 1, self.key, self.node_id, 0, 1)
         except Exception as exc:  # Redis gone: the entry expires by itself
             log.warning("could not withdraw the heartbeat (it expires by itself): %s", exc)
 

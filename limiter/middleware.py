@@ -11,6 +11,10 @@ fields; allowed requests get the fields on their response. The verdict is left i
 `scope["state"]["ratepilot"]` for the endpoint (the edge's `/rating` reads it). Each refusal is logged
 as one structured record on the `ratepilot.throttle` logger; the API key itself is never logged, only a
 fingerprint (first 12 hex digits of its SHA-256).
+
+A tier flagged `shadow: true` is never refused: a request its buckets (or `fail_closed`, or a cost no
+bucket holds) would have refused passes to the app with the same headers, and counts in
+`ratepilot_shadow_refusals_total{tier}` instead (the decision metrics still say `throttled`).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class RateLimitMiddleware:
         self._config_seen = config
         self._client_header = config.client_header.encode("latin-1")
         self._exempt = frozenset(config.exempt_paths)
+        self._shadow = frozenset(name for name, tier in config.tiers.items() if tier.shadow)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """ASGI entry point."""
@@ -94,8 +99,10 @@ class RateLimitMiddleware:
             scope["state"] = state = {}
         state["ratepilot"] = verdict
         if not verdict.allowed:
-            await self._refuse(scope, verdict, send)
-            return
+            if verdict.tier.name not in self._shadow:
+                await self._refuse(scope, verdict, send)
+                return
+            verdict.tier.counters.shadow_refusals += 1  # shadow tier: admitted, counted as the refusal it would be
         def send_with_headers(message: dict[str, Any]) -> Any:
             # returns the inner send's awaitable: no coroutine of its own per message
             if message["type"] == "http.response.start":

@@ -20,7 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from policy.rl import REGISTERED_MODEL, ModelError, load
+from limiter.paths import output_problem
+from policy.rl import ModelError, load
 from training import registry
 
 COMPARED = ("goodput_ratio", "slo_violation_frac", "p99_latency_ms", "throttle_frac", "error_frac", "rate_tracking_error")
@@ -89,11 +90,14 @@ def main(argv: list[str]) -> int:
     if args.seeds < 1:
         print("ratepilot promote: --seeds must be >= 1", file=sys.stderr)
         return 2
+    if problem := output_problem({"--json": args.json}):
+        print(f"ratepilot promote: {problem}", file=sys.stderr)
+        return 2
     console = Console()
     registry.configure(args.tracking_uri)
     candidate = registry.version_by_alias(registry.CANDIDATE)
     if candidate is None:
-        print(f"ratepilot promote: no '{registry.CANDIDATE}' version of {REGISTERED_MODEL}; run `ratepilot train` first", file=sys.stderr)
+        print(f"ratepilot promote: no '{registry.CANDIDATE}' version of {registry.REGISTERED_MODEL}; run `ratepilot train` first", file=sys.stderr)
         return 1
     champion = registry.version_by_alias(registry.CHAMPION)
     if champion is not None and champion.version == candidate.version:
@@ -131,7 +135,7 @@ def main(argv: list[str]) -> int:
         },
     )
     if decision.promote:
-        registry.client().set_registered_model_alias(REGISTERED_MODEL, registry.CHAMPION, candidate.version)
+        registry.client().set_registered_model_alias(registry.REGISTERED_MODEL, registry.CHAMPION, candidate.version)
         console.print(f"[green]promoted[/] version {candidate.version} to champion: {decision.reason}")
     else:
         console.print(f"[yellow]kept[/] champion v{record['champion_version']}: {decision.reason}")

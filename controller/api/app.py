@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis import RedisError
 
+from controller.api.errors import validation_failed
 from controller.api.routes import console, decisions, health, overrides, policy
 from controller.api.routes import status as status_routes
 from controller.runtime import Controller
@@ -36,6 +38,8 @@ def create_app(controller: Controller, manage_lifecycle: bool = True) -> FastAPI
     app.state.controller = controller
     for module in (health, status_routes, decisions, overrides, policy, console):
         app.include_router(module.router)
+
+    app.add_exception_handler(RequestValidationError, validation_failed)
 
     @app.exception_handler(RedisError)
     async def redis_unavailable(request: Request, exc: RedisError) -> JSONResponse:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from limiter.paths import check_outputs
 from ratepilot.demo.report import comparison_table, plot, write_json
 from ratepilot.demo.run import RunResult, play
 from ratepilot.demo.schedule import (
@@ -125,6 +126,7 @@ def main(argv: list[str]) -> int:
         return 2
     cores = os.cpu_count() or 1
     try:
+        check_outputs(files={"--json": args.json}, dirs={"--out": args.out or Path("demo-output")})
         schedule, scale = build_schedule(args, cores)
         for binary in ("redis-server", "prometheus"):
             find_binary(binary)

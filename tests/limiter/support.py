@@ -112,3 +112,10 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, every_s: 
             return True
         time.sleep(every_s)
     return predicate()
+
+
+def metric_sum(metrics_text: str, name: str) -> float:
+    """The samples of a metric (`NAME{labels} value` lines of a /metrics page) summed over its label values;
+    0 while it has none."""
+    pattern = rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$"
+    return sum(float(value) for value in re.findall(pattern, metrics_text, re.M))

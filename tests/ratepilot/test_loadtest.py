@@ -17,13 +17,12 @@ import pytest
 from ratepilot.demo.cli import build_parser, build_schedule
 from ratepilot.demo.schedule import NOMINAL_CAPACITY, default_scenario
 from ratepilot.loadtest import cli
-from ratepilot.loadtest.k6 import DEFAULT_TARGET, export_command, k6_script, stages
+from ratepilot.loadtest.k6 import stages
 from ratepilot.loadtest.plan import request_plan
-from ratepilot.loadtest.scenario import SCENARIO_DIR, ScenarioError, load_scenario, scenario_names
+from ratepilot.loadtest.scenario import ScenarioError, load_scenario, scenario_names
 from ratepilot.servers import free_port
 from tests.ratepilot.support import EDGE_LIMIT_RPS, OVER_RPS, PHASE_S, UNDER_RPS, over_limit_scenario, served
 
-K6_DIR = SCENARIO_DIR.parent / "k6"
 SCENARIOS = ["steady", "flash_crowd", "agent_bursts", "retry_storm", "slow_ramp", "heavy_mix", "demo"]
 
 
@@ -125,12 +124,6 @@ def test_k6_stages_offer_the_same_requests_as_the_demand() -> None:
             per_minute, seconds = target, seconds + length
         assert seconds == demand.size
         assert sent == pytest.approx(demand.sum(), rel=0.01), name
-
-
-@pytest.mark.parametrize("name", SCENARIOS)
-def test_the_committed_k6_scripts_are_exported_from_the_yaml(name: str) -> None:
-    expected = k6_script(load_scenario(name), 1.0, DEFAULT_TARGET, export_command(name, 1.0))
-    assert (K6_DIR / f"{name}.js").read_text() == expected, "stale: run `make k6-scripts`"
 
 
 @pytest.mark.parametrize(
