@@ -67,5 +67,6 @@ def test_tiny_http_run_measures_all_four_edges() -> None:
     assert set(result) >= {"http_limited_over_bare", "http_chunked_over_one_batch_per_turn", "http_added_p99_ms",
                            "http_local_over_bare", "http_local_over_bare_median_of_rounds"}  # fmt: skip
     assert result["http_non_200"] == {"bare": 0, "limited": 0, "one_batch": 0, "local": 0}
-    assert set(result["http_limited_redis_decision_share"].values()) == {1.0}
+    # Redis decides (a check stalled past the 100 ms timeout on a loaded machine falls back: a few per cent)
+    assert min(result["http_limited_redis_decision_share"].values()) >= 0.9
     assert result["http_local_lease_decision_share"] > 0
