@@ -55,7 +55,7 @@ async def _serve(limited: bool, redis_url: str, requests: int) -> float:
     from limiter.edge import Edge, EdgeOptions
     from limiter.redis_bucket import RedisBucket
 
-    edge = Edge(parse_config(BENCH_CONFIG.format(url=redis_url, timeout_ms=10_000, chunk=CHUNK)), EdgeOptions(backend="echo", limited=limited, admin=False))
+    edge = Edge(parse_config(BENCH_CONFIG.format(url=redis_url, timeout_ms=10_000, chunk=CHUNK, mode="strict")), EdgeOptions(backend="echo", limited=limited, admin=False))
     bucket = None
     if limited:
         bucket = RedisBucket.from_url(redis_url, timeout_s=10.0, max_lag_s=10.0)  # every decision a Redis one

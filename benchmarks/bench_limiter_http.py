@@ -12,7 +12,9 @@ How it measures (all processes local, on this machine's cores):
   decisions Redis made is reported (`http_limited_redis_decision_share`); and, at saturation only,
   a third time with the same limiter sending one batch per loop turn (`redis.chunk` set past any
   turn's size: the design before chunked sends), so the gain of `chunk` is measured side by side
-  (`http_chunked_over_one_batch_per_turn`);
+  (`http_chunked_over_one_batch_per_turn`); and, at saturation, a fourth time with the tier in
+  `mode: local` (decided in process from token leases synced every 0.1 s: `http_local_rps`,
+  `http_local_over_bare`, with the share of decisions made in process, `http_local_lease_decision_share`);
 - the load generator in a third process. Saturation: `wrk` (C, one thread, 64 connections, 100 API
   keys in rotation) when installed, else a Python closed-loop raw-socket client. Latency: an
   OPEN-LOOP Python client (arrivals on a fixed 1,000 req/s schedule, independent of responses,
@@ -70,6 +72,7 @@ tiers:
   bench:
     client:    {{rate: 1000000, burst: 1000000}}
     aggregate: {{rate: 10000000, burst: 10000000}}
+    mode: {mode}
     key_prefixes: [bench_]
 rate_table: {{poll_s: 5}}
 """
@@ -227,13 +230,13 @@ def _wrk(port: int, duration_s: float, cores: set[int] | None, workdir: Path) ->
 class EdgeProcess:
     """`ratepilot edge --backend echo` in its own process on a free port."""
 
-    def __init__(self, config_path: Path, limited: bool, cores: set[int] | None, workdir: Path):
+    def __init__(self, config_path: Path, limited: bool, cores: set[int] | None, workdir: Path, label: str = ""):
         self.port = free_port()
         argv = [sys.executable, "-m", "ratepilot.cli", "edge", "--backend", "echo", "--config", str(config_path),
                 "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
         if not limited:
             argv.append("--no-limit")
-        self.log = open(workdir / f"edge-{'limited' if limited else 'bare'}.log", "wb")  # noqa: SIM115
+        self.log = open(workdir / f"edge-{label or ('limited' if limited else 'bare')}.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         _pin(self.process.pid, cores)
         deadline = time.monotonic() + 30
@@ -266,9 +269,9 @@ def _decision_sources(metrics_text: str) -> dict[str, float]:
     return sources
 
 
-def _redis_share(sources: dict[str, float]) -> float:
+def _share(sources: dict[str, float], key: str) -> float:
     decided = sum(sources.values())
-    return round(sources.get("allowed_redis", 0.0) / decided, 4) if decided else 0.0
+    return round(sources.get(key, 0.0) / decided, 4) if decided else 0.0
 
 
 def _quantile(samples: list[float], q: float) -> float:
@@ -293,26 +296,31 @@ def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = Fal
     redis_server = RedisServer(workdir=workdir / "redis")
     redis_server.start()
     _pin(redis_server.process.pid if redis_server.process else 0, load_cores)
-    config_path = workdir / "limiter.yaml"
-    config_path.write_text(BENCH_CONFIG.format(url=redis_server.url, timeout_ms=redis_timeout_ms, chunk=CHUNK))
-    one_batch_path = workdir / "limiter-one-batch.yaml"
-    one_batch_path.write_text(BENCH_CONFIG.format(url=redis_server.url, timeout_ms=redis_timeout_ms, chunk=ONE_BATCH))
-    names = ("bare", "limited", "one_batch")
+    configs = {"limited": (CHUNK, "strict"), "one_batch": (ONE_BATCH, "strict"), "local": (CHUNK, "local")}
+    paths: dict[str, Path] = {}
+    for name, (chunk, mode) in configs.items():
+        paths[name] = workdir / f"limiter-{name}.yaml"
+        paths[name].write_text(BENCH_CONFIG.format(url=redis_server.url, timeout_ms=redis_timeout_ms, chunk=chunk, mode=mode))
+    paths["bare"] = paths["limited"]  # run with --no-limit
+    names = ("bare", "limited", "one_batch", "local")
     rps: dict[str, list[float]] = {name: [] for name in names}
     latencies: dict[str, list[float]] = {name: [] for name in names}
     lateness: dict[str, list[float]] = {name: [] for name in names}
     achieved: dict[str, list[float]] = {name: [] for name in names}
     non_200 = dict.fromkeys(names, 0)
-    decided: dict[str, dict[str, float]] = {"saturation": {}, "open_loop": {}, "saturation_one_batch_per_turn": {}}
+    decided: dict[str, dict[str, float]] = {
+        "saturation": {}, "open_loop": {}, "saturation_one_batch_per_turn": {}, "saturation_local": {}
+    }  # fmt: skip
+    decided_by = {"one_batch": "saturation_one_batch_per_turn", "local": "saturation_local"}
     edges: dict[str, EdgeProcess] = {}
     try:
         for name in names:
-            edges[name] = EdgeProcess(one_batch_path if name == "one_batch" else config_path, name != "bare", edge_cores, workdir)
+            edges[name] = EdgeProcess(paths[name], name != "bare", edge_cores, workdir, label=name)
         for index in range(rounds):
             order = names if index % 2 == 0 else names[::-1]
             for phase in ("saturation", "open_loop"):
                 for name in order:
-                    if phase == "open_loop" and name == "one_batch":
+                    if phase == "open_loop" and name in ("one_batch", "local"):
                         continue  # latency is measured for the shipped setting only
                     before = _decision_sources(edges[name].metrics()) if name != "bare" else {}
                     if phase == "saturation":
@@ -329,7 +337,7 @@ def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = Fal
                         achieved[name].append(result["achieved_rps"])
                     non_200[name] += result["non_200"]
                     if name != "bare":
-                        counted = decided[phase if name == "limited" else "saturation_one_batch_per_turn"]
+                        counted = decided[decided_by.get(name, phase)]
                         for key, value in _decision_sources(edges[name].metrics()).items():
                             counted[key] = counted.get(key, 0.0) + value - before.get(key, 0.0)
     finally:
@@ -350,6 +358,13 @@ def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = Fal
         "http_limited_one_batch_per_turn_rps": round(max(rps["one_batch"]), 1),
         "http_one_batch_per_turn_over_bare": round(max(rps["one_batch"]) / max(rps["bare"]), 3),
         "http_chunked_over_one_batch_per_turn": round(max(rps["limited"]) / max(rps["one_batch"]), 3),
+        "http_local_rps": round(max(rps["local"]), 1),
+        "http_local_over_bare": round(max(rps["local"]) / max(rps["bare"]), 3),
+        "http_local_over_bare_median_of_rounds": round(
+            statistics.median(loc / bare for bare, loc in zip(rps["bare"], rps["local"], strict=True)), 3
+        ),
+        "http_local_over_limited": round(max(rps["local"]) / max(rps["limited"]), 3),
+        "http_local_lease_decision_share": _share(decided["saturation_local"], "allowed_lease"),
         "http_added_p99_ms": round(p99["limited"] - p99["bare"], 3),
         "http_bare_p99_ms": round(p99["bare"], 3),
         "http_limited_p99_ms": round(p99["limited"], 3),
@@ -360,7 +375,9 @@ def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = Fal
         "http_open_loop_achieved_rps": {name: round(min(achieved[name]), 1) for name in ("bare", "limited")},
         "http_client_lateness_p99_ms": {name: round(_quantile(lateness[name], 0.99), 3) for name in ("bare", "limited")},
         "http_non_200": non_200,
-        "http_limited_redis_decision_share": {phase: _redis_share(counts) for phase, counts in decided.items()},
+        "http_limited_redis_decision_share": {
+            phase: _share(counts, "allowed_redis") for phase, counts in decided.items() if phase != "saturation_local"
+        },
         "http_load_generator": "wrk -t1 -c64" if use_wrk else "python closed-loop, 64 connections",
         "http_pinned": cores is not None,
         "http_rounds": rounds,

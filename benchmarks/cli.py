@@ -1,4 +1,4 @@
-"""`ratepilot bench limiter|sim|controller [options] --json FILE`: run one benchmark, write its JSON, print a table.
+"""`ratepilot bench BENCHMARK [options] --json FILE`: run one benchmark, write its JSON, print a table.
 
 Each benchmark module exposes `add_arguments(parser)` and `run(args) -> dict`; it is imported
 only when chosen, so one benchmark's dependencies never slow down or break another.
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "controller": ("benchmarks.bench_controller", "controller tick latency"),
     "grpc": ("benchmarks.bench_grpc", "gRPC calls/s and added p99: an echo server with the rate-limit interceptor vs without"),
     "rls": ("benchmarks.bench_rls", "Envoy ShouldRateLimit calls/s and added p99: ratepilot rls vs a no-op servicer"),
+    "nodes": ("benchmarks.bench_nodes", "1, 3 and 6 real edges: local mode's admissions against its bound and strict mode"),
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -65,6 +65,9 @@ class TierConfig(_Strict):
     client: BucketConfig
     aggregate: BucketConfig
     failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
+    # strict: every request is checked on Redis; local: decided in process from token leases taken
+    # from the same Redis buckets in the background (limiter.leases; bound in docs/limiter.md)
+    mode: Literal["strict", "local"] = "strict"
     key_prefixes: tuple[str, ...] = ()  # API keys starting with one of these belong to this tier
     # shadow: every request is admitted; what the buckets (or fail_closed) would have refused is only
     # counted (ratepilot_shadow_refusals_total), to try a new limit on live traffic
@@ -144,9 +147,37 @@ class RateTableConfig(_Strict):
 class LocalGuardConfig(_Strict):
     """The in-process bucket used while Redis is unreachable (fail_open tiers)."""
 
-    # share of every configured rate and burst each replica admits on its own during an outage;
-    # set it to 1/replicas to keep the fleet total at the configured limit
-    fraction: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    # share of every rate and burst each edge node admits on its own during an outage; unset (the
+    # default): 1 / the live edge nodes (limiter.membership), so the fleet keeps the configured total
+    fraction: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+
+    def static_fraction(self) -> float:
+        """The fixed fraction, or 1 (a lone node's share) when it follows the live-node count."""
+        return 1.0 if self.fraction is None else self.fraction
+
+
+class NodesConfig(_Strict):
+    """Edge-node membership: each node refreshes its heartbeat in Redis; the live count sets its share."""
+
+    heartbeat_s: float = Field(default=1.0, ge=0.05, le=60, allow_inf_nan=False)
+    # a node whose last heartbeat is older than this (server clock) no longer counts as live
+    expiry_s: float = Field(default=2.5, gt=0, le=600, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _expiry_covers_heartbeats(self) -> NodesConfig:
+        if self.expiry_s < 1.5 * self.heartbeat_s:
+            raise ValueError(
+                f"expiry_s {self.expiry_s:g} must be at least 1.5 x heartbeat_s {self.heartbeat_s:g}: "
+                "a live node would otherwise drop out between its heartbeats"
+            )
+        return self
+
+
+class LocalModeConfig(_Strict):
+    """How `mode: local` tiers reconcile their token leases with Redis."""
+
+    # seconds between two lease syncs of a node (one script call for all its leased buckets)
+    sync_s: float = Field(default=0.1, ge=0.01, le=10, allow_inf_nan=False)
 
 
 class LimiterConfig(_Strict):
@@ -161,6 +192,8 @@ class LimiterConfig(_Strict):
     costs: CostsConfig = CostsConfig()
     rate_table: RateTableConfig = RateTableConfig()
     local_guard: LocalGuardConfig = LocalGuardConfig()
+    nodes: NodesConfig = NodesConfig()
+    local_mode: LocalModeConfig = LocalModeConfig()
     exempt_paths: tuple[str, ...] = ("/health", "/metrics")
     rls: RlsConfig = RlsConfig()  # descriptors -> tiers and clients for `ratepilot rls`
     grpc: GrpcConfig = GrpcConfig()  # per-method costs of the gRPC interceptor
@@ -190,12 +223,14 @@ class LimiterConfig(_Strict):
         self.grpc.check_tiers(known)
         max_cost = max(self.costs.max_cost(), self.grpc.max_cost())
         for name, tier in self.tiers.items():
-            smallest = min(tier.client.burst, tier.aggregate.burst) * self.local_guard.fraction
+            smallest = min(tier.client.burst, tier.aggregate.burst) * self.local_guard.static_fraction()
             if max_cost > smallest:
                 raise ValueError(
                     f"tier {name!r}: the largest request cost {max_cost:g} exceeds its smallest burst "
                     f"{smallest:g} (times local_guard.fraction): such requests could never pass"
                 )
+            if tier.mode == "local" and self.redis.cluster:
+                raise ValueError(f"tier {name!r}: mode local needs a single Redis (redis.cluster is true)")
         return self
 
 

@@ -55,7 +55,7 @@ def charge(
         raise ValueError(f"tier {tier!r} is not one of the tiers {sorted(config.tiers)}")
     for name in [tier] if tier is not None else config.tiers:
         tier_config = config.tiers[name]  # type: ignore[index]
-        smallest = min(tier_config.client.burst, tier_config.aggregate.burst) * config.local_guard.fraction
+        smallest = min(tier_config.client.burst, tier_config.aggregate.burst) * config.local_guard.static_fraction()
         if cost > smallest:
             raise ValueError(f"cost {cost:g} exceeds tier {name!r}'s smallest burst {smallest:g}: it could never pass")
     client_dependency = client if client is not None else _header_client(limiter)

@@ -3,8 +3,8 @@
 `Guard.decide()` never raises because Redis is gone. When the Redis bucket cannot decide (down,
 hung past its timeout, backing off) the tier's failure policy applies:
 
-- `fail_open`: the in-process `LocalBucket` decides with the same rates (times
-  `local_guard.fraction`), so a dead Redis never means unlimited;
+- `fail_open`: the in-process `LocalBucket` decides with the same rates times the node's share
+  (1 / live edge nodes, or a fixed `local_guard.fraction`), so a dead Redis never means unlimited;
 - `fail_closed`: the request is refused (429, `Retry-After: 1`).
 
 Nothing needs resetting when Redis returns: the next check that gets through uses Redis again (the
@@ -32,6 +32,8 @@ from limiter.check_encoding import (
 )
 from limiter.config import LimiterConfig
 from limiter.costs import CostTable
+from limiter.leases import SyncItem
+from limiter.local_mode import NodeShare, local_fraction
 from limiter.metrics import ALLOWED, ALLOWED_REDIS, LimiterMetrics
 from limiter.pending_checks import Resolver
 from limiter.rate_reader import TierRates, static_rates
@@ -87,6 +89,7 @@ class TierRuntime:
     __slots__ = (
         "name", "failure_policy", "rates", "specs", "local_specs", "tier_key", "client_prefix",
         "policy_header", "counters", "clock", "last_remaining", "last_time", "templates", "field_parts",
+        "local", "max_cost", "local_fraction",
     )  # fmt: skip
 
     def __init__(
@@ -106,16 +109,25 @@ class TierRuntime:
         self.clock = clock  # the guard's: last_time is a reading of it
         self.last_remaining = rates.burst
         self.last_time = clock()
+        self.local = False  # mode: local (decided from this node's leases: limiter.local_mode)
+        self.max_cost = 0.0  # the largest request cost: a local-guard burst never drops below it
         self.set_rates(rates, local_fraction)
 
     def set_rates(self, rates: TierRates, local_fraction: float) -> None:
         """Switch to new rates (the bucket state carries over: only the refill changes)."""
         self.rates = rates
         self.specs = [BucketSpec(rates.client_rate, rates.client_burst), BucketSpec(rates.rate, rates.burst)]
-        self.local_specs = [BucketSpec(s.rate * local_fraction, s.capacity * local_fraction) for s in self.specs]
+        self.set_local_fraction(local_fraction)
         self.policy_header = policy_header(rates)
         self.templates: dict[float, CheckTemplate] = {}  # cost -> its encoded check (for these specs)
         self.field_parts: FieldParts = ({}, {})  # RateLimit field parts by tokens µt, client and tier bucket
+
+    def set_local_fraction(self, fraction: float) -> None:
+        """The fail-open local guard's share of every rate and burst (a burst at least the largest cost)."""
+        self.local_fraction = fraction
+        self.local_specs = [
+            BucketSpec(s.rate * fraction, max(s.capacity * fraction, min(s.capacity, self.max_cost))) for s in self.specs
+        ]
 
     def template(self, cost: float) -> CheckTemplate:
         """The encoded check of `cost` on this tier's buckets; raises BucketError if no bucket can hold it."""
@@ -177,6 +189,7 @@ class Guard:
         self._tiers: dict[str, TierRuntime] = {}
         self._tier_cache: dict[str, TierRuntime] = {}
         self._routes: dict[bytes | tuple[str, str], Route] = {}  # API key, or (tier, client) for start_in()
+        self.nodes = NodeShare(self._latency, clock)  # many edge nodes: the live count, local mode's leases
         self.apply_config(config)
 
     @property
@@ -186,7 +199,8 @@ class Guard:
 
     def apply_config(self, config: LimiterConfig) -> None:
         """Switch to a new validated config; tiers that stay keep their controller rates."""
-        fraction = config.local_guard.fraction
+        fraction = local_fraction(config, self.nodes.live_nodes)
+        max_cost = config.costs.max_cost()
         tiers: dict[str, TierRuntime] = {}
         for name, tier in config.tiers.items():
             old = self._tiers.get(name)
@@ -196,7 +210,9 @@ class Guard:
                 rates = static_rates(tier)
             runtime = old or TierRuntime(name, tier.failure_policy, rates, fraction, self._metrics, self._clock)
             runtime.failure_policy = tier.failure_policy
+            runtime.local, runtime.max_cost = tier.mode == "local", max_cost
             runtime.set_rates(rates, fraction)
+            self.nodes.respec(runtime)
             tiers[name] = runtime
             if old is None:
                 self._metrics.watch_tier(name, runtime.remaining_now, runtime.utilization_now)
@@ -219,12 +235,25 @@ class Guard:
 
     def apply_rates(self, rates: dict[str, TierRates]) -> None:
         """Switch tiers to the rates the rate reader resolved (unknown tiers are ignored)."""
-        fraction = self.config.local_guard.fraction
+        fraction = local_fraction(self.config, self.nodes.live_nodes)
         for name, tier_rates in rates.items():
             runtime = self._tiers.get(name)
             if runtime is not None and tier_rates != runtime.rates:
                 runtime.set_rates(tier_rates, fraction)
+                self.nodes.respec(runtime)
                 self._routes = {}  # their encoded checks carry the old rates
+
+    def set_live_nodes(self, live_nodes: int) -> None:
+        """The live edge-node count (limiter.membership): every tier's fail-open share becomes
+        1 / live_nodes, unless `local_guard.fraction` fixes it."""
+        self.nodes.live_nodes = live_nodes
+        fraction = local_fraction(self.config, live_nodes)
+        for runtime in self._tiers.values():
+            runtime.set_local_fraction(fraction)
+
+    def leases_synced(self, items: Sequence[SyncItem], tokens_left: Sequence[int]) -> None:
+        """A lease sync's answer (limiter.lease_sync): local tiers' gauges follow their Redis tier bucket."""
+        self.nodes.synced(self._tiers.values(), items, tokens_left)
 
     def tier_for(self, client: str) -> TierRuntime:
         """The tier of an API key: exact client entry, else longest key prefix, else the default tier."""
@@ -283,6 +312,10 @@ class Guard:
             prepared = route.prepared.get(cost)
             if prepared is None:
                 prepared = self._prepare(route, cost)
+            if route.tier.local:  # mode: local decides in process when this node's leases can
+                verdict = self.nodes.decide(prepared.context, started)
+                if verdict is not None:
+                    return verdict
             bucket = self.redis_bucket
             if bucket is None:
                 raise ConnectionError("no Redis bucket configured")
@@ -314,6 +347,10 @@ class Guard:
             self._routes[tier, client] = route
         try:
             prepared = route.prepared.get(cost) or self._prepare(route, cost)
+            if route.tier.local:  # mode: local, as in start()
+                verdict = self.nodes.decide(prepared.context, started)
+                if verdict is not None:
+                    return verdict
             bucket = self.redis_bucket
             if bucket is None:
                 raise ConnectionError("no Redis bucket configured")

@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 RATE_SOURCES = ("controller", "override", "static", "fallback")
 OUTCOMES = ("allowed", "throttled")
-DECISION_SOURCES = ("redis", "local", "fail_closed")
+DECISION_SOURCES = ("redis", "local", "fail_closed", "lease")  # lease: local mode, decided in process
 CHECK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
@@ -28,6 +28,7 @@ CHECK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05
 DECISION_KEYS = tuple((outcome, source) for outcome in OUTCOMES for source in DECISION_SOURCES)
 DECISION_INDEX = {key: index for index, key in enumerate(DECISION_KEYS)}
 ALLOWED_REDIS = DECISION_INDEX["allowed", "redis"]
+ALLOWED_LEASE = DECISION_INDEX["allowed", "lease"]
 ALLOWED = OUTCOMES.index("allowed")  # position in TierCounters.tokens
 
 

@@ -32,6 +32,7 @@ from limiter.config import ConfigWatcher, LimiterConfig, load_config
 from limiter.guard import Guard
 from limiter.local_bucket import LocalBucket
 from limiter.metrics import LimiterMetrics
+from limiter.node_tasks import NodeTasks
 from limiter.rate_reader import RateReader
 from limiter.redis_bucket import RedisBucket
 from limiter.tracing import configured_tracer
@@ -86,6 +87,7 @@ class RateLimiter:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = LimiterMetrics(self.registry)
         self.guard = Guard(config, None, LocalBucket(), self.metrics)
+        self.node_tasks = NodeTasks(self.guard, self.metrics, self.registry)  # heartbeat, local mode's lease sync
         self.reader: RateReader | None = None
         self.tracer: Tracer | None = None  # set at start-up when a tracer provider is configured
         self._tracer_provider = tracer_provider
@@ -126,6 +128,7 @@ class RateLimiter:
         self.reader = RateReader(self._rate_client, lambda: self.guard.config, self.guard.apply_rates, self.metrics)
         await self.reader.poll_once()  # the controller's rates before the first check
         self._spawn(self._keep_reading(self.reader))
+        self.node_tasks.start(self._rate_client, self._spawn)
         if self.config_path is not None:
             self._spawn(self._watch_config(ConfigWatcher(self.config_path, self.guard.config)))
 
@@ -137,6 +140,7 @@ class RateLimiter:
         self._stopping = True
         if self.reader is not None:
             self.reader.stop()
+        await self.node_tasks.stop()
         for task in self._tasks:
             task.cancel()
         if self._tasks:

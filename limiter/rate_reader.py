@@ -73,7 +73,7 @@ def resolve_tier(name: str, raw: bytes | str | None, now_s: float, config: Limit
         return static_rates(tier, "fallback"), f"tier {name!r}: ignoring rate-table entry: {exc}"
     if entry.is_expired(now_s):
         return static_rates(tier, "fallback"), None
-    min_burst = config.costs.max_cost() / config.local_guard.fraction
+    min_burst = config.costs.max_cost() / config.local_guard.static_fraction()
     scale = min(config.rate_table.client_scale_max, entry.rate / tier.aggregate.rate)
     rates = TierRates(
         rate=entry.rate,

@@ -55,14 +55,17 @@ def test_cpu_bench_runs_both_apps_and_refuses_bad_sizes(tmp_path: Path) -> None:
         bench_limiter_cpu.main(["--requests", "33"])
 
 
-def test_tiny_http_run_measures_all_three_edges_on_redis() -> None:
-    """`bench_limiter_http` serves only 200s through bare, chunked and one-batch-per-turn edges, every
-    limited decision a Redis one, and reports each promised figure (no timing asserted)."""
+def test_tiny_http_run_measures_all_four_edges() -> None:
+    """`bench_limiter_http` serves only 200s through bare, chunked, one-batch-per-turn and local-mode edges,
+    every strict decision a Redis one, local-mode ones also in process (in one 1-s round most clients are
+    still cold: their first requests ask Redis), and reports each promised figure (no timing asserted)."""
     from benchmarks import bench_limiter_http
 
     result = bench_limiter_http.run_http(1.0, rounds=1)
-    for key in ("http_bare_rps", "http_limited_rps", "http_limited_one_batch_per_turn_rps"):
+    for key in ("http_bare_rps", "http_limited_rps", "http_limited_one_batch_per_turn_rps", "http_local_rps"):
         assert result[key] > 0
-    assert set(result) >= {"http_limited_over_bare", "http_chunked_over_one_batch_per_turn", "http_added_p99_ms"}
-    assert result["http_non_200"] == {"bare": 0, "limited": 0, "one_batch": 0}
-    assert set(result["http_limited_redis_decision_share"].values()) == {1.0}
+    assert set(result) >= {"http_limited_over_bare", "http_chunked_over_one_batch_per_turn", "http_added_p99_ms",
+                           "http_local_over_bare", "http_local_over_bare_median_of_rounds"}  # fmt: skip
+    assert result["http_non_200"] == {"bare": 0, "limited": 0, "one_batch": 0, "local": 0}
+    assert set(result["http_limited_redis_decision_share"].values()) == {1.0}  # strict edges: Redis decides every one
+    assert result["http_local_lease_decision_share"] > 0

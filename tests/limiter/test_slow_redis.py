@@ -37,6 +37,9 @@ tiers:
     key_prefixes: [closed_]
 rate_table:
   poll_s: 3600
+nodes:  # one heartbeat at start-up only: its connections through the proxy would count as probes
+  heartbeat_s: 60
+  expiry_s: 120
 """
 
 
