@@ -5,8 +5,8 @@
     ratepilot train --resume runs/NAME/checkpoint.json
 
 Steps: DAgger imitation of the oracle initialises a linear policy over normalised observation
-features; ARS V2-t (training/ars.py) improves it on fresh domain-randomised episodes of the whole
-scenario library and the training part of the real traces; the best parameters on fixed
+features; ARS V2-t (`training/ars.py`, run on the simulator by `training/trainer.py`) improves it
+on fresh domain-randomised episodes of the whole scenario library and the training part of the real traces; the best parameters on fixed
 validation episodes (training seeds) become the policy. It is then evaluated by the harness
 against every baseline on held-out evaluation seeds (and on the held-out part of the traces),
 and everything is logged to MLflow: params, learning curve, evaluation tables, plots, the
@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from policy.observation import OBS_SCHEMA
 from policy.rl import DEFAULT_MODEL_PATH, RLPolicy, make_meta, save
-from training.ars import Args, Trainer
+from training.trainer import Args, Trainer
 
 ENV_ID = "ratepilot/Traffic-v0"
 ALGORITHM = "ars"
@@ -42,13 +42,13 @@ POLICY_VERSION = 2  # 2: trained for the asymmetric action space (cut 4x, raise 
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstrings under the fields of a dataclass (CleanRL style), by field name."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """The one-line docstrings under the fields of a dataclass and its dataclass bases (CleanRL style), by field name."""
     docs = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = str(after.value.value)  # type: ignore[union-attr]
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        for node, after in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                docs[node.target.id] = str(after.value.value)  # type: ignore[union-attr]
     return docs
 
 

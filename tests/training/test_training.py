@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from policy.rl import load
-from training.ars import Args, Trainer, sample_episodes, validation_episodes
 from training.scenarios import TRAIN_SEED_OFFSET
 from training.train import main
+from training.trainer import Args, Trainer, sample_episodes, validation_episodes
 
 TINY = [
     "--dagger-rounds", "1", "--dagger-episodes", "4", "--validation-episodes", "3", "--episodes-per-iteration", "2",
