@@ -84,6 +84,11 @@ def args_from(ns: argparse.Namespace) -> Args:
         "dagger_episodes": args.dagger_episodes >= 1, "validation_episodes": args.validation_episodes >= 1,
         "eval_every": args.eval_every >= 1, "ridge_alpha": args.ridge_alpha > 0,
     }  # fmt: skip
+    from training.scenarios import TRAINABLE_SUITES
+
+    if args.suite not in TRAINABLE_SUITES:
+        raise ValueError(f"--suite {args.suite!r} is not trained on (it measures generalisation); choose from {', '.join(TRAINABLE_SUITES)}")
+    checks["curriculum"] = 0 <= args.curriculum <= 1
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
         raise ValueError(f"invalid value for --{bad[0].replace('_', '-')}: {getattr(args, bad[0])!r}")

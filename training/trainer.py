@@ -19,7 +19,7 @@ from policy.base import action_to_rate
 from policy.rl import N_FEATURES, Z_CLIP, PolicyNetwork, batch_actions, features, n_params
 from training.ars import ARS, ARSConfig, IterationStats, RunningStat
 from training.metrics import episode_metrics
-from training.scenarios import TRACE_PREFIX, make_episode, scenario_names, train_seeds
+from training.scenarios import TRACE_PREFIX, TRAINABLE_SUITES, make_episode, scenario_names, train_seeds
 from training.sim import BatchSim, Episode
 
 
@@ -50,7 +50,7 @@ class Args(ARSConfig):
     """episodes per DAgger round"""
     ridge_alpha: float = 1.0
     """L2 regularisation of the imitation fit (scikit-learn Ridge)"""
-    validation_episodes: int = 36
+    validation_episodes: int = 42
     """fixed training-seed episodes that track progress and pick the best parameters"""
     eval_every: int = 10
     """iterations between validation runs (and checkpoints)"""
@@ -60,6 +60,8 @@ class Args(ARSConfig):
     """objective = goodput_ratio - slo_weight * slo_violation_frac - tracking_weight * rate_tracking_error"""
     tracking_weight: float = 2.0
     """weight of the rate tracking error (clipped at 2) in the objective"""
+    curriculum: float = 0.5
+    """share of episode draws weighted toward scenarios where a baseline beats the policy most (GENET); 0 = uniform"""
 
     def ars_config(self) -> ARSConfig:
         """The ARS hyperparameters of this run (ARSConfig validates them)."""
@@ -68,17 +70,28 @@ class Args(ARSConfig):
 
 def training_names(args: Args) -> tuple[list[str], list[str]]:
     """Scenario names trained on: the suite's generators and the packaged traces (training split)."""
+    if args.suite not in TRAINABLE_SUITES:
+        raise ValueError(f"suite {args.suite!r} is not trained on; choose from {', '.join(TRAINABLE_SUITES)}")
     scenarios = [name for name in scenario_names(args.suite) if not name.startswith(TRACE_PREFIX)]
     return scenarios, list(scenario_names("traces"))
 
 
-def sample_episodes(args: Args, rng: np.random.Generator, n: int) -> list[Episode]:
-    """n fresh domain-randomised training episodes (training seeds only, traces from their training split)."""
+def _draw(rng: np.random.Generator, names: list[str], weights: dict[str, float]) -> str:
+    """One name, with probability proportional to its weight (uniform when none is given)."""
+    w = np.array([weights.get(name, 1.0) for name in names], dtype=np.float64)
+    return str(names[int(rng.choice(len(names), p=w / w.sum()))])
+
+
+def sample_episodes(args: Args, rng: np.random.Generator, n: int, weights: dict[str, float] | None = None) -> list[Episode]:
+    """n fresh domain-randomised training episodes (training seeds only, traces from their training split).
+
+    `weights` (scenario name -> relative weight, from `curriculum_weights`) skews the draw of names.
+    """
     scenarios, traces = training_names(args)
     episodes = []
     for _ in range(n):
         use_trace = bool(traces) and rng.random() < args.trace_share
-        name = str(rng.choice(traces if use_trace else scenarios))
+        name = _draw(rng, traces if use_trace else scenarios, weights or {})
         seed = train_seeds(1, start=int(rng.integers(0, 400_000_000)))[0]
         episodes.append(make_episode(name, seed, args.episode_steps, split="train"))
     return episodes
@@ -99,6 +112,8 @@ class RolloutResult:
     objective: np.ndarray
     metrics: dict[str, np.ndarray]
     states: np.ndarray
+    per_episode: dict[str, np.ndarray]
+    """objective and goodput_ratio of every (parameter vector, episode), shape (P, M)"""
 
 
 def objective(metrics: dict[str, np.ndarray], args: Args) -> np.ndarray:
@@ -132,7 +147,51 @@ def rollout(
     per_world = episode_metrics(stacked, np.stack(rewards))
     per_world["objective"] = objective(per_world, args)
     means = {key: np.nanmean(value.reshape(p, m), axis=1) for key, value in per_world.items()}
-    return RolloutResult(means.pop("objective"), means, np.concatenate(states))
+    per_episode = {key: per_world[key].reshape(p, m) for key in ("objective", "goodput_ratio")}
+    return RolloutResult(means.pop("objective"), means, np.concatenate(states), per_episode)
+
+
+CURRICULUM_BASELINES = ("static", "threshold", "aimd", "gradient", "pid")
+
+
+def baseline_scores(episodes: list[Episode], args: Args) -> dict[str, np.ndarray]:
+    """Per episode, the best objective and the best goodput_ratio of any baseline, shape (M,) each."""
+    from policy.registry import make_policy
+
+    best = {"objective": np.full(len(episodes), -np.inf), "goodput_ratio": np.full(len(episodes), -np.inf)}
+    for name in CURRICULUM_BASELINES:
+        policy = make_policy(name)
+        sim = BatchSim(episodes)
+        obs = sim.reset()
+        infos, done = [], False
+        while not done:
+            obs, _, done, info = sim.step(np.asarray(policy.act(obs), dtype=np.float64))
+            infos.append(info)
+        per_world = episode_metrics({key: np.stack([i[key] for i in infos]) for key in infos[0]})
+        per_world["objective"] = objective(per_world, args)
+        for key, values in best.items():
+            np.maximum(values, per_world[key], out=values)
+    return best
+
+
+def curriculum_weights(
+    names: list[str], policy: dict[str, np.ndarray], baselines: dict[str, np.ndarray], share: float
+) -> dict[str, float]:
+    """GENET-style sampling weights (Xia et al., SIGCOMM 2022): scenarios where a baseline beats the policy most.
+
+    Per scenario name (entries of `names` align with the arrays), the gap is the larger of the
+    best baseline's objective minus the policy's and the same for goodput_ratio, averaged over the
+    name's episodes and floored at 0. The weight mixes the uniform draw (1 - share) with one
+    proportional to the gap (share), so no world is ever dropped; uniform when no baseline wins.
+    """
+    unique = sorted(set(names))
+    index = np.array([unique.index(name) for name in names])
+    gap = np.maximum(baselines["objective"] - policy["objective"], baselines["goodput_ratio"] - policy["goodput_ratio"])
+    per_name = np.array([max(float(np.mean(gap[index == k])), 0.0) for k in range(len(unique))])
+    uniform = np.full(len(unique), 1.0 / len(unique))
+    skewed = per_name / per_name.sum() if per_name.sum() > 0 else uniform
+    weights = (1.0 - share) * uniform + share * skewed
+    return {name: float(w) for name, w in zip(unique, weights, strict=True)}
 
 
 def fit_imitation(z: np.ndarray, targets: np.ndarray, hidden: int, alpha: float, seed: int) -> np.ndarray:
@@ -188,6 +247,9 @@ class Trainer:
     curve: list[dict[str, float]] = field(default_factory=list)
     elapsed_s: float = 0.0
     env_steps: int = 0
+    weights: dict[str, float] = field(default_factory=dict)
+    """curriculum sampling weights by scenario name (empty: uniform), renewed at every validation"""
+    _baselines: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, args: Args) -> Trainer:
@@ -203,8 +265,14 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Score the current parameters on the fixed validation episodes; remember them if they are the best."""
         stat = self.ars.obs_stat
-        result = rollout(validation_episodes(self.args), self.ars.theta[None], stat.mean, stat.std, self.args)
+        episodes = validation_episodes(self.args)
+        result = rollout(episodes, self.ars.theta[None], stat.mean, stat.std, self.args)
         scores = {"objective": float(result.objective[0])} | {k: float(v[0]) for k, v in result.metrics.items()}
+        if self.args.curriculum > 0:
+            if self._baselines is None:  # fixed episodes and baselines: computed once per run
+                self._baselines = baseline_scores(episodes, self.args)
+            policy = {key: value[0] for key, value in result.per_episode.items()}
+            self.weights = curriculum_weights([e.name for e in episodes], policy, self._baselines, self.args.curriculum)
         if not self.best or scores["objective"] > self.best["objective"]:
             self.best = {**scores, "iteration": self.ars.iteration, "theta": self.ars.theta.copy(),
                          "obs_mean": stat.mean.copy(), "obs_std": stat.std.copy()}
@@ -212,7 +280,7 @@ class Trainer:
 
     def iterate(self) -> IterationStats:
         """One ARS iteration on M fresh training episodes."""
-        episodes = sample_episodes(self.args, self.ars.rng, self.args.episodes_per_iteration)
+        episodes = sample_episodes(self.args, self.ars.rng, self.args.episodes_per_iteration, self.weights)
 
         def run(thetas: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             result = rollout(episodes, thetas, mean, std, self.args)
@@ -242,6 +310,7 @@ class Trainer:
             "curve": self.curve,
             "elapsed_s": self.elapsed_s,
             "env_steps": self.env_steps,
+            "weights": self.weights,
         }
 
     @classmethod
@@ -259,6 +328,6 @@ class Trainer:
             config = args.ars_config()
             best = {k: (np.array(v) if k in ("theta", "obs_mean", "obs_std") else v) for k, v in state["best"].items()}
             return cls(args, ARS(theta, stat, config, rng, int(state["iteration"])), best, list(state["curve"]),
-                       float(state["elapsed_s"]), int(state["env_steps"]))
+                       float(state["elapsed_s"]), int(state["env_steps"]), dict(state.get("weights", {})))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a training checkpoint ({exc})") from None

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from policy.rl import load
 from training.scenarios import TRAIN_SEED_OFFSET
 from training.train import main
-from training.trainer import Args, Trainer, sample_episodes, validation_episodes
+from training.trainer import Args, Trainer, sample_episodes, training_names, validation_episodes
 
 TINY = [
     "--dagger-rounds", "1", "--dagger-episodes", "4", "--validation-episodes", "3", "--episodes-per-iteration", "2",
@@ -58,6 +60,25 @@ def test_checkpoint_round_trip_continues_identically() -> None:
     np.testing.assert_array_equal(trainer.ars.obs_stat.mean, copy.ars.obs_stat.mean)
 
 
+def test_validation_renews_the_curriculum_and_a_checkpoint_keeps_it() -> None:
+    """Weights come from the gap to the best baseline on the validation episodes; a resumed run samples alike."""
+    args = Args(dagger_rounds=0, n_directions=2, top_directions=1, episodes_per_iteration=3, episode_steps=10,
+                validation_episodes=21, curriculum=0.8)  # fmt: skip
+    trainer = Trainer.start(args)  # zeros: the do-nothing policy, which baselines beat in some worlds
+    trainer.validate()
+    names = set(training_names(args)[0]) | set(training_names(args)[1])
+    assert set(trainer.weights) == names and sum(trainer.weights.values()) == pytest.approx(1.0)
+    assert max(trainer.weights.values()) > 1.5 / len(names)  # skewed toward where the baselines win
+    copy = Trainer.from_state(json.loads(json.dumps(trainer.state())))
+    assert copy.weights == trainer.weights
+    trainer.iterate()
+    copy.iterate()
+    np.testing.assert_array_equal(trainer.ars.theta, copy.ars.theta)
+    uniform = Trainer.start(dataclasses.replace(args, curriculum=0.0))
+    uniform.validate()
+    assert uniform.weights == {}  # curriculum off: names are drawn uniformly
+
+
 def test_train_cli_writes_a_policy_and_resumes(tmp_path: Path) -> None:
     out, runs = tmp_path / "policy.npz", tmp_path / "runs"
     common = ["--out", str(out), "--run-dir", str(runs), "--no-mlflow"]
@@ -76,7 +97,9 @@ def test_train_cli_writes_a_policy_and_resumes(tmp_path: Path) -> None:
 
 
 def test_train_cli_refuses_bad_options(tmp_path: Path, capsys) -> None:
-    for bad in (["--n-directions", "0"], ["--top-directions", "9"], ["--trace-share", "2"], ["--eval-suites", "nope"]):
+    bad_options = (["--n-directions", "0"], ["--top-directions", "9"], ["--trace-share", "2"], ["--eval-suites", "nope"],
+                   ["--suite", "unseen"], ["--curriculum", "1.5"])  # fmt: skip
+    for bad in bad_options:
         assert main([*bad, "--no-mlflow", "--out", str(tmp_path / "p.npz")]) == 2, bad
         err = capsys.readouterr().err.strip()
         assert err.startswith("ratepilot train:") and len(err.splitlines()) == 1
