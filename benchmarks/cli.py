@@ -1,4 +1,4 @@
-"""`ratepilot bench limiter|sim|controller [options] --json FILE`: run one benchmark, write its JSON, print a table.
+"""`ratepilot bench limiter|sim|policy|controller [options] --json FILE`: run one benchmark, write its JSON, print a table.
 
 Each benchmark module exposes `add_arguments(parser)` and `run(args) -> dict`; it is imported
 only when chosen, so one benchmark's dependencies never slow down or break another.
@@ -19,6 +19,7 @@ from rich.table import Table
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "limiter": ("benchmarks.bench_limiter", "limiter checks/s against raw EVALSHA, `limits` and pyrate-limiter"),
     "sim": ("benchmarks.bench_sim", "simulator steps/s"),
+    "policy": ("benchmarks.bench_policy", "learned policy inference per tier against AIMD and the observation builder"),
     "controller": ("benchmarks.bench_controller", "controller tick latency"),
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
