@@ -3,22 +3,10 @@
 The simulator and the controller both call `ObservationBuilder.build`, so a policy is trained on
 exactly what it gets in production. All arrays have one entry per tier.
 
-Feature vector (`Observation.vector[:, i]`, float64, schema `OBS_SCHEMA`):
-
-| i  | name                  | meaning                                          | bounds     |
-|----|-----------------------|--------------------------------------------------|------------|
-| 0  | p99_over_slo          | p99 latency / latency SLO                        | [0, 10]    |
-| 1  | error_rate            | errored / finished requests                      | [0, 1]     |
-| 2  | cpu                   | backend CPU utilisation                          | [0, 2]     |
-| 3  | admitted_over_rate    | admitted tokens/s / refill rate                  | [0, 5]     |
-| 4  | throttled_over_rate   | throttled tokens/s / refill rate                 | [0, 20]    |
-| 5  | log_rate_over_ref     | ln(refill rate / reference rate)                 | [-5, 5]    |
-| 6  | d_p99_over_slo        | change of feature 0 since the last interval      | [-10, 10]  |
-| 7  | d_error_rate          | change of feature 1                              | [-1, 1]    |
-| 8  | d_throttled_over_rate | change of feature 4                              | [-20, 20]  |
-| 9  | d_log_rate            | change of feature 5 (the last action's effect)   | [-5, 5]    |
-| 10 | missing               | 1 when any metric of the interval was missing    | {0, 1}     |
-| 11 | bias                  | constant 1                                       | {1}        |
+Feature vector (`Observation.vector[:, i]`, float64, schema `OBS_SCHEMA`): the table `OBS_TABLE`
+below is the one definition of the columns, their meaning and bounds (`obs_table_markdown()` renders
+it, e.g. into `training.env.TrafficEnv`'s docstring). Code reads a column by its constant:
+`vector[:, P99_OVER_SLO]`, never by a bare number.
 
 A missing metric (None, NaN, inf) enters the vector as 0 with `missing` = 1; the raw fields keep NaN
 so that the safety engine can see it.
@@ -27,28 +15,68 @@ so that the safety engine can see it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-OBS_FIELDS = (
-    "p99_over_slo",
-    "error_rate",
-    "cpu",
-    "admitted_over_rate",
-    "throttled_over_rate",
-    "log_rate_over_ref",
-    "d_p99_over_slo",
-    "d_error_rate",
-    "d_throttled_over_rate",
-    "d_log_rate",
-    "missing",
-    "bias",
+
+class ObsColumn(NamedTuple):
+    """One column of the observation vector."""
+
+    name: str
+    meaning: str  # unit / meaning
+    low: float
+    high: float
+    values: str = ""  # how the table shows the bounds when they are a set, not an interval
+
+
+OBS_TABLE = (
+    ObsColumn("p99_over_slo", "reported p99 latency / latency SLO", 0, 10),
+    ObsColumn("error_rate", "errored / finished requests", 0, 1),
+    ObsColumn("cpu", "backend CPU utilisation (share)", 0, 2),
+    ObsColumn("admitted_over_rate", "admitted tokens/s / refill rate", 0, 5),
+    ObsColumn("throttled_over_rate", "throttled tokens/s / refill rate", 0, 20),
+    ObsColumn("log_rate_over_ref", "ln(refill rate / reference rate)", -5, 5),
+    ObsColumn("d_p99_over_slo", "change of p99_over_slo since the last interval", -10, 10),
+    ObsColumn("d_error_rate", "change of error_rate", -1, 1),
+    ObsColumn("d_throttled_over_rate", "change of throttled_over_rate", -20, 20),
+    ObsColumn("d_log_rate", "change of log_rate_over_ref (the last action's effect)", -5, 5),
+    ObsColumn("missing", "1 when any metric of the interval was missing", 0, 1, "{0, 1}"),
+    ObsColumn("bias", "constant 1", 1, 1, "{1}"),
 )
+# Column numbers, in OBS_TABLE order (tests/policy/test_observation.py checks that they agree).
+(
+    P99_OVER_SLO,
+    ERROR_RATE,
+    CPU,
+    ADMITTED_OVER_RATE,
+    THROTTLED_OVER_RATE,
+    LOG_RATE_OVER_REF,
+    D_P99_OVER_SLO,
+    D_ERROR_RATE,
+    D_THROTTLED_OVER_RATE,
+    D_LOG_RATE,
+    MISSING,
+    BIAS,
+) = range(len(OBS_TABLE))
+MEASURED = slice(P99_OVER_SLO, LOG_RATE_OVER_REF + 1)  # the columns computed from one interval's metrics
+DELTA_OF = [P99_OVER_SLO, ERROR_RATE, THROTTLED_OVER_RATE, LOG_RATE_OVER_REF]  # what D_P99_OVER_SLO ... D_LOG_RATE change
+
+OBS_FIELDS = tuple(column.name for column in OBS_TABLE)
 OBS_DIM = len(OBS_FIELDS)
 OBS_SCHEMA = "ratepilot-obs-v1:" + ",".join(OBS_FIELDS)
-_LOW = np.array([0, 0, 0, 0, 0, -5, -10, -1, -20, -5, 0, 1], dtype=np.float64)
-_HIGH = np.array([10, 1, 2, 5, 20, 5, 10, 1, 20, 5, 1, 1], dtype=np.float64)
-OBS_LOW, OBS_HIGH = _LOW, _HIGH
+OBS_LOW = np.array([column.low for column in OBS_TABLE], dtype=np.float64)
+OBS_HIGH = np.array([column.high for column in OBS_TABLE], dtype=np.float64)
+
+
+def obs_table_markdown() -> str:
+    """`OBS_TABLE` as a Markdown table (column number, name, unit / meaning, bounds)."""
+    lines = ["| i  | feature               | unit / meaning                                          | bounds    |"]
+    lines.append("|----|-----------------------|---------------------------------------------------------|-----------|")
+    for i, column in enumerate(OBS_TABLE):
+        bounds = column.values or f"[{column.low:g}, {column.high:g}]"
+        lines.append(f"| {i:<2} | {column.name:<21} | {column.meaning:<55} | {bounds:<9} |")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -148,10 +176,10 @@ class ObservationBuilder:
                 axis=1,
             )
         base = np.where(np.isfinite(base), base, 0.0)
-        base = np.clip(base, _LOW[:6], _HIGH[:6])
+        base = np.clip(base, OBS_LOW[MEASURED], OBS_HIGH[MEASURED])
         previous = base if self._previous is None else self._previous
-        deltas = base[:, [0, 1, 4, 5]] - previous[:, [0, 1, 4, 5]]
+        deltas = base[:, DELTA_OF] - previous[:, DELTA_OF]
         self._previous = base
         vector = np.concatenate([base, deltas, missing[:, None].astype(np.float64), np.ones((n, 1))], axis=1)
-        vector = np.clip(vector, _LOW, _HIGH)
+        vector = np.clip(vector, OBS_LOW, OBS_HIGH)
         return Observation(m, self.slo_ms, self.reference_rate, vector, capacity_tokens)

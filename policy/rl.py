@@ -31,19 +31,32 @@ from typing import Any, ClassVar
 import numpy as np
 
 from policy.base import ACTION_SPACE, Policy, action_to_rate
-from policy.observation import OBS_DIM, OBS_FIELDS, OBS_SCHEMA, Observation
+from policy.observation import (
+    ADMITTED_OVER_RATE,
+    BIAS,
+    CPU,
+    OBS_DIM,
+    OBS_FIELDS,
+    OBS_SCHEMA,
+    P99_OVER_SLO,
+    THROTTLED_OVER_RATE,
+    Observation,
+)
 
 FORMAT = "ratepilot-policy"
 FORMAT_VERSION = 1
 FEATURE_SET = "rp-feat-v1"
+RAW_FEATURES = slice(0, BIAS)  # the observation columns the features keep, in place: all but the bias
 FEATURES = (
-    *OBS_FIELDS[:-1],  # the raw vector without its bias; the bias is added after normalisation
+    *OBS_FIELDS[RAW_FEATURES],  # the bias is added after normalisation
     "ln_admitted_over_rate",
     "ln_cpu",
     "p99_excess",  # max(p99/SLO - 1, 0): how far over the SLO
     "ln1p_throttled_over_rate",
 )
 N_FEATURES = len(FEATURES)
+# Columns of the derived features, after the raw ones (FEATURES order)
+LN_ADMITTED_OVER_RATE, LN_CPU, P99_EXCESS, LN1P_THROTTLED_OVER_RATE = range(BIAS, N_FEATURES)
 Z_CLIP = 10.0  # normalised features are clipped to this many standard deviations
 LOG_FLOOR = 0.01  # ratios below this enter the logs as this
 MAX_HIDDEN = 64
@@ -64,11 +77,11 @@ def features(vector: np.ndarray) -> np.ndarray:
     if x.shape[-1] != OBS_DIM:
         raise ValueError(f"observation vectors need {OBS_DIM} entries, got shape {x.shape}")
     out = np.empty(x.shape[:-1] + (N_FEATURES,))
-    out[..., : OBS_DIM - 1] = x[..., : OBS_DIM - 1]
-    out[..., OBS_DIM - 1] = np.log(np.maximum(x[..., 3], LOG_FLOOR))
-    out[..., OBS_DIM] = np.log(np.maximum(x[..., 2], LOG_FLOOR))
-    out[..., OBS_DIM + 1] = np.maximum(x[..., 0] - 1.0, 0.0)
-    out[..., OBS_DIM + 2] = np.log1p(np.maximum(x[..., 4], 0.0))
+    out[..., RAW_FEATURES] = x[..., RAW_FEATURES]
+    out[..., LN_ADMITTED_OVER_RATE] = np.log(np.maximum(x[..., ADMITTED_OVER_RATE], LOG_FLOOR))
+    out[..., LN_CPU] = np.log(np.maximum(x[..., CPU], LOG_FLOOR))
+    out[..., P99_EXCESS] = np.maximum(x[..., P99_OVER_SLO] - 1.0, 0.0)
+    out[..., LN1P_THROTTLED_OVER_RATE] = np.log1p(np.maximum(x[..., THROTTLED_OVER_RATE], 0.0))
     return out
 
 

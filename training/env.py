@@ -1,7 +1,11 @@
-"""`TrafficEnv`, the gymnasium face of the simulator (`ratepilot/Traffic-v0`): BatchSim with one world."""
+"""`TrafficEnv`, the gymnasium face of the simulator: BatchSim with one world.
+
+`import training` registers it as `ratepilot/Traffic-v0` (`ENV_ID`).
+"""
 
 from __future__ import annotations
 
+from textwrap import indent
 from typing import Any
 
 import gymnasium as gym
@@ -9,12 +13,10 @@ import numpy as np
 from gymnasium import spaces
 
 from policy.base import action_to_rate
-from policy.observation import OBS_DIM, OBS_HIGH, OBS_LOW, OBS_SCHEMA, Observation
+from policy.observation import BIAS, OBS_DIM, OBS_HIGH, OBS_LOW, OBS_SCHEMA, Observation, obs_table_markdown
 from training.scenarios import DEFAULT_STEPS, SCENARIOS, SUITES, make_episode, trace_episode
 from training.sim import INTERVAL_S, REWARD, SUBSTEP_S, BatchSim, Episode
 from training.traces import load_trace
-
-ENV_ID = "ratepilot/Traffic-v0"
 
 
 class TrafficEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -28,7 +30,8 @@ class TrafficEnv(gym.Env[np.ndarray, np.ndarray]):
     change (node failure, degradation, autoscaling with a delay); latency rises steeply near
     saturation, requests waiting longer than the client timeout fail, and a full queue costs
     capacity (congestion collapse). The agent sees what Prometheus would report over the interval,
-    with noise and a scrape lag. Physics: `training/sim.py`; scenarios: `training/scenarios.py`.
+    with noise and a scrape lag. Physics: `training/sim.py` (the world: `training/world.py`, latency:
+    `training/latency.py`); scenarios: `training/scenarios.py`.
 
     ## Action space
     `Box(-1, 1, (1,), float32)`: a bounded multiplicative change of the refill rate,
@@ -37,25 +40,15 @@ class TrafficEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Observation space
     `Box(OBS_LOW, OBS_HIGH, (12,), float32)`, built by `policy.observation.ObservationBuilder`, the
-    same code the controller runs in production (schema `OBS_SCHEMA`):
+    same code the controller runs in production (schema `OBS_SCHEMA`). The columns, their units and
+    bounds are `policy.observation.OBS_TABLE`, the one definition, rendered below on import (see it
+    with `help(TrafficEnv)`). The space's low for `bias` is 0 rather than 1: a degenerate [1, 1]
+    interval only makes the checker warn.
 
-    | i  | feature               | unit / meaning                                  | bounds     |
-    |----|-----------------------|-------------------------------------------------|------------|
-    | 0  | p99_over_slo          | reported p99 latency / latency SLO              | [0, 10]    |
-    | 1  | error_rate            | errored / finished requests                     | [0, 1]     |
-    | 2  | cpu                   | backend CPU utilisation (share)                 | [0, 2]     |
-    | 3  | admitted_over_rate    | admitted tokens/s / refill rate                 | [0, 5]     |
-    | 4  | throttled_over_rate   | throttled tokens/s / refill rate                | [0, 20]    |
-    | 5  | log_rate_over_ref     | ln(refill rate / reference rate)                | [-5, 5]    |
-    | 6  | d_p99_over_slo        | change of feature 0 since the last interval     | [-10, 10]  |
-    | 7  | d_error_rate          | change of feature 1                             | [-1, 1]    |
-    | 8  | d_throttled_over_rate | change of feature 4                             | [-20, 20]  |
-    | 9  | d_log_rate            | change of feature 5                             | [-5, 5]    |
-    | 10 | missing               | 1 when a scrape of the interval was missing     | {0, 1}     |
-    | 11 | bias                  | constant 1 (the space says [0, 1])              | {1}        |
+    {obs_table}
 
     ## Reward
-    `training.sim.RewardWeights` (the one definition): goodput within the SLO as a share of
+    `training.world.RewardWeights` (the one definition): goodput within the SLO as a share of
     `sum(min(demand, capacity) dt)`, minus `slo * clip(p99 / SLO - 1, 0, 1)`, minus
     `error * error_rate`, minus `churn * |log2(rate change)|`.
 
@@ -104,7 +97,7 @@ class TrafficEnv(gym.Env[np.ndarray, np.ndarray]):
         self.render_mode = render_mode
         self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         low = OBS_LOW.astype(np.float32)
-        low[-1] = 0.0  # the bias is always 1; a degenerate [1, 1] interval only makes the checker warn
+        low[BIAS] = 0.0  # the bias is always 1; a degenerate [1, 1] interval only makes the checker warn
         self.observation_space = spaces.Box(low, OBS_HIGH.astype(np.float32), shape=(OBS_DIM,), dtype=np.float32)
         self.sim: BatchSim | None = None
         self.last_observation: Observation | None = None
@@ -140,4 +133,4 @@ class TrafficEnv(gym.Env[np.ndarray, np.ndarray]):
         return obs.vector[0].astype(np.float32), float(reward[0]), False, bool(done), info
 
 
-gym.register(id=ENV_ID, entry_point="training.env:TrafficEnv", max_episode_steps=DEFAULT_STEPS)
+TrafficEnv.__doc__ = (TrafficEnv.__doc__ or "").replace("{obs_table}", indent(obs_table_markdown(), "    ").lstrip())

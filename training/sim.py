@@ -2,7 +2,8 @@
 
 One implementation serves everything: `TrafficEnv` (gymnasium) is `BatchSim` with N = 1, the
 evaluation harness and the RL trainer step hundreds of worlds at once. N worlds look like N tiers
-to a policy, so any `policy.base.Policy` runs unchanged on a batch.
+to a policy, so any `policy.base.Policy` runs unchanged on a batch. A world's parameters, episode
+profiles and reward live in `training.world`, the latency curve in `training.latency`.
 
 API (for the trainer and the harness)::
 
@@ -32,198 +33,130 @@ API (for the trainer and the harness)::
   (common random numbers): the same episode gives the same traffic whatever the policy and
   whatever else is in the batch.
 
-Physics of one 100 ms sub-step, per world (units in the comments)::
+Physics of one 100 ms sub-step, per world, in this order (`BatchSim._simulate_interval`)::
 
-    arrivals  = Poisson(demand) light + heavy requests, plus clients retrying earlier 429s/timeouts
-    bucket    = limiter.bucket.refill / admit_count / wait_us (integer µs, µtokens): admit or throttle
-    retries   = throttled clients come back after Retry-After (or sooner in a retry storm)
-    queue     = fluid FIFO of work (tokens) served at the backend capacity; requests that would wait
-                longer than the client timeout time out (errors); a long queue costs capacity (collapse)
-    latency   = min latency + queue wait + a service tail that grows steeply with utilisation
-    cpu       = served work / capacity
+    arrivals  = Poisson(demand) new requests, light and heavy (drawn at reset)            requests
+    retries   = + the clients due back now after an earlier 429 or timeout (expected, not drawn)
+    bucket    = limiter.bucket.refill / admit_count / wait_us (integer µs, µtokens): admit or
+                throttle; throttled clients are booked to come back after Retry-After (or sooner
+                in a retry storm)
+    queue     = fluid FIFO of work (tokens) served at the backend capacity (tokens/s); work that would
+                wait longer than the client timeout is dropped (errors); a long queue costs capacity
+                (collapse)
+    service   = cpu = served work / capacity; the service tail (s) follows the utilisation averaged
+                over UTIL_TAU_S
+    latency   = min latency + queue wait + Exp(service tail): the share within the SLO and the share
+                past the timeout (errors; those clients are booked to retry after retry_delay_s)
+
+Each sub-step writes one row of the record (`ADMITTED_TOKENS` … `GOOD_TOKENS`); the observation
+and the true figures of an interval are sums and quantiles over those rows.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from limiter.bucket import MAX_RATE, MICRO, admit_count, refill, wait_us
 from policy.base import MIN_RATE
 from policy.observation import IntervalMetrics, Observation, ObservationBuilder
+from training.latency import KNEE_A, MIN_LATENCY_SHARE, RHO_CAP, knee_power, slo_utilisation, tail_quantile
+from training.world import (
+    HPA_SLOTS,
+    INTERVAL_S,
+    PROFILE_PER_INTERVAL,
+    RETRY_SLOTS,
+    REWARD,
+    SUB_PER_PROFILE,
+    SUBSTEP_S,
+    SUBSTEP_US,
+    SUBSTEPS,
+    Episode,
+    WorldParams,
+    mean_cost,
+)
 
-INTERVAL_S = 5.0  # seconds per control interval (one env step)
-SUBSTEP_S = 0.1  # seconds per physics sub-step
-SUBSTEPS = int(round(INTERVAL_S / SUBSTEP_S))  # sub-steps per interval
-SUBSTEP_US = int(round(SUBSTEP_S * MICRO))  # µs per sub-step
-PROFILE_DT_S = 1.0  # resolution of the scenario profiles (demand, capacity, heavy share)
-SUB_PER_PROFILE = int(round(PROFILE_DT_S / SUBSTEP_S))
-PROFILE_PER_INTERVAL = int(round(INTERVAL_S / PROFILE_DT_S))
-RETRY_SLOTS = 128  # sub-steps of retry look-ahead (12.8 s); longer waits are clipped to it
-HPA_SLOTS = 32  # control intervals of autoscaler look-ahead
 LN100 = float(np.log(100.0))
-
-# Latency model: p99 of the service time at utilisation rho (0..1) is
-#   base * (1 + KNEE_A * rho**KNEE_K / (1 - rho)),
-# flat until ~80 % and steep near saturation, like a pool of workers (M/M/c) rather than one server.
-KNEE_A = 3.0
-KNEE_K = 20  # (see _knee_power)
-RHO_CAP = 0.995
-MIN_LATENCY_SHARE = 0.5  # the fastest request takes this share of the idle p99
 UTIL_TAU_S = 5.0  # seconds: the service tail follows the admitted work averaged over this time (the
 # fluid queue, not the tail formula, answers short overloads; a short average would count Poisson noise twice)
 QUEUE_TAU_S = 1.0  # seconds over which the worker pool smooths admitted work before it queues
-ORACLE_SLO_MARGIN = 0.8  # the oracle aims its p99 at this share of the SLO (measurement noise, bursts)
+UTIL_STEP = SUBSTEP_S / UTIL_TAU_S  # share of the gap the utilisation average closes per sub-step
+INFLOW_STEP = SUBSTEP_S / QUEUE_TAU_S  # share of the gap the smoothed inflow closes per sub-step
+MAX_EXPONENT = 50.0  # exponents are clipped here: exp underflow takes a slow path, and e**-50 is 0 to 2e-22
+
+LIGHT, HEAVY = 0, 1  # request classes: axis 1 of `arrivals` and `retries`, axis 0 of a sub-step's (2, N)
+
+# Columns of the sub-step record: `BatchSim.record[column, sub-step, world]` (this interval) and
+# `BatchSim.hist[column, world, sub-step]` (the last two intervals).
+ADMITTED_TOKENS = 0  # tokens admitted by the bucket
+THROTTLED_TOKENS = 1  # tokens asked for and refused (429)
+FINISHED = 2  # requests admitted: each one ends, in time, late or in error
+ERRORS = 3  # admitted requests that failed: dropped by a full queue, timed out, or the base error rate
+JOINED = 4  # admitted requests that joined the queue (not dropped)
+START_S = 5  # s: the fastest latency of the sub-step's requests (min latency + wait behind the backlog)
+THETA_S = 6  # s: mean of the exponential service tail
+CPU = 7  # served work / capacity (share)
+GOOD_TOKENS = 8  # admitted tokens served within the SLO and without error
+RECORD_KEYS = ("adm_tok", "thr_tok", "finished", "errors", "joined", "start_s", "theta_s", "cpu", "good_tok")
 
 
-@dataclass(frozen=True)
-class RewardWeights:
-    """The reward of one interval: the one place it is defined.
+class Backend(NamedTuple):
+    """Per-world constants of the backend and its clients, (N,) arrays derived once from `WorldParams`."""
 
-    reward = goodput * (goodput tokens within SLO / sum of min(demand, capacity) dt)
-             - slo * clip(true p99 / SLO - 1, 0, 1)
-             - error * (errored / finished requests)
-             - churn * |log2(new rate / old rate)|
+    timeout_s: np.ndarray  # clients give up after this long
+    slo_s: np.ndarray  # latency SLO
+    min_latency_s: np.ndarray  # the fastest request: MIN_LATENCY_SHARE of the idle p99
+    tail_scale_s: np.ndarray  # idle p99 / ln 100: the mean of an exponential whose p99 is the idle p99
+    collapse: np.ndarray  # share of capacity lost when the queue is full
+    base_error_rate: np.ndarray  # errors at any load (share)
+    p_retry_throttled: np.ndarray  # share of throttled requests retried
+    p_retry_error: np.ndarray  # share of failed requests retried
+
+    @classmethod
+    def of(cls, p: dict[str, np.ndarray]) -> Backend:
+        """The constants of stacked `WorldParams` fields."""
+        return cls(
+            timeout_s=p["timeout_s"],
+            slo_s=p["slo_ms"] / 1000.0,
+            min_latency_s=MIN_LATENCY_SHARE * p["base_latency_ms"] / 1000.0,
+            tail_scale_s=p["base_latency_ms"] / 1000.0 / LN100,
+            collapse=p["collapse"],
+            base_error_rate=p["base_error_rate"],
+            p_retry_throttled=p["retry_p_throttled"],
+            p_retry_error=p["retry_p_error"],
+        )
+
+
+class Queued(NamedTuple):
+    """One sub-step of the backend queue, per world."""
+
+    capacity_tps: np.ndarray  # tokens/s served this sub-step, after the collapse of a long queue
+    joined_share: np.ndarray  # share of the admitted work that joined the queue (the rest waits past the timeout)
+    start_s: np.ndarray  # s: the fastest latency, behind the backlog found on arrival
+    served_tokens: np.ndarray  # work served this sub-step
+
+
+class Latency(NamedTuple):
+    """Outcome of one sub-step's admitted requests, per world."""
+
+    joined: np.ndarray  # requests that joined the queue
+    p_in_slo: np.ndarray  # share of the joined requests that finish within the SLO
+    errors: np.ndarray  # requests that failed: dropped, timed out, or the base error rate
+
+
+def retry_landing(delay_sub: np.ndarray, retries_shape: tuple[int, ...]) -> np.ndarray:
+    """Positions (2, N) in `retries[k:]`, flattened, of `retries[k + delay_sub, class, world]`.
+
+    `np.ravel_multi_index` flattens the three named coordinates once per interval: 3-D fancy indexing
+    would cost about three times as much in the sub-step loop. The positions hold for every k because
+    `retries[k:]` is a C-contiguous view whose rows keep their length.
     """
-
-    goodput: float = 1.0
-    slo: float = 1.0
-    error: float = 2.0
-    churn: float = 0.05
-
-
-REWARD = RewardWeights()
-
-
-@dataclass(frozen=True)
-class WorldParams:
-    """Scalar parameters of one simulated world (domain-randomised per episode by the scenarios)."""
-
-    capacity_tokens: float = 1000.0  # nominal backend capacity, tokens (= work units) per second
-    slo_ms: float = 300.0  # p99 latency SLO
-    error_budget: float = 0.01  # error rate above which an interval violates the SLO
-    timeout_s: float = 3.0  # clients give up (error) after this long
-    base_latency_ms: float = 50.0  # p99 latency of an idle backend
-    heavy_cost: float = 4.0  # tokens (and work) of a heavy request; a light one costs 1
-    burst_s: float = 0.5  # bucket capacity = rate * burst_s tokens
-    retry_p_throttled: float = 0.5  # share of throttled (429) requests that are retried
-    retry_p_error: float = 0.4  # share of timed-out requests that are retried
-    retry_delay_s: float = 1.0  # client back-off when Retry-After is not honoured, and after a timeout
-    honour_retry_after: bool = True  # False: clients retry after retry_delay_s whatever the header says
-    noise: float = 0.05  # relative measurement noise of the reported metrics
-    lag_s: float = 1.0  # scrape lag: the reported window ends this long before the tick
-    p_missing: float = 0.0  # probability that one interval's scrape is missing (NaN)
-    reference_rate: float = 900.0  # the operator's static rate, tokens/s; the starting rate
-    collapse: float = 0.3  # capacity lost when the queue is full (thrashing), share
-    base_error_rate: float = 0.001  # errors that happen at any load
-    autoscale: bool = False  # HPA-like autoscaling of the capacity
-    replicas: int = 4  # starting (and minimum) replica count; capacity_tokens is for this many
-    max_replicas: int = 16
-    hpa_target_cpu: float = 0.7  # the HPA scales to bring CPU to this
-    hpa_delay_s: float = 60.0  # seconds from the HPA's decision until new replicas serve
-
-    def __post_init__(self) -> None:
-        positive = ("capacity_tokens", "slo_ms", "timeout_s", "base_latency_ms", "burst_s", "reference_rate")
-        for name in positive:
-            value = getattr(self, name)
-            if not (np.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be finite and positive, got {value!r}")
-        if not self.heavy_cost >= 1:
-            raise ValueError(f"heavy_cost must be >= 1 token, got {self.heavy_cost!r}")
-        if not 1 <= self.replicas <= self.max_replicas:
-            raise ValueError("need 1 <= replicas <= max_replicas")
-
-
-@dataclass(frozen=True)
-class Episode:
-    """One world for one episode: parameters plus per-second profiles covering `steps + 1` intervals.
-
-    The first interval is a warm-up at the reference rate that produces the first observation.
-    """
-
-    name: str
-    seed: int
-    params: WorldParams
-    demand_rps: np.ndarray  # requests/s per second of the episode (without retries)
-    capacity_factor: np.ndarray  # multiplies params.capacity_tokens, per second
-    heavy_frac: np.ndarray  # share of heavy requests, per second
-    window_s: tuple[float, float] | None = None  # (start, end) seconds of the trace a window was cut from
-
-    @property
-    def steps(self) -> int:
-        """Control intervals in the episode (after the warm-up)."""
-        return self.demand_rps.size // PROFILE_PER_INTERVAL - 1
-
-    def __post_init__(self) -> None:
-        n = self.demand_rps.size
-        if n < 2 * PROFILE_PER_INTERVAL or n % PROFILE_PER_INTERVAL:
-            raise ValueError(f"profiles must cover a whole number (>= 2) of {INTERVAL_S:g} s intervals, got {n} s")
-        for name in ("capacity_factor", "heavy_frac"):
-            if getattr(self, name).size != n:
-                raise ValueError(f"{name} has {getattr(self, name).size} values, demand_rps has {n}")
-        for name in ("demand_rps", "capacity_factor", "heavy_frac"):
-            array = getattr(self, name)
-            if not np.all(np.isfinite(array)) or np.any(array < 0):
-                raise ValueError(f"{name} must be finite and non-negative")
-        if np.any(self.heavy_frac > 1):
-            raise ValueError("heavy_frac must be <= 1")
-
-
-def mean_cost(heavy_frac: Any, heavy_cost: Any) -> Any:
-    """Average tokens per request for a heavy share and a heavy cost."""
-    return 1.0 + heavy_frac * (heavy_cost - 1.0)
-
-
-def _knee_power(r: np.ndarray) -> np.ndarray:
-    """r ** KNEE_K (= 20) by squaring: several times faster than np.power."""
-    r4 = r * r
-    r4 *= r4
-    r16 = r4 * r4
-    r16 *= r16
-    return r16 * r4
-
-
-def service_p99_ms(rho: Any, base_latency_ms: Any) -> Any:
-    """p99 service latency (ms) at utilisation rho, without queueing behind a backlog."""
-    r = np.minimum(np.maximum(rho, 0.0), RHO_CAP)
-    return base_latency_ms * (1.0 + KNEE_A * _knee_power(np.asarray(r, dtype=np.float64)) / (1.0 - r))
-
-
-def slo_utilisation(slo_ms: np.ndarray, base_latency_ms: np.ndarray) -> np.ndarray:
-    """The largest utilisation whose p99 stays within ORACLE_SLO_MARGIN * SLO (per world)."""
-    grid = np.linspace(0.05, RHO_CAP, 400)
-    p99 = service_p99_ms(grid[None, :], base_latency_ms[:, None])
-    fits = p99 <= ORACLE_SLO_MARGIN * slo_ms[:, None]
-    best = np.where(fits, grid[None, :], 0.0).max(axis=1)
-    return np.maximum(best, grid[0])
-
-
-def tail_quantile(start: np.ndarray, theta: np.ndarray, weights: np.ndarray, q: float, iterations: int = 12) -> np.ndarray:
-    """Row-wise q-quantile of a mixture of shifted exponentials (N, M): start + Exp(mean theta), by bisection.
-
-    A component with theta = 0 is a point mass at `start` (the timed-out requests). NaN for rows without
-    weight.
-    """
-    total = weights.sum(axis=1)
-    target = (1.0 - q) * total
-    lo = start.min(axis=1)
-    hi = (start + theta * np.log(1.0 / (1.0 - q))).max(axis=1) + 1e-9
-    # float32 is ample for latencies and twice as fast through exp
-    start32 = start.astype(np.float32)
-    inv_theta = (1.0 / np.maximum(theta, 1e-12)).astype(np.float32)
-    w32 = weights.astype(np.float32)
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        excess = np.maximum(mid[:, None].astype(np.float32) - start32, np.float32(0.0)) * inv_theta
-        above = (w32 * np.exp(-excess)).sum(axis=1, dtype=np.float64)
-        too_low = above > target
-        lo = np.where(too_low, mid, lo)
-        hi = np.where(too_low, hi, mid)
-    return np.where(total > 0, 0.5 * (lo + hi), np.nan)
+    classes = np.arange(retries_shape[1])[:, None]
+    worlds = np.arange(retries_shape[2])[None, :]
+    return np.ravel_multi_index((delay_sub[None, :], classes, worlds), retries_shape)
 
 
 def take_rows(obs: Observation, rows: Any) -> Observation:
@@ -268,6 +201,8 @@ class BatchSim:
         self.lag_sub = np.clip(np.round(p["lag_s"] / SUBSTEP_S), 0, SUBSTEPS).astype(np.int64)
         self.hpa_delay = np.clip(np.round(p["hpa_delay_s"] / INTERVAL_S), 1, HPA_SLOTS - 1).astype(np.int64)
         self.client_delay_sub = np.clip(np.round(p["retry_delay_s"] / SUBSTEP_S), 1, RETRY_SLOTS - 1).astype(np.int64)
+        self.backend = Backend.of(p)
+        self.budget_ut = np.zeros((2, n), dtype=np.int64)  # µtokens of a sub-step's bucket for light, heavy
         self._draw_noise()
 
     def _draw_noise(self) -> None:
@@ -302,8 +237,8 @@ class BatchSim:
         self.replicas = p["replicas"].copy()
         self.hpa_pending = np.repeat(self.replicas[:, None], HPA_SLOTS, axis=1)
         self.hpa_head = 0
-        self.hist = np.zeros((len(_HIST_KEYS), n, 2 * SUBSTEPS))  # last two intervals, per sub-step
-        self.record = np.zeros((len(_HIST_KEYS), SUBSTEPS, n))  # this interval, filled sub-step by sub-step
+        self.hist = np.zeros((len(RECORD_KEYS), n, 2 * SUBSTEPS))  # last two intervals, per sub-step
+        self.record = np.zeros((len(RECORD_KEYS), SUBSTEPS, n))  # this interval, filled sub-step by sub-step
         self.builder = ObservationBuilder(slo_ms=p["slo_ms"], reference_rate=p["reference_rate"])
         self.optimal_rate = self._optimal_rate(0)
         self._simulate_interval()
@@ -356,94 +291,136 @@ class BatchSim:
         done = self.t > self.steps
         return obs, reward, done, truth
 
+    # -- one control interval: arrivals → retries → bucket → queue → service → latency ----------
     def _simulate_interval(self) -> None:
-        """Run the sub-steps of interval self.t and append their records to the history."""
-        p, n, t = self.p, self.n, self.t
-        rows = np.arange(n)
-        # per-interval constants, (S, N) or (N,)
-        capacity_seconds = self._capacity_seconds(t)
-        self.interval_capacity = capacity_seconds.mean(axis=1)  # tokens/s, before the autoscaler moves
-        capacity = np.ascontiguousarray(np.maximum(np.repeat(capacity_seconds, SUB_PER_PROFILE, axis=1).T, 1e-6))  # (S, N) tokens/s
-        timeout_s = p["timeout_s"]
-        inv_max_queue = 1.0 / (capacity * timeout_s)  # a client waits for at most capacity * timeout tokens
-        collapse, base_err = p["collapse"], p["base_error_rate"]
-        slo_s = p["slo_ms"] / 1000.0
-        min_lat_s = MIN_LATENCY_SHARE * p["base_latency_ms"] / 1000.0
-        theta_scale = p["base_latency_ms"] / 1000.0 / LN100
-        alpha = SUBSTEP_S / UTIL_TAU_S
-        beta = SUBSTEP_S / QUEUE_TAU_S
-        cost_ut = self.cost_ut
-        arrivals = self.arrivals[t * SUBSTEPS : (t + 1) * SUBSTEPS]
-        # Retry-After is whole seconds (>= 1) until one more token; the rate is fixed for the interval
-        retry_after_sub = np.maximum(np.ceil(wait_us(MICRO, self.rate) / MICRO), 1.0) / SUBSTEP_S
-        delay_thr = np.where(p["honour_retry_after"] > 0, retry_after_sub, self.client_delay_sub)
-        delay_thr = np.clip(delay_thr, 1, RETRY_SLOTS - 1).astype(np.int64)
-        klass = np.arange(2)[:, None]
-        idx_thr = (delay_thr[None, :] * 2 + klass) * n + rows[None, :]  # flat index into self.retries
-        idx_err = (self.client_delay_sub[None, :] * 2 + klass) * n + rows[None, :]
-        retries = self.retries
-        retries[:RETRY_SLOTS] = retries[SUBSTEPS:].copy()  # shift the look-ahead by one interval
-        retries[RETRY_SLOTS:] = 0.0
-        flat = retries.reshape(-1)
-        p_thr, p_err = p["retry_p_throttled"], p["retry_p_error"]
-        stride = 2 * n
-        tokens, queue, util, inflow = self.tokens_ut, self.queue, self.util, self.inflow
-        clock, rate, bucket_cap = self.clock_us, self.rate, self.bucket_cap_ut
-        budget = np.zeros((2, n), dtype=np.int64)
-        rec = self.record
+        """Simulate the sub-steps of interval self.t and append their records to the history."""
+        t = self.t
+        capacity_tps = self._substep_capacity(t)  # (S, N) tokens/s before collapse
+        inv_max_queue = 1.0 / (capacity_tps * self.backend.timeout_s)  # 1/tokens: a client waits behind at most capacity * timeout
+        new_requests = self.arrivals[t * SUBSTEPS : (t + 1) * SUBSTEPS]  # (S, 2, N) requests: light, heavy
+        retries = self._advance_retries()  # (slots, 2, N) requests due back, by sub-step from now
+        throttled_land = retry_landing(self._throttled_delay_sub(), retries.shape)
+        failed_land = retry_landing(self.client_delay_sub, retries.shape)
+        p_retry_throttled, p_retry_error = self.backend.p_retry_throttled, self.backend.p_retry_error
         for k in range(SUBSTEPS):
-            # arrivals: new requests plus retrying clients (a fluid amount: expected retries, not drawn)
-            ask = arrivals[k] + retries[k]  # (2, N) requests: light, heavy
-            # the token bucket, limiter.bucket arithmetic in µs and µtokens; tokens are split between
-            # light and heavy requests in proportion to what they ask
-            # (integer µtokens: whole numbers held exactly; int64 also divides faster than float)
-            tokens = refill(tokens, clock, clock + SUBSTEP_US, rate, bucket_cap).astype(np.int64)
-            clock += SUBSTEP_US
-            ask_ut = ask * cost_ut
-            total_ut = ask_ut[0] + ask_ut[1]
-            budget[0] = tokens * ask_ut[0] / np.maximum(total_ut, 1.0)  # truncates: never more than the share
-            budget[1] = tokens - budget[0]
-            admitted = admit_count(budget, ask, cost_ut)
-            admitted_ut = admitted * cost_ut
-            tokens = (tokens - admitted_ut[0] - admitted_ut[1]).astype(np.int64)
-            flat[idx_thr + k * stride] += (ask - admitted) * p_thr  # throttled clients come back later
-            # the backend: a fluid FIFO queue of work served at a capacity a long queue erodes
-            adm_tok = (admitted_ut[0] + admitted_ut[1]) * (1.0 / MICRO)
-            adm_req = admitted[0] + admitted[1]
-            cap = capacity[k] * (1.0 - collapse * np.minimum(queue * inv_max_queue[k], 1.0))
-            util += alpha * (adm_tok / (cap * SUBSTEP_S) - util)
-            # the queue sees admitted work smoothed over QUEUE_TAU_S: the worker pool absorbs Poisson
-            # lumps (the service tail models those), only a sustained excess builds a backlog
-            inflow += beta * (adm_tok - inflow)
-            overflow = np.maximum(queue + inflow - cap * timeout_s, 0.0)  # would wait past the timeout
-            joined_share = 1.0 - overflow / np.maximum(inflow, 1e-12)
-            start = min_lat_s + np.minimum(queue / cap, timeout_s)  # s: the fastest latency, behind the backlog
-            queue = queue + (inflow - overflow)
-            served = np.minimum(queue, cap * SUBSTEP_S)
-            queue = queue - served
-            # service tail: exponential with the p99 of the utilisation curve
-            r = np.minimum(util, RHO_CAP)
-            theta = theta_scale * ((1.0 - MIN_LATENCY_SHARE) + KNEE_A * _knee_power(r) / (1.0 - r))  # s
-            inv_theta = 1.0 / theta
-            joined = adm_req * joined_share
-            # (exponents clipped at 50: exp underflow takes a slow path and the tail is 0 to 1e-21 anyway)
-            p_ok = 1.0 - np.exp(-np.clip((slo_s - start) * inv_theta, 0.0, 50.0))
-            p_timeout = np.exp(-np.clip((timeout_s - start) * inv_theta, 0.0, 50.0))
-            errors = adm_req - joined * (1.0 - np.minimum(p_timeout + base_err, 1.0))
-            flat[idx_err + k * stride] += admitted * (errors * p_err / np.maximum(adm_req, 1e-12))
-            rec[0, k] = adm_tok
-            rec[1, k] = total_ut * (1.0 / MICRO) - adm_tok
-            rec[2, k] = adm_req
-            rec[3, k] = errors
-            rec[4, k] = joined
-            rec[5, k] = start
-            rec[6, k] = theta
-            rec[7, k] = served / (cap * SUBSTEP_S)
-            rec[8, k] = adm_tok * joined_share * p_ok * (1.0 - base_err)
-        self.tokens_ut, self.queue, self.util, self.inflow, self.clock_us = tokens, queue, util, inflow, clock
+            # arrivals and retries: the clients due back now are a fluid (expected) amount, not drawn
+            asked = new_requests[k] + retries[k]  # (2, N) requests
+            # bucket
+            admitted, asked_ut, admitted_ut = self._bucket(asked)
+            retries[k:].reshape(-1)[throttled_land] += (asked - admitted) * p_retry_throttled
+            admitted_tokens = (admitted_ut[LIGHT] + admitted_ut[HEAVY]) * (1.0 / MICRO)
+            admitted_requests = admitted[LIGHT] + admitted[HEAVY]
+            # queue, service, latency
+            queued = self._queue(admitted_tokens, capacity_tps[k], inv_max_queue[k])
+            theta_s = self._service_tail(admitted_tokens, queued.capacity_tps)
+            latency = self._latency(admitted_requests, queued, theta_s)
+            # failed clients come back too, in proportion to what each class had admitted
+            retry_share = latency.errors * p_retry_error / np.maximum(admitted_requests, 1e-12)
+            retries[k:].reshape(-1)[failed_land] += admitted * retry_share
+            self._record(k, admitted_tokens, asked_ut, admitted_requests, queued, theta_s, latency)
         self.hist[:, :, :SUBSTEPS] = self.hist[:, :, SUBSTEPS:]
-        self.hist[:, :, SUBSTEPS:] = rec.transpose(0, 2, 1)
+        self.hist[:, :, SUBSTEPS:] = self.record.transpose(0, 2, 1)
         self._autoscale()
+
+    def _substep_capacity(self, interval: int) -> np.ndarray:
+        """Backend capacity (tokens/s) of each sub-step of an interval, shape (S, N); sets interval_capacity."""
+        capacity_seconds = self._capacity_seconds(interval)
+        self.interval_capacity = capacity_seconds.mean(axis=1)  # tokens/s, before the autoscaler moves
+        return np.ascontiguousarray(np.maximum(np.repeat(capacity_seconds, SUB_PER_PROFILE, axis=1).T, 1e-6))
+
+    def _advance_retries(self) -> np.ndarray:
+        """Shift the retry look-ahead by one interval: slot 0 is the first sub-step of this interval."""
+        retries = self.retries
+        retries[:RETRY_SLOTS] = retries[SUBSTEPS:].copy()
+        retries[RETRY_SLOTS:] = 0.0
+        return retries
+
+    def _throttled_delay_sub(self) -> np.ndarray:
+        """Sub-steps until a throttled client retries, (N,): Retry-After if honoured, else retry_delay_s.
+
+        Retry-After is whole seconds (>= 1) until one more token; the rate is fixed for the interval.
+        """
+        retry_after_sub = np.maximum(np.ceil(wait_us(MICRO, self.rate) / MICRO), 1.0) / SUBSTEP_S
+        delay_sub = np.where(self.p["honour_retry_after"] > 0, retry_after_sub, self.client_delay_sub)
+        return np.clip(delay_sub, 1, RETRY_SLOTS - 1).astype(np.int64)
+
+    def _bucket(self, asked: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Refill the bucket for one sub-step and admit what its tokens pay for (`limiter.bucket` arithmetic).
+
+        Tokens are split between light and heavy requests in proportion to what they ask. Integer
+        µtokens hold whole numbers exactly, and int64 also divides faster than float. Returns
+        (admitted requests (2, N), asked µtokens (N,), admitted µtokens (2, N)).
+        """
+        now_us = self.clock_us + SUBSTEP_US
+        tokens_ut = refill(self.tokens_ut, self.clock_us, now_us, self.rate, self.bucket_cap_ut).astype(np.int64)
+        self.clock_us = now_us
+        cost_ut = self.cost_ut
+        asked_by_class_ut = asked * cost_ut
+        asked_ut = asked_by_class_ut[LIGHT] + asked_by_class_ut[HEAVY]
+        budget_ut = self.budget_ut
+        budget_ut[LIGHT] = tokens_ut * asked_by_class_ut[LIGHT] / np.maximum(asked_ut, 1.0)  # truncates: never more than the share
+        budget_ut[HEAVY] = tokens_ut - budget_ut[LIGHT]
+        admitted = admit_count(budget_ut, asked, cost_ut)
+        admitted_ut = admitted * cost_ut
+        self.tokens_ut = (tokens_ut - admitted_ut[LIGHT] - admitted_ut[HEAVY]).astype(np.int64)
+        return admitted, asked_ut, admitted_ut
+
+    def _queue(self, admitted_tokens: np.ndarray, capacity_tps: np.ndarray, inv_max_queue: np.ndarray) -> Queued:
+        """One sub-step of the fluid FIFO queue of work (tokens), served at a capacity a long queue erodes.
+
+        The queue sees admitted work smoothed over QUEUE_TAU_S: the worker pool absorbs Poisson lumps
+        (the service tail models those), only a sustained excess builds a backlog.
+        """
+        backend, queue = self.backend, self.queue
+        capacity_tps = capacity_tps * (1.0 - backend.collapse * np.minimum(queue * inv_max_queue, 1.0))
+        self.inflow += INFLOW_STEP * (admitted_tokens - self.inflow)
+        inflow = self.inflow
+        overflow = np.maximum(queue + inflow - capacity_tps * backend.timeout_s, 0.0)  # would wait past the timeout
+        joined_share = 1.0 - overflow / np.maximum(inflow, 1e-12)
+        start_s = backend.min_latency_s + np.minimum(queue / capacity_tps, backend.timeout_s)
+        queue = queue + (inflow - overflow)
+        served_tokens = np.minimum(queue, capacity_tps * SUBSTEP_S)
+        self.queue = queue - served_tokens
+        return Queued(capacity_tps, joined_share, start_s, served_tokens)
+
+    def _service_tail(self, admitted_tokens: np.ndarray, capacity_tps: np.ndarray) -> np.ndarray:
+        """Mean (s) of the exponential service tail: the utilisation curve's p99 at the smoothed utilisation."""
+        self.util += UTIL_STEP * (admitted_tokens / (capacity_tps * SUBSTEP_S) - self.util)
+        rho = np.minimum(self.util, RHO_CAP)
+        return self.backend.tail_scale_s * ((1.0 - MIN_LATENCY_SHARE) + KNEE_A * knee_power(rho) / (1.0 - rho))
+
+    def _latency(self, admitted_requests: np.ndarray, queued: Queued, theta_s: np.ndarray) -> Latency:
+        """Latency = start + Exp(theta): the share within the SLO, and the errors (dropped, timed out, base rate)."""
+        backend = self.backend
+        inv_theta = 1.0 / theta_s
+        joined = admitted_requests * queued.joined_share
+        p_in_slo = 1.0 - np.exp(-np.clip((backend.slo_s - queued.start_s) * inv_theta, 0.0, MAX_EXPONENT))
+        p_timeout = np.exp(-np.clip((backend.timeout_s - queued.start_s) * inv_theta, 0.0, MAX_EXPONENT))
+        errors = admitted_requests - joined * (1.0 - np.minimum(p_timeout + backend.base_error_rate, 1.0))
+        return Latency(joined, p_in_slo, errors)
+
+    def _record(
+        self,
+        k: int,
+        admitted_tokens: np.ndarray,
+        asked_ut: np.ndarray,
+        admitted_requests: np.ndarray,
+        queued: Queued,
+        theta_s: np.ndarray,
+        latency: Latency,
+    ) -> None:
+        """Write sub-step k's row of the record."""
+        record = self.record
+        record[ADMITTED_TOKENS, k] = admitted_tokens
+        record[THROTTLED_TOKENS, k] = asked_ut * (1.0 / MICRO) - admitted_tokens
+        record[FINISHED, k] = admitted_requests
+        record[ERRORS, k] = latency.errors
+        record[JOINED, k] = latency.joined
+        record[START_S, k] = queued.start_s
+        record[THETA_S, k] = theta_s
+        record[CPU, k] = queued.served_tokens / (queued.capacity_tps * SUBSTEP_S)
+        no_error = 1.0 - self.backend.base_error_rate
+        record[GOOD_TOKENS, k] = admitted_tokens * queued.joined_share * latency.p_in_slo * no_error
 
     def _autoscale(self) -> None:
         """HPA-like scaling: desired replicas from this interval's CPU take effect hpa_delay intervals later."""
@@ -451,7 +428,7 @@ class BatchSim:
         on = p["autoscale"] > 0
         if not np.any(on):
             return
-        cpu = self.hist[_CPU, :, SUBSTEPS:].mean(axis=1)
+        cpu = self.hist[CPU, :, SUBSTEPS:].mean(axis=1)
         desired = np.clip(np.ceil(self.replicas * cpu / p["hpa_target_cpu"]), p["replicas"], p["max_replicas"])
         rows = np.arange(self.n)
         # each world's delay is fixed, so every slot of its ring is written once per turn, in order
@@ -469,18 +446,18 @@ class BatchSim:
             windows = np.lib.stride_tricks.sliding_window_view(self.hist, SUBSTEPS, axis=2)  # (K, N, S+1, S)
             took = windows[:, np.arange(self.n), start]
         sums = took.sum(axis=2)
-        out = {key: sums[i] for i, key in enumerate(_HIST_KEYS)}
+        out = {key: sums[i] for i, key in enumerate(RECORD_KEYS)}
         out["cpu"] = out["cpu"] / SUBSTEPS
         # latency: each sub-step's requests are start + Exp(theta); timed-out ones a point mass at the
         # timeout (a served request never waits longer: the client has left)
         timed_out = out["finished"] - out["joined"]
         timeout_ms = self.p["timeout_s"][:, None] * 1000.0
         # pairs of sub-steps merged (weighted means of start and tail): half the work, same p99 to ~1 %
-        w = took[_JOINED].reshape(self.n, -1, 2)
+        w = took[JOINED].reshape(self.n, -1, 2)
         pair_w = w.sum(axis=2)
         share = np.divide(w, pair_w[:, :, None], out=np.full(w.shape, 0.5), where=pair_w[:, :, None] > 0)
-        pair_start = (took[_START].reshape(w.shape) * share).sum(axis=2) * 1000.0
-        pair_theta = (took[_THETA].reshape(w.shape) * share).sum(axis=2) * 1000.0
+        pair_start = (took[START_S].reshape(w.shape) * share).sum(axis=2) * 1000.0
+        pair_theta = (took[THETA_S].reshape(w.shape) * share).sum(axis=2) * 1000.0
         starts = np.concatenate([np.minimum(pair_start, timeout_ms), timeout_ms], axis=1)
         thetas = np.concatenate([pair_theta, np.zeros((self.n, 1))], axis=1)
         weights = np.concatenate([pair_w, timed_out[:, None]], axis=1)
@@ -534,6 +511,3 @@ class BatchSim:
         obs = self.builder.build(metrics, capacity_tokens=self.optimal_rate.copy())
         return obs, truth
 
-
-_HIST_KEYS = ("adm_tok", "thr_tok", "finished", "errors", "joined", "start_s", "theta_s", "cpu", "good_tok")
-_JOINED, _START, _THETA, _CPU = (_HIST_KEYS.index(k) for k in ("joined", "start_s", "theta_s", "cpu"))

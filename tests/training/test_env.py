@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -9,14 +11,38 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-import training.env  # noqa: F401  (registers ratepilot/Traffic-v0)
-from training.env import ENV_ID, TrafficEnv
+from policy.observation import obs_table_markdown
+from training import ENV_ID, EPISODE_STEPS
+from training.env import TrafficEnv
+from training.scenarios import DEFAULT_STEPS
 
 
 def test_registered_env_passes_check_env() -> None:
     env = gym.make(ENV_ID)
     assert env.spec is not None and env.spec.max_episode_steps == 120
     check_env(env.unwrapped)
+
+
+def test_import_training_registers_the_env_as_a_plugin_package_does() -> None:
+    # a fresh interpreter: nothing but `import training` has run, and training.env loads only on make
+    script = (
+        "import sys, gymnasium, training\n"
+        "assert 'training.env' not in sys.modules\n"
+        f"env = gymnasium.make({ENV_ID!r}, scenario='steady', episode_steps=3)\n"
+        "obs, _ = env.reset(seed=0)\n"
+        "print(type(env.unwrapped).__name__, env.spec.max_episode_steps, obs.shape)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["TrafficEnv", str(DEFAULT_STEPS), "(12,)"]
+    assert EPISODE_STEPS == DEFAULT_STEPS
+
+
+def test_the_docstring_shows_the_one_observation_table() -> None:
+    doc = TrafficEnv.__doc__ or ""
+    assert "{obs_table}" not in doc
+    for row in obs_table_markdown().splitlines():
+        assert f"    {row}\n" in doc
 
 
 @pytest.mark.parametrize("scenario", ["flash_crowd", "trace:azure_code"])

@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 
 from limiter.bucket import BucketSpec, check_and_consume
+from policy.observation import MISSING
 from training.scenarios import SCENARIOS, make_episode, make_episodes, train_seeds
-from training.sim import INTERVAL_S, MIN_RATE, SUBSTEP_US, SUBSTEPS, BatchSim, Episode, WorldParams
+from training.sim import (
+    ADMITTED_TOKENS,
+    INTERVAL_S,
+    MIN_RATE,
+    SUBSTEP_US,
+    SUBSTEPS,
+    BatchSim,
+    Episode,
+    WorldParams,
+)
 
 QUIET = WorldParams(noise=0.0, lag_s=0.0, p_missing=0.0, base_error_rate=0.0, retry_p_throttled=0.0, retry_p_error=0.0)
 
@@ -38,7 +48,7 @@ def test_the_sims_bucket_admits_exactly_what_limiter_bucket_admits() -> None:
     sim = BatchSim([constant_world(0.6, steps=2, params=params)])  # 600 requests/s against 300 then 150 tokens/s
     sim.reset()
     sim.step([150.0])
-    admitted_by_sim = sim.hist[0, 0, :]  # tokens admitted per sub-step, warm-up and interval 1
+    admitted_by_sim = sim.hist[ADMITTED_TOKENS, 0, :]  # tokens admitted per sub-step, warm-up and interval 1
     arrivals = sim.arrivals[: 2 * SUBSTEPS, 0, 0]
     state: tuple[int, int] | None = None
     expected = []
@@ -83,7 +93,7 @@ def test_a_zero_rate_admits_nothing_and_reports_no_latency() -> None:
     assert info["rate"][0] == MIN_RATE
     assert info["admitted_tokens"][0] == 0.0 and info["goodput_tokens"][0] == 0.0
     assert info["throttled_tokens"][0] > 0.7 * QUIET.capacity_tokens * INTERVAL_S
-    assert np.isnan(obs.metrics.p99_latency_ms[0]) and obs.vector[0, 10] == 1.0  # nothing served: missing
+    assert np.isnan(obs.metrics.p99_latency_ms[0]) and obs.vector[0, MISSING] == 1.0  # nothing served: missing
 
 
 def test_bad_rates_are_refused_and_change_nothing() -> None:

@@ -12,7 +12,12 @@ import pytest
 from policy.observation import OBS_DIM, OBS_SCHEMA, IntervalMetrics, ObservationBuilder
 from policy.rl import (
     DEFAULT_MODEL_PATH,
+    LN1P_THROTTLED_OVER_RATE,
+    LN_ADMITTED_OVER_RATE,
+    LN_CPU,
     N_FEATURES,
+    P99_EXCESS,
+    RAW_FEATURES,
     ModelError,
     PolicyNetwork,
     RLPolicy,
@@ -52,8 +57,9 @@ def test_features_derive_logs_and_excess() -> None:
     x = observation(p99_ms=150.0, cpu=0.5, admitted=80.0).vector[0]
     phi = features(x)
     assert phi.shape == (N_FEATURES,)
-    np.testing.assert_allclose(phi[: OBS_DIM - 1], x[:-1])
-    np.testing.assert_allclose(phi[OBS_DIM - 1 :], [np.log(0.8), np.log(0.5), 0.5, np.log1p(0.2)])
+    np.testing.assert_allclose(phi[RAW_FEATURES], x[RAW_FEATURES])
+    derived = phi[[LN_ADMITTED_OVER_RATE, LN_CPU, P99_EXCESS, LN1P_THROTTLED_OVER_RATE]]
+    np.testing.assert_allclose(derived, [np.log(0.8), np.log(0.5), 0.5, np.log1p(0.2)])
 
 
 def test_zero_network_keeps_the_rate() -> None:
@@ -63,7 +69,7 @@ def test_zero_network_keeps_the_rate() -> None:
 
 def test_linear_action_is_the_normalised_dot_product_clipped() -> None:
     theta = np.zeros(n_params(0))
-    theta[N_FEATURES - 2] = -0.4  # p99_excess
+    theta[P99_EXCESS] = -0.4
     theta[-1] = 0.1  # bias
     network = PolicyNetwork(theta, np.zeros(N_FEATURES), np.full(N_FEATURES, 2.0), 0)
     # p99 excess 0.5, normalised by std 2 -> 0.25; action = -0.4 * 0.25 + 0.1 = 0.0
