@@ -268,16 +268,16 @@ def _cell(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def scenario_markdown(report: dict[str, Any], previous: dict[str, Any] | None = None) -> str:
+def scenario_markdown(report: dict[str, Any], previous: dict[str, Any] | None = None, label: str = "previous") -> str:
     """Scenario-by-scenario Markdown table of a public report (`public_report`'s JSON shape).
 
     Per scenario: rl's goodput_ratio, SLO-violating share and tracking error, the best baseline's
     goodput (and which), the oracle's, and rl against the targets of issue 18 (goodput >= 0.95x
     the oracle's; no baseline ahead by more than 0.01). With `previous` (the same suite evaluated
-    with another rl model) its rl goodput and tracking error are shown beside.
+    with another rl model, named `label` in the header) its rl goodput and tracking error are shown beside.
     """
     head = "| scenario | rl goodput | rl SLO-viol. | rl tracking |"
-    head += " previous rl goodput | previous rl tracking |" if previous else ""
+    head += f" {label} rl goodput | {label} rl tracking |" if previous else ""
     head += " best baseline goodput | oracle goodput (SLO-viol.) | rl / oracle | baseline ahead by > 0.01 |"
     lines = [head, "|" + "---|" * head.count(" |")]
     before = {s["name"]: s["results"]["rl"] for s in previous["scenarios"]} if previous else {}

@@ -8,6 +8,7 @@ with the evaluation's own metrics (`training.metrics`), and keeps the best valid
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -16,7 +17,7 @@ from sklearn.linear_model import Ridge
 from sklearn.neural_network import MLPRegressor
 
 from policy.base import action_to_rate
-from policy.rl import N_FEATURES, Z_CLIP, PolicyNetwork, batch_actions, features, n_params
+from policy.rl import FEATURES, N_FEATURES, Z_CLIP, PolicyNetwork, batch_actions, features, n_params
 from training.ars import ARS, ARSConfig, IterationStats, RunningStat
 from training.metrics import episode_metrics
 from training.scenarios import TRACE_PREFIX, TRAINABLE_SUITES, make_episode, scenario_names, train_seeds
@@ -62,6 +63,8 @@ class Args(ARSConfig):
     """weight of the rate tracking error (clipped at 2) in the objective"""
     curriculum: float = 0.5
     """share of episode draws weighted toward scenarios where a baseline beats the policy most (GENET); 0 = uniform"""
+    init_model: str = ""
+    """start ARS from this linear policy file instead of DAgger (an older feature set too: its features keep their weights, new ones start at 0)"""
 
     def ars_config(self) -> ARSConfig:
         """The ARS hyperparameters of this run (ARSConfig validates them)."""
@@ -237,6 +240,44 @@ def dagger_init(args: Args, rng: np.random.Generator) -> tuple[np.ndarray, Runni
     return theta, stat
 
 
+def warm_start(args: Args, rng: np.random.Generator) -> tuple[np.ndarray, RunningStat]:
+    """Parameters and normaliser that act exactly as the linear policy in `args.init_model` does.
+
+    The file may have been written for an older observation schema (that is the point: carry a
+    trained policy over to new features), so it is read without `policy.rl.load`'s schema check;
+    every feature it names must still exist. Its features keep their weights and normalisation; the
+    features it lacks get weight 0 and the statistics of states the carried-over policy visits.
+    """
+    try:
+        with np.load(args.init_model, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            old_theta, old_mean, old_std = (np.asarray(data[k], dtype=np.float64) for k in ("theta", "obs_mean", "obs_std"))
+        names = list(meta["features"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"--init-model {args.init_model}: not a policy file ({exc})") from None
+    if args.hidden != 0 or meta.get("hidden") != 0:
+        raise ValueError("--init-model needs a linear policy (hidden 0) and --hidden 0")
+    unknown = [name for name in names if name not in FEATURES]
+    if unknown or old_theta.shape != (len(names) + 1,):
+        raise ValueError(f"--init-model {args.init_model}: features this build lacks or shapes that do not fit ({unknown})")
+    index = np.array([FEATURES.index(name) for name in names])
+    theta = np.zeros(n_params(0))
+    theta[index], theta[-1] = old_theta[:-1], old_theta[-1]
+    mean, std = np.zeros(N_FEATURES), np.ones(N_FEATURES)
+    mean[index], std[index] = old_mean, old_std
+    sim = BatchSim(sample_episodes(args, rng, args.dagger_episodes))
+    obs, states, done = sim.reset(), [], False
+    while not done:
+        feats = features(obs.vector)
+        states.append(feats)
+        obs, _, done, _ = sim.step(action_to_rate(obs.rate, batch_actions(theta[None], feats[None], mean, std, 0)[0]))
+    stat = RunningStat.empty(N_FEATURES)
+    stat.update(np.concatenate(states))
+    stat.mean[index] = old_mean
+    stat.m2[index] = old_std**2 * (stat.count - 1)
+    return theta, stat
+
+
 @dataclass
 class Trainer:
     """A resumable ARS training run: the algorithm state, the best parameters so far and the learning curve."""
@@ -256,7 +297,9 @@ class Trainer:
         """A new run: DAgger initialisation (or zeros), then ready for ARS iterations."""
         rng = np.random.default_rng(args.seed)
         config = args.ars_config()
-        if args.dagger_rounds > 0:
+        if args.init_model:
+            theta, stat = warm_start(args, rng)
+        elif args.dagger_rounds > 0:
             theta, stat = dagger_init(args, rng)
         else:
             theta, stat = np.zeros(n_params(args.hidden)), RunningStat.empty(N_FEATURES)

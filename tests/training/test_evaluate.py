@@ -118,6 +118,7 @@ def test_scenario_markdown_marks_where_a_baseline_is_ahead_and_shows_the_previou
     assert lines[3] == "| storm | 0.700 | 0.200 | - | - | - | 0.750 (aimd) | 0.900 (0.000) | 0.778 | yes: +0.050 |"
     assert lines[4] == "| **mean** | 0.825 | 0.000 | 0.100 | 0.600 | 0.300 | 0.825 (aimd) | 0.935 (0.000) | 0.882 | no |"
     assert len(scenario_markdown(new).splitlines()[0].split("|")) == 10  # without a previous model: two columns fewer
+    assert "| candidate rl goodput | candidate rl tracking |" in scenario_markdown(new, old, label="candidate")
 
 
 def test_cli_writes_the_markdown_table_and_needs_rl_and_oracle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,9 @@ import pytest
 
 from policy.observation import OBS_DIM, OBS_SCHEMA, IntervalMetrics, ObservationBuilder
 from policy.rl import (
+    CAPACITY_SHORTFALL,
     DEFAULT_MODEL_PATH,
+    FRESH_LN_CAPACITY_OVER_RATE,
     LN1P_THROTTLED_OVER_RATE,
     LN_ADMITTED_OVER_RATE,
     LN_CPU,
@@ -60,6 +62,12 @@ def test_features_derive_logs_and_excess() -> None:
     np.testing.assert_allclose(phi[RAW_FEATURES], x[RAW_FEATURES])
     derived = phi[[LN_ADMITTED_OVER_RATE, LN_CPU, P99_EXCESS, LN1P_THROTTLED_OVER_RATE]]
     np.testing.assert_allclose(derived, [np.log(0.8), np.log(0.5), 0.5, np.log1p(0.2)])
+    # capacity estimate 80 / 0.5 = 160 tokens/s, fresh: the rate could be 1.6x; no shortfall
+    np.testing.assert_allclose(phi[[FRESH_LN_CAPACITY_OVER_RATE, CAPACITY_SHORTFALL]], [np.log(1.6), 0.0])
+    short = features(observation(cpu=0.8, admitted=40.0).vector[0])  # 50 tokens/s: half the rate
+    np.testing.assert_allclose(short[[FRESH_LN_CAPACITY_OVER_RATE, CAPACITY_SHORTFALL]], [np.log(0.5), np.log(0.5)])
+    stale = features(observation(cpu=0.99, admitted=100.0).vector[0])  # saturated: no estimate yet
+    np.testing.assert_allclose(stale[[FRESH_LN_CAPACITY_OVER_RATE, CAPACITY_SHORTFALL]], [0.0, 0.0])
 
 
 def test_zero_network_keeps_the_rate() -> None:
