@@ -17,7 +17,7 @@ uses a core continuously and competes with the Prometheus it reads, which a real
 
 Everything runs on this machine. The synthetic exporter stands in for edge replicas that in
 production run elsewhere; it serves pre-built series text with the values formatted in (see
-controller/exporter.py), so its own CPU per scrape is small. Prometheus, the recording rules and
+benchmarks/synthetic_exporter.py), so its own CPU per scrape is small. Prometheus, the recording rules and
 Redis do their real work here and share the cores with the controller.
 """
 
@@ -129,7 +129,7 @@ def measure(n: int, ticks: int, workdir: Path, redis: RedisServer, recorded: boo
     """Tick, Prometheus-read and Redis-write latencies for n tiers (raw PromQL or recording rules)."""
     tiers = [f"t{i:05d}" for i in range(n)]
     port = free_port()
-    exporter = ManagedProcess("exporter", [sys.executable, "-m", "controller.exporter", "--tiers", str(n), "--port", str(port)],
+    exporter = ManagedProcess("exporter", [sys.executable, "-m", "benchmarks.synthetic_exporter", "--tiers", str(n), "--port", str(port)],
                               port, workdir / f"exporter-{n}")  # fmt: skip
     exporter.start()
     rules = workdir / f"rules-{n}.yml"

@@ -27,9 +27,10 @@ from typing import Any
 import hiredis
 from rich.progress import Progress
 
+from benchmarks.sync_redis_bucket import SyncRedisBucket
 from limiter.bucket import BucketSpec
 from limiter.local_bucket import LocalBucket
-from limiter.redis_bucket import SyncRedisBucket, make_sync_client
+from limiter.redis_clients import make_sync_client
 from ratepilot.servers import RedisServer
 
 KEYS = 1_000  # distinct clients in rotation

@@ -16,11 +16,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from limiter.paths import output_problem
+
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "limiter": ("benchmarks.bench_limiter", "limiter checks/s against raw EVALSHA, `limits` and pyrate-limiter"),
     "sim": ("benchmarks.bench_sim", "simulator steps/s"),
     "policy": ("benchmarks.bench_policy", "learned policy inference per tier against AIMD and the observation builder"),
     "controller": ("benchmarks.bench_controller", "controller tick latency"),
+    "grpc": ("benchmarks.bench_grpc", "gRPC calls/s and added p99: an echo server with the rate-limit interceptor vs without"),
+    "rls": ("benchmarks.bench_rls", "Envoy ShouldRateLimit calls/s and added p99: ratepilot rls vs a no-op servicer"),
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -89,6 +93,9 @@ def main(argv: list[str]) -> int:
     )
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    if problem := output_problem({"--json": args.json}):
+        print(f"ratepilot bench {name}: {problem}", file=sys.stderr)
+        return 2
     try:
         result: dict[str, Any] = module.run(args)
     except (ValueError, OSError, RuntimeError) as error:

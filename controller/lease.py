@@ -4,7 +4,9 @@ The holder renews every `retry_period_s`; a leader that has not renewed for `ren
 stops calling itself leader; the key expires `lease_s` after the last renew, after which a follower
 acquires it (within lease + retry period, well inside two lease periods) and INCRs the fencing
 token. Writes carry the token and `write_rates.lua` refuses them inside Redis unless it is still
-current, so a leader that was paused past its lease cannot overwrite its successor.
+current, so a leader that was paused past its lease cannot overwrite its successor. A missing
+counter (Redis restarted without persistence) starts at the Redis server clock in microseconds, so
+tokens keep growing across the loss and an old token never matches a new one.
 """
 
 from __future__ import annotations

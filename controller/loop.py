@@ -14,6 +14,12 @@ tick never raises: each failing stage is logged as a key-value line, counted in
 | policy      | raised / NaN / wrong shape: the rate in force is kept             | next tick     |
 | redis_write | nothing was written (one script: all tiers or none)              | next tick     |
 | lease       | Redis refused the write as fenced: this replica steps down        | lease retries |
+
+A leader tick that could not read Redis (read or write failed) or got no answer to any Prometheus
+query is a failing tick; after each one in a row the pause to the next tick doubles, up to
+`LoopSettings.backoff_cap_s` (`pause_s`, published as `ratepilot_controller_tick_pause_seconds`
+with `ratepilot_controller_failing_ticks`), so a dead dependency is not hammered at the tick rate.
+The first good tick (or a follower tick, which touches nothing) restores the configured interval.
 """
 
 from __future__ import annotations
@@ -22,27 +28,32 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 import redis
+from opentelemetry.trace import StatusCode
 
+from controller.decisions import decision_texts
 from controller.lease import LeaderLease
 from controller.metrics import ControllerMetrics
 from controller.overrides import OverrideCaps
 from controller.policies import PolicyHolder
 from controller.prometheus_source import PrometheusSource
 from controller.rate_store import FencedError, RateStore, rates_in_force
-from controller.settings import ControllerSettings
-from limiter.rate_table import MAX_SANE_RATE
-from policy.base import rate_to_action
-from policy.observation import Observation, ObservationBuilder
-from policy.safety import OVERRIDE_RULES, RULES, SafetyEngine, SafetyResult
+from controller.settings import QUERY_NAMES, ControllerSettings
+from controller.shadow import ShadowCandidate
+from limiter.bucket import MAX_RATE
+from limiter.tracing import configured_tracer
+from policy.observation import ObservationBuilder
+from policy.safety import SafePolicy, SafetyEngine, SafetyResult
 
 log = logging.getLogger("ratepilot.controller.loop")
 MAX_TIER_LOG_LINES = 20  # per tick; the decisions stream has every tier
+TICK_SPAN = "ratepilot.controller.tick"  # child spans: ratepilot.controller.{redis_read,prometheus,policy,redis_write}
+NO_SPAN = nullcontext()
 
 
 @dataclass(frozen=True)
@@ -69,27 +80,6 @@ class TickReport:
         return {k: v for k, v in self.__dict__.items() if k != "decisions"}
 
 
-def _json_numbers(values: np.ndarray) -> list[str]:
-    """JSON text per value: the shortest text that reads back as the same float, null where it is NaN or infinite."""
-    flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
-    return orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",") if flat.size else []
-
-
-def _json_rows(matrix: np.ndarray) -> list[str]:
-    """JSON array text per row of a 2-D array, non-finite values as null."""
-    rows = np.ascontiguousarray(matrix, dtype=np.float64)
-    if not rows.shape[0] or not rows.shape[1]:
-        return ["[]"] * rows.shape[0]
-    return ["[" + row + "]" for row in orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY)[2:-2].decode().split("],[")]
-
-
-def _rules_json(code: int) -> tuple[str, str, str]:
-    """(deciding rule, JSON list of fired rules, source) for a fired-rules bit code."""
-    fired = [rule for bit, rule in enumerate(RULES) if code >> bit & 1]
-    source = "override" if OVERRIDE_RULES & set(fired) else "controller"
-    return (fired[-1] if fired else "none"), json.dumps(fired), source
-
-
 class ControlLoop:
     """Holds what a tick needs between ticks: the observation builder's last features and the stale counters."""
 
@@ -102,6 +92,7 @@ class ControlLoop:
         lease: LeaderLease,
         metrics: ControllerMetrics,
         clock: Callable[[], float] = time.time,
+        shadow: ShadowCandidate | None = None,
     ):
         self.settings = settings
         self.tiers = settings.tier_names
@@ -111,13 +102,19 @@ class ControlLoop:
         self.lease = lease
         self.metrics = metrics
         self._clock = clock
+        self.shadow = shadow  # the candidate deciding beside the champion, never written
         self.static = settings.tier_array("static_rate")
         self.burst_s = settings.tier_array("burst_s")
         self.engine = SafetyEngine(settings.safety_limits())
         self.builder = ObservationBuilder(slo_ms=settings.tier_array("slo_ms"), reference_rate=self.static)
         self.override_caps = OverrideCaps()
-        self._stale: np.ndarray | None = None
+        self.safe = SafePolicy(policies.current.policy, self.engine)  # the policy in force, clamped
         self._count = 0
+        self.tracer = configured_tracer()  # OpenTelemetry: a span per tick when a provider is set (at start-up)
+        self._prometheus_down = False  # this tick: every query failed
+        self.failing_ticks = 0  # consecutive failing leader ticks
+        self.pause_s = settings.loop.tick_interval_s  # before the next tick
+        metrics.tick_pause.set(self.pause_s)
         self.last_report: TickReport | None = None
         self.last_leader_report: TickReport | None = None
 
@@ -126,16 +123,19 @@ class ControlLoop:
         self.metrics.is_leader.set(1.0 if leader else 0.0)
         if leader:
             self.builder.reset()
-            self._stale = None
-            self.policies.current.policy.reset()
+            self.safe.inner = self.policies.current.policy
+            self.safe.reset()
+            if self.shadow is not None:
+                self.shadow.reset()
 
     def tick(self) -> TickReport:
         """Run one tick; never raises."""
         self._count += 1
         started, t0 = self._clock(), time.perf_counter()
         errors: dict[str, str] = {}
+        self._prometheus_down = False
         try:
-            report = self._tick(started, t0, errors)
+            report = self._traced_tick(started, t0, errors)
         except Exception as exc:  # noqa: BLE001 - the loop must survive anything; the reason is logged and counted
             log.exception("event=tick_crashed tick=%d error=%r", self._count, str(exc))
             self.metrics.errors.labels("tick").inc()
@@ -146,6 +146,7 @@ class ControlLoop:
         self.last_report = report
         if report.result != "follower":
             self.last_leader_report = report
+        self._pace(report)
         log.log(
             logging.INFO if report.result in ("written", "shadow", "follower") else logging.WARNING,
             "event=tick tick=%d result=%s mode=%s tiers=%d version=%s fence=%s duration_ms=%.1f errors=%s",
@@ -153,6 +154,38 @@ class ControlLoop:
             report.duration_s * 1000, json.dumps(report.errors) if report.errors else "{}",
         )  # fmt: skip
         return report
+
+    def _pace(self, report: TickReport) -> None:
+        """Set the pause before the next tick: doubled per failing tick in a row, the interval after a good one."""
+        failing = report.result == "failed" or self._prometheus_down
+        self.failing_ticks = self.failing_ticks + 1 if failing else 0
+        self.pause_s = self.settings.loop.pause_after(self.failing_ticks)
+        self.metrics.failing_ticks.set(self.failing_ticks)
+        self.metrics.tick_pause.set(self.pause_s)
+        if failing:
+            log.warning("event=tick_backoff tick=%d failing_ticks=%d next_tick_in_s=%.3g", self._count, self.failing_ticks, self.pause_s)
+
+    def _traced_tick(self, started: float, t0: float, errors: dict[str, str]) -> TickReport:
+        """`_tick` inside a `ratepilot.controller.tick` span (its stages are child spans) when tracing is on."""
+        if self.tracer is None:
+            return self._tick(started, t0, errors)
+        with self.tracer.start_as_current_span(TICK_SPAN) as span:
+            report = self._tick(started, t0, errors)
+            span.set_attributes({
+                "ratepilot.tick": report.tick, "ratepilot.result": report.result, "ratepilot.mode": report.mode,
+                "ratepilot.tiers": len(self.tiers), "ratepilot.version": report.version or 0,
+            })  # fmt: skip
+            for stage, reason in report.errors.items():
+                span.add_event("stage_error", {"ratepilot.stage": stage, "ratepilot.reason": reason})
+            if report.result in ("failed", "fenced"):
+                span.set_status(StatusCode.ERROR, report.result)
+            return report
+
+    def _stage(self, name: str) -> AbstractContextManager[Any]:
+        """A child span of the tick for one stage (nothing when tracing is off)."""
+        if self.tracer is None:
+            return NO_SPAN
+        return self.tracer.start_as_current_span(f"ratepilot.controller.{name}")
 
     def _fail(self, errors: dict[str, str], stage: str, reason: str) -> None:
         errors[stage] = reason
@@ -167,7 +200,8 @@ class ControlLoop:
         # the queries run while Redis is read: a tick costs max(Prometheus, Redis read), not the sum
         pending = self.source.start()
         try:
-            world = self.store.read_world()
+            with self._stage("redis_read"):
+                world = self.store.read_world()
         except redis.RedisError as exc:
             self._fail(errors, "redis_read", f"{type(exc).__name__}: {exc}")
             return TickReport(self._count, started, time.perf_counter() - t0, "failed", mode, fence=fence, errors=errors)
@@ -180,34 +214,30 @@ class ControlLoop:
             first = next(iter(override_problems.items()))
             self._fail(errors, "overrides", f"{len(override_problems)} tier(s), e.g. {first[0]}: {first[1]}")
 
-        reading = pending.result(in_force.rates)
+        with self._stage("prometheus"):
+            reading = pending.result(in_force.rates)
+        self._prometheus_down = len(reading.errors) == len(QUERY_NAMES)
         if reading.errors:
             self._fail(errors, "prometheus", "; ".join(f"{k}: {v}" for k, v in reading.errors.items()))
         observation = self.builder.build(reading.metrics)
 
         loaded = self.policies.current
-        proposed: np.ndarray | None
-        try:
-            proposed = np.asarray(loaded.policy.act(observation), dtype=np.float64)
-            if proposed.shape != (len(self.tiers),):
-                raise ValueError(f"returned shape {proposed.shape}, expected ({len(self.tiers)},)")
-            bad = int((~np.isfinite(proposed)).sum())
-            if bad:
-                self._fail(errors, "policy", f"{loaded.name} returned NaN/inf for {bad} tier(s)")
-        except Exception as exc:  # noqa: BLE001 - a failing policy keeps the rates in force
-            self._fail(errors, "policy", f"{loaded.name}: {type(exc).__name__}: {exc}")
-            proposed = None
-        safety = self.engine.apply(observation, proposed, caps, self._stale)
-        self._stale = safety.stale_ticks
+        self.safe.inner, self.safe.caps = loaded.policy, caps
+        with self._stage("policy"):  # the policy's proposal, clamped by the safety engine
+            safety = self.safe.decide(observation)
+        if self.safe.last_error is not None:
+            self._fail(errors, "policy", f"{loaded.name}: {self.safe.last_error}")
         rates = safety.rates
-        bursts = np.clip(rates * self.burst_s, 1.0, MAX_SANE_RATE)
+        bursts = np.clip(rates * self.burst_s, 1.0, MAX_RATE)
         sources = safety.source
-        decisions = self._decisions(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s)
+        candidate = None if self.shadow is None else self.shadow.decide(observation, caps, self.engine)
+        decisions = decision_texts(observation, in_force.rates, safety, mode, loaded.name, world.server_now_s, candidate)
 
         try:
-            version, _ = self.store.write(
-                self.lease.replica_id, fence, self.tiers, rates, bursts, sources, decisions, write_rates=(mode == "active")
-            )
+            with self._stage("redis_write"):
+                version, _ = self.store.write(
+                    self.lease.replica_id, fence, self.tiers, rates, bursts, sources, decisions, write_rates=(mode == "active")
+                )
         except FencedError as exc:
             self._fail(errors, "lease", f"write refused by Redis: {exc}")
             self.lease.step_down(str(exc))
@@ -225,32 +255,6 @@ class ControlLoop:
             self._count, started, time.perf_counter() - t0, result, mode, version or None, fence, errors,
             dict(zip(self.tiers, decisions, strict=True)),
         )  # fmt: skip
-
-    def _decisions(
-        self, observation: Observation, in_force: np.ndarray, safety: SafetyResult, mode: str, policy: str, now_s: float
-    ) -> list[str]:
-        """One decision JSON per tier, formatted directly (json.dumps per tier dominated a 10,000-tier tick)."""
-        m = observation.metrics
-        with np.errstate(all="ignore"):
-            action = rate_to_action(in_force, np.where(np.isfinite(safety.proposed), safety.proposed, in_force))
-        columns = [_json_numbers(v) for v in (m.p99_latency_ms, m.error_rate, m.cpu, m.admitted_rps, m.throttled_rps)]
-        vectors = _json_rows(observation.vector)
-        proposed, rates = _json_numbers(safety.proposed), _json_numbers(safety.rates)
-        forced, actions = _json_numbers(in_force), _json_numbers(action)
-        # the fired rules of a tier as a bit code: few distinct codes, each formatted once
-        codes = np.stack([safety.fired[r] for r in RULES], axis=1).astype(np.int64) @ (1 << np.arange(len(RULES)))
-        by_code = {int(code): _rules_json(int(code)) for code in np.unique(codes)}
-        head = '{"t":' + repr(now_s) + ',"mode":' + json.dumps(mode) + ',"policy":' + json.dumps(policy) + ',"observation":{'
-        out = []
-        for i, code in enumerate(codes.tolist()):
-            rule, rules, source = by_code[code]
-            out.append(
-                f'{head}"p99_latency_ms":{columns[0][i]},"error_rate":{columns[1][i]},"cpu":{columns[2][i]},'
-                f'"admitted_rps":{columns[3][i]},"throttled_rps":{columns[4][i]},"vector":{vectors[i]}}},'
-                f'"rate_in_force":{forced[i]},"proposed":{proposed[i]},"action":{actions[i]},"rate":{rates[i]},'
-                f'"rule":"{rule}","rules":{rules},"source":"{source}"}}'
-            )
-        return out
 
     def _log_rules(self, safety: SafetyResult) -> None:
         rules = safety.deciding_rule

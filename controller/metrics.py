@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 TICK_RESULTS = ("written", "shadow", "follower", "fenced", "failed")
-ERROR_STAGES = ("redis_read", "prometheus", "policy", "safety", "redis_write", "overrides", "lease", "model_load", "tick")
+ERROR_STAGES = ("redis_read", "prometheus", "policy", "safety", "redis_write", "overrides", "lease", "model_load", "candidate_load", "candidate", "tick")
 
 
 class RateGauge(Collector):
@@ -63,6 +63,19 @@ class ControllerMetrics:
         self.is_leader = Gauge("ratepilot_controller_is_leader", "1 while this replica holds the lease", registry=r)
         self.last_tick = Gauge(
             "ratepilot_controller_last_tick_timestamp_seconds", "Unix time of the last completed leader tick", registry=r
+        )
+        self.tick_pause = Gauge(
+            "ratepilot_controller_tick_pause_seconds",
+            "Pause before the next tick: loop.tick_interval_s, longer while backing off after failing ticks",
+            registry=r,
+        )
+        self.failing_ticks = Gauge(
+            "ratepilot_controller_failing_ticks",
+            "Consecutive ticks that could not read Redis or any Prometheus query (0 when the last tick was good)",
+            registry=r,
+        )
+        self.candidate_loaded = Gauge(
+            "ratepilot_controller_candidate_loaded", "1 while a candidate policy decides in shadow beside the champion", registry=r
         )
         for result in TICK_RESULTS:
             self.ticks.labels(result)

@@ -18,7 +18,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from controller.rate_store import OVERRIDES_KEY
-from limiter.rate_table import MAX_SANE_RATE
+from limiter.bucket import MAX_RATE
 from policy.safety import OperatorCaps
 
 log = logging.getLogger("ratepilot.controller.overrides")
@@ -27,7 +27,7 @@ AUDIT_KEY = "ratepilot:overrides:audit"
 AUDIT_MAXLEN = 10_000
 MAX_TTL_S = 366 * 86400
 
-RateField = Field(default=None, gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)
+RateField = Field(default=None, gt=0, le=MAX_RATE, allow_inf_nan=False)
 
 
 class _Caps(BaseModel):
@@ -52,7 +52,12 @@ class _Caps(BaseModel):
 
 
 class OverrideRequest(_Caps):
-    """The body of PUT /overrides/{tier}: caps in tokens/s, an optional lifetime, who and why."""
+    """The body of PUT /overrides/{tier}: caps in tokens/s, an optional lifetime, who and why.
+
+    Strict types: a rate is a JSON number (not `true`, not `"5"`), who and reason are strings.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     ttl_s: float | None = Field(default=None, gt=0, le=MAX_TTL_S, allow_inf_nan=False)  # None = until deleted
     who: str = Field(min_length=1, max_length=100)

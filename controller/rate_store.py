@@ -15,7 +15,8 @@ import numpy as np
 import redis
 
 from controller.lease import FENCE_KEY, LEADER_KEY, lua
-from limiter.rate_table import MAX_SANE_RATE, RATES_KEY, SOURCES, VERSION_KEY, RateEntryError, parse_entry
+from limiter.bucket import MAX_RATE
+from limiter.rate_table import RATES_KEY, SOURCES, VERSION_KEY, RateEntryError, parse_entry
 
 DECISIONS_KEY = "ratepilot:decisions"
 OVERRIDES_KEY = "ratepilot:overrides"
@@ -90,7 +91,7 @@ def written_entries(
     bursts = np.array(burst_texts, dtype=np.float64)
     stamps_ok = 0 < float(written_at) <= 1e11 and 0 < float(expires_at) <= 1e11
     with np.errstate(invalid="ignore"):
-        usable = (rates > 0) & (rates <= MAX_SANE_RATE) & (bursts > 0) & (bursts <= MAX_SANE_RATE) & stamps_ok
+        usable = (rates > 0) & (rates <= MAX_RATE) & (bursts > 0) & (bursts <= MAX_RATE) & stamps_ok
     return Written(tuple(tiers), entries, rates, version, float(expires_at), usable)
 
 
@@ -125,7 +126,7 @@ def rates_in_force(world: World, tiers: Sequence[str], static: np.ndarray, writt
         index = np.array([i for i, _ in fast], dtype=np.int64)
         rate, burst, _, written_at, expires = np.array([[float(x) for x in g] for _, g in fast]).T
         with np.errstate(invalid="ignore"):
-            valid = ((rate > 0) & (rate <= MAX_SANE_RATE) & (burst > 0) & (burst <= MAX_SANE_RATE)
+            valid = ((rate > 0) & (rate <= MAX_RATE) & (burst > 0) & (burst <= MAX_RATE)
                      & (written_at > 0) & (written_at <= 1e11) & (expires > 0) & (expires <= 1e11))  # fmt: skip
         expired = valid & (world.server_now_s >= expires)
         used = valid & ~expired

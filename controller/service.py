@@ -5,7 +5,8 @@
                          [--tick-interval S] [--once [--json FILE]] [--log-level LEVEL]
 
 `--once` runs a single tick (after trying the lease) and exits: 0 when rates were written (or
-logged, in shadow mode), 1 otherwise; `--json FILE` then holds the tick report. Bad settings or a
+logged, in shadow mode) from Redis and Prometheus answers, 1 otherwise (also when not one Prometheus
+query was answered); `--json FILE` then holds the tick report. Bad settings or a
 policy that does not load exit 2 with a one-line error.
 """
 
@@ -24,13 +25,15 @@ from typing import Any
 from controller.policies import LoadedPolicy, PolicyLoadError, load_policy
 from controller.settings import (
     ENV_CONFIG,
+    ENV_OVERRIDES,
     ControllerSettings,
     SettingsError,
-    apply_env,
     read_config_mapping,
-    set_path,
     settings_from_mapping,
 )
+from limiter.config_file import apply_env, set_path
+from limiter.paths import output_problem
+from limiter.tracing import configure_from_env
 
 log = logging.getLogger("ratepilot.controller")
 
@@ -80,7 +83,7 @@ def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = No
     where = str(path or "controller.yaml")
     data = read_config_mapping(path)
     try:  # file, then environment, then command line
-        return settings_from_mapping(_with_cli(apply_env(data, env), args), env={})
+        return settings_from_mapping(_with_cli(apply_env(data, ENV_OVERRIDES, env), args), env={})
     except SettingsError as exc:
         raise SettingsError(f"{where}: {exc}") from None
 
@@ -97,6 +100,7 @@ def _run_once(settings: ControllerSettings, policy: LoadedPolicy, args: argparse
     controller = Controller(settings, policy)
     try:
         controller.lease.try_acquire_or_renew()
+        controller.shadow.refresh()  # the candidate in shadow, when enabled (a failed load is logged, never fatal)
         report = controller.loop.tick()
     finally:
         controller.stop()
@@ -105,6 +109,9 @@ def _run_once(settings: ControllerSettings, policy: LoadedPolicy, args: argparse
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2, default=str))
     print(json.dumps({k: payload[k] for k in ("result", "mode", "version", "errors")}))
+    if controller.loop.failing_ticks:  # no Redis, or not one Prometheus query answered: not a good tick
+        print("ratepilot controller: the tick could not read its inputs (see errors)", file=sys.stderr)
+        return 1
     return 0 if report.result in ("written", "shadow") else 1
 
 
@@ -136,6 +143,9 @@ def main(argv: list[str]) -> int:
     if args.json and not args.once:
         print("ratepilot controller: --json needs --once", file=sys.stderr)
         return 2
+    if problem := output_problem({"--json": args.json}):
+        print(f"ratepilot controller: {problem}", file=sys.stderr)
+        return 2
     try:
         settings = settings_from_args(args)
     except SettingsError as exc:
@@ -145,6 +155,11 @@ def main(argv: list[str]) -> int:
     try:
         policy = load_policy(settings.policy)  # refuse to start on a policy that does not load
     except PolicyLoadError as exc:
+        print(f"ratepilot controller: {exc}", file=sys.stderr)
+        return 2
+    try:
+        configure_from_env()  # OTLP export of the tick spans when the OTEL_* variables ask for it
+    except RuntimeError as exc:
         print(f"ratepilot controller: {exc}", file=sys.stderr)
         return 2
     if args.once:

@@ -15,20 +15,21 @@ ticks, min > max, a short admin token) are refused at load with the field and th
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-import yaml
+import redis.connection
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from limiter.rate_table import MAX_SANE_RATE
+from limiter.bucket import MAX_RATE
+from limiter.config_file import apply_env, first_error, parse_mapping
 from policy.safety import SafetyLimits
 
 ENV_CONFIG = "RATEPILOT_CONTROLLER_CONFIG"
@@ -43,6 +44,13 @@ TIER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MIN_TOKEN_LENGTH = 16
 QUERY_NAMES = ("p99_latency_ms", "error_rate", "cpu", "admitted_rps", "throttled_rps")
 Rate = float
+MAX_POLICY_PARAM = 1e9
+# a baseline's constructor argument: a finite JSON number of sane size (not a boolean, not a string)
+PolicyParamName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,63}$")]
+PolicyParam = (
+    Annotated[int, Field(strict=True, ge=-MAX_POLICY_PARAM, le=MAX_POLICY_PARAM)]
+    | Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_POLICY_PARAM, le=MAX_POLICY_PARAM)]
+)
 
 
 class SettingsError(ValueError):
@@ -58,6 +66,23 @@ class RedisSettings(_Strict):
 
     url: str = "redis://127.0.0.1:6379/0"
     timeout_s: float = Field(default=2.0, gt=0, le=60, allow_inf_nan=False)  # per command
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        try:  # the parser redis-py itself uses, so what passes here is what the client accepts
+            options = redis.connection.parse_url(value)
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL ({exc})") from None
+        if value.startswith(("redis://", "rediss://")):
+            parts = urllib.parse.urlsplit(value)
+            if not parts.hostname:
+                raise ValueError("not a Redis URL (no host), e.g. redis://127.0.0.1:6379/0")
+            if not re.fullmatch(r"/?[0-9]*", parts.path):
+                raise ValueError(f"not a Redis URL (the path {parts.path!r} is not a database number)")
+        if value.startswith("unix://") and not options.get("path"):
+            raise ValueError("not a Redis URL (no socket path), e.g. unix:///run/redis.sock")
+        return value
 
 
 class QuerySettings(_Strict):
@@ -112,6 +137,18 @@ class PrometheusSettings(_Strict):
     tier_label: str = "tier"
     queries: dict[str, QuerySettings] = Field(default_factory=_default_queries)
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urllib.parse.urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+        except ValueError as exc:
+            raise ValueError(f"not an http(s) URL ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL with a host, e.g. http://127.0.0.1:9090")
+        return value
+
     @field_validator("window")
     @classmethod
     def _duration(cls, value: str) -> str:
@@ -143,6 +180,9 @@ class LoopSettings(_Strict):
     mode: Literal["active", "shadow"] = "active"  # shadow: decide and log, never write rates
     rate_ttl_s: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)  # server-clock expiry
     decisions_maxlen: int = Field(default=10_000, ge=1, le=10_000_000)  # ~ cap of the decisions stream
+    # while Prometheus or Redis keeps failing the pause between ticks doubles up to this (and never past
+    # rate_ttl_s / 2, so rates written meanwhile do not expire); the first good tick restores the interval
+    max_backoff_s: float = Field(default=60.0, gt=0, le=3600, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _ttl_covers_ticks(self) -> LoopSettings:
@@ -152,6 +192,15 @@ class LoopSettings(_Strict):
                 "or the limiters fall back to static rates between ticks"
             )
         return self
+
+    @property
+    def backoff_cap_s(self) -> float:
+        """The longest pause between ticks while failing: max_backoff_s, at most rate_ttl_s / 2, at least one interval."""
+        return max(self.tick_interval_s, min(self.max_backoff_s, self.rate_ttl_s / 2))
+
+    def pause_after(self, failing_ticks: int) -> float:
+        """Seconds to the next tick after `failing_ticks` failing ticks in a row (0: the interval)."""
+        return min(self.backoff_cap_s, self.tick_interval_s * 2.0 ** min(failing_ticks, 64))
 
 
 class LeaseSettings(_Strict):
@@ -182,7 +231,35 @@ class PolicySettings(_Strict):
 
     name: str = "rl"
     model: str | None = None  # rl only: a .npz path or models:/ratepilot-policy@champion; None = champion or default
-    params: dict[str, Any] = Field(default_factory=dict)  # baseline constructor arguments
+    params: dict[PolicyParamName, PolicyParam] = Field(default_factory=dict, max_length=32)  # baseline constructor arguments
+
+
+CANDIDATE_URI = "models:/ratepilot-policy@candidate"  # what `ratepilot train` registers (training/registry.py)
+
+
+class CandidateSettings(_Strict):
+    """The candidate in shadow: a second policy run on the champion's observations every tick, clamped by
+    the same safety engine, its action recorded beside the champion's in the decision stream, its rates
+    never written. Off by default; a candidate that does not load is logged, counted and tried again."""
+
+    enabled: bool = False
+    name: str = "rl"  # rl or a baseline name, as policy.name
+    model: str | None = CANDIDATE_URI  # rl only: a .npz path or MLflow URI; an alias is pinned to its version
+    params: dict[PolicyParamName, PolicyParam] = Field(default_factory=dict, max_length=32)  # baseline arguments
+    refresh_s: float = Field(default=60.0, gt=0, le=86400, allow_inf_nan=False)  # retry a failed load / follow the alias
+
+    @model_validator(mode="after")
+    def _not_the_champion(self) -> CandidateSettings:
+        if self.name == "rl" and (self.model is None or self.model.rstrip("/").endswith("@champion")):
+            raise ValueError(
+                f"candidate.model must name the candidate (e.g. {CANDIDATE_URI}), not the champion: "
+                "the champion in shadow beside itself compares nothing"
+            )
+        return self
+
+    def policy_settings(self, model: str | None = None) -> PolicySettings:
+        """The candidate as policy settings (with `model` in place of the configured one when given)."""
+        return PolicySettings(name=self.name, model=model or self.model, params=dict(self.params))
 
 
 class SafetySettings(_Strict):
@@ -200,9 +277,9 @@ class SafetySettings(_Strict):
 class TierSettings(_Strict):
     """One tier's aggregate rate: its static safe rate, its bounds, its burst and its latency SLO."""
 
-    static_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)  # as in limiter.yaml's aggregate rate
-    min_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)
-    max_rate: Rate = Field(gt=0, le=MAX_SANE_RATE, allow_inf_nan=False)
+    static_rate: Rate = Field(gt=0, le=MAX_RATE, allow_inf_nan=False)  # as in limiter.yaml's aggregate rate
+    min_rate: Rate = Field(gt=0, le=MAX_RATE, allow_inf_nan=False)
+    max_rate: Rate = Field(gt=0, le=MAX_RATE, allow_inf_nan=False)
     burst_s: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)  # burst = rate x burst_s
     slo_ms: float = Field(default=250.0, gt=0, le=3_600_000, allow_inf_nan=False)  # p99 latency objective
 
@@ -241,6 +318,7 @@ class ControllerSettings(_Strict):
     loop: LoopSettings = Field(default_factory=LoopSettings)
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    candidate: CandidateSettings = Field(default_factory=CandidateSettings)
     safety: SafetySettings = Field(default_factory=SafetySettings)
     tiers: dict[str, TierSettings]
     admin: AdminSettings = Field(default_factory=AdminSettings)
@@ -281,62 +359,29 @@ class ControllerSettings(_Strict):
         )
 
 
-def set_path(data: dict[str, Any], path: tuple[str, ...], value: object) -> None:
-    """Set data[path[0]][path[1]]... = value, creating (or replacing non-mapping) levels on the way."""
-    node = data
-    for key in path[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = {}
-            node[key] = child
-        node = child
-    node[path[-1]] = value
-
-
 def default_config_text() -> str:
     """The packaged controller.yaml."""
     return resources.files("controller").joinpath("controller.yaml").read_text()
 
 
-def _describe(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
-
-
-def apply_env(data: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """A deep copy of `data` with the environment overrides (ENV_OVERRIDES) set."""
-    merged: dict[str, Any] = copy.deepcopy(dict(data))
-    for name, path in ENV_OVERRIDES.items():
-        value = env.get(name)
-        if value:
-            set_path(merged, path, value)
-    return merged
-
-
 def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> ControllerSettings:
     """Validate a mapping (the parsed YAML) with the environment overrides applied on top."""
-    merged = apply_env(data, os.environ if env is None else env)
+    merged = apply_env(data, ENV_OVERRIDES, os.environ if env is None else env)
     try:
         return ControllerSettings.model_validate(merged)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
+        raise SettingsError(first_error(exc)) from None
 
 
 def read_config_mapping(path: str | Path | None) -> dict[str, Any]:
     """The YAML mapping in `path` (the packaged default when None); SettingsError naming the file."""
     where = str(path or "controller.yaml")
     try:
-        text = Path(path).read_text() if path else default_config_text()
-        data = yaml.safe_load(text) or {}
+        return parse_mapping(Path(path).read_text() if path else default_config_text())
     except OSError as exc:
         raise SettingsError(f"{where}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"{where}: the top level must be a mapping")
-    return data
+    except ValueError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
 
 
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ControllerSettings:

@@ -17,7 +17,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 MICRO = 1_000_000  # micro-units per unit (µs per s, µt per token)
-MAX_RATE = 1e9  # tokens/s; anything above is treated as a configuration error
+# tokens/s: the one rate ceiling. A configured rate above it is an error, a rate-table entry above it
+# is garbage rather than a decision, and the safety engine, simulator and baselines never go past it.
+# The Lua script takes any double rate (refills are capped at the capacity), so it assumes no ceiling.
+MAX_RATE = 1e7
 MAX_CAPACITY = 1e9  # tokens
 
 

@@ -21,12 +21,14 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from limiter.bucket import MAX_CAPACITY, MAX_RATE
+from limiter.config_file import apply_env, first_error, parse_mapping
+from limiter.grpc_settings import GrpcConfig
+from limiter.rls.settings import RlsConfig
 
 log = logging.getLogger("ratepilot.config")
 
@@ -64,6 +66,9 @@ class TierConfig(_Strict):
     aggregate: BucketConfig
     failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
     key_prefixes: tuple[str, ...] = ()  # API keys starting with one of these belong to this tier
+    # shadow: every request is admitted; what the buckets (or fail_closed) would have refused is only
+    # counted (ratepilot_shadow_refusals_total), to try a new limit on live traffic
+    shadow: bool = Field(default=False, strict=True)
 
 
 class RouteCost(_Strict):
@@ -157,6 +162,8 @@ class LimiterConfig(_Strict):
     rate_table: RateTableConfig = RateTableConfig()
     local_guard: LocalGuardConfig = LocalGuardConfig()
     exempt_paths: tuple[str, ...] = ("/health", "/metrics")
+    rls: RlsConfig = RlsConfig()  # descriptors -> tiers and clients for `ratepilot rls`
+    grpc: GrpcConfig = GrpcConfig()  # per-method costs of the gRPC interceptor
 
     @field_validator("client_header")
     @classmethod
@@ -179,7 +186,9 @@ class LimiterConfig(_Strict):
         for key, mapped in self.clients.items():
             if mapped not in known:
                 raise ValueError(f"client {key!r} maps to unknown tier {mapped!r}")
-        max_cost = self.costs.max_cost()
+        self.rls.check_tiers(known)
+        self.grpc.check_tiers(known)
+        max_cost = max(self.costs.max_cost(), self.grpc.max_cost())
         for name, tier in self.tiers.items():
             smallest = min(tier.client.burst, tier.aggregate.burst) * self.local_guard.fraction
             if max_cost > smallest:
@@ -190,41 +199,17 @@ class LimiterConfig(_Strict):
         return self
 
 
-def _set_path(data: dict[str, Any], path: tuple[str, ...], value: str) -> None:
-    node = data
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[path[-1]] = value
-
-
-def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """A copy of the raw config with the RATEPILOT_* environment overrides applied."""
-    merged = yaml.safe_load(yaml.safe_dump(data)) or {}
-    for variable, path in ENV_OVERRIDES.items():
-        if variable in environ:
-            _set_path(merged, path, environ[variable])
-    return dict(merged)
-
-
 def parse_config(text: str, environ: Mapping[str, str] | None = None, origin: str = "<config>") -> LimiterConfig:
     """Validate YAML text (plus env overrides); raises ConfigError naming the bad field."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: the top level must be a mapping")
-    data = apply_env(data, os.environ if environ is None else environ)
+        data = parse_mapping(text)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    data = apply_env(data, ENV_OVERRIDES, os.environ if environ is None else environ)
     try:
         return LimiterConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise ConfigError(f"{origin}: {where}: {first['msg']} ({exc.error_count()} error(s))") from None
+        raise ConfigError(f"{origin}: {first_error(exc)}") from None
 
 
 def default_config_path() -> Path:

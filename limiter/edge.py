@@ -13,6 +13,11 @@ that saturates), or `--backend-url URL` (requests are forwarded with httpx), or 
 | `/admin/backend`      | no      | GET / POST `{"capacity_rps": X}`: the synthetic capacity    |
 
 The config file is re-read every second (hot reload); the rate table every `rate_table.poll_s`.
+
+`--processes N` runs N uvicorn worker processes on one port (the kernel spreads connections over
+them), each with its own `Edge` built by `worker_app()` from the options the parent validated. They
+share the buckets through Redis; each has its own metrics (a scrape of `/metrics` reaches one
+process) and, with the synthetic backend, its own worker pool of `capacity_rps`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,21 +38,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis.asyncio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from limiter.config import ConfigError, ConfigWatcher, LimiterConfig, load_config, resolve_config_path
-from limiter.guard import Guard, Verdict
-from limiter.local_bucket import LocalBucket
-from limiter.metrics import BackendMetrics, LimiterMetrics
+from limiter.config import ConfigError, LimiterConfig, load_config, resolve_config_path
+from limiter.metrics import BackendMetrics
 from limiter.middleware import RateLimitMiddleware
+from limiter.rate_limiter import RateLimiter
 from limiter.rate_reader import RateReader
-from limiter.redis_bucket import RedisBucket
 from limiter.synthetic_backend import SyntheticBackend
+from limiter.tracing import configure_from_env
+from limiter.verdict import Verdict
 
 log = logging.getLogger("ratepilot.edge")
 
@@ -54,8 +60,8 @@ HOP_BY_HOP = frozenset(
     [b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
      b"transfer-encoding", b"upgrade", b"host", b"content-length"]
 )  # fmt: skip
-RATE_CLIENT_TIMEOUT_S = 1.0  # the rate table is read off the request path; it may wait longer
-STOP_TIMEOUT_S = 5.0  # shutdown waits this long for the background tasks
+MAX_PROCESSES = 64
+ENV_WORKER = "RATEPILOT_EDGE_WORKER"  # set by `--processes N` for worker_app(): the options as JSON
 ECHO_BODY = b'{"ok":true}'
 
 
@@ -118,9 +124,10 @@ class Edge:
     def __init__(self, config: LimiterConfig, options: EdgeOptions | None = None, registry: CollectorRegistry | None = None):
         self.options = options or EdgeOptions()
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = LimiterMetrics(self.registry)
+        self.limiter = RateLimiter(config, config_path=self.options.config_path, registry=self.registry, reload_s=self.options.reload_s)
+        self.metrics = self.limiter.metrics
+        self.guard = self.limiter.guard
         self.backend_metrics = BackendMetrics(self.registry)
-        self.guard = Guard(config, None, LocalBucket(), self.metrics)
         self.synthetic: SyntheticBackend | None = None
         if self.options.backend == "synthetic":
             self.synthetic = SyntheticBackend(
@@ -133,12 +140,13 @@ class Edge:
             )
         elif self.options.backend != "echo" and not self.options.backend.startswith(("http://", "https://")):
             raise ValueError(f"backend must be 'synthetic', 'echo' or an http(s):// URL, got {self.options.backend!r}")
-        self.reader: RateReader | None = None
         self._http: httpx.AsyncClient | None = None
-        self._rate_client: Any = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
         self.app = self._build()
+
+    @property
+    def reader(self) -> RateReader | None:
+        """The limiter's rate-table reader (None until started)."""
+        return self.limiter.reader
 
     # -- app ---------------------------------------------------------------------------------
 
@@ -158,81 +166,40 @@ class Edge:
             routes.append(Route("/{rest:path}", self.forward, methods=METHODS))
         app: Any = Starlette(routes=routes, lifespan=self._lifespan)
         if self.options.limited:
-            app = RateLimitMiddleware(app, self.guard)
+            app = RateLimitMiddleware(app, limiter=self.limiter)  # runs the limiter's lifespan around the app's
         return app
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Any) -> AsyncIterator[None]:
-        await self.start()
+        await self._start_own()
         try:
             yield
         finally:
-            await self.stop()
+            await self._stop_own()
 
     async def start(self) -> None:
-        """Connect to Redis, start the rate reader and the config watcher (called by the lifespan)."""
-        config = self.guard.config
-        self._stopping = False
+        """Start the limiter (when limiting) and the edge's own parts, as serving the app does."""
         if self.options.limited:
-            redis_config = config.redis
-            self.guard.redis_bucket = RedisBucket.from_url(
-                redis_config.url, timeout_s=redis_config.timeout_ms / 1000, cluster=redis_config.cluster,
-                chunk=redis_config.chunk,
-            )  # fmt: skip
-            client_class = redis.asyncio.RedisCluster if redis_config.cluster else redis.asyncio.Redis
-            self._rate_client = client_class.from_url(
-                redis_config.url, socket_timeout=RATE_CLIENT_TIMEOUT_S, socket_connect_timeout=RATE_CLIENT_TIMEOUT_S
-            )
-            await self._warm_up(self.guard.redis_bucket)
-            self.reader = RateReader(self._rate_client, lambda: self.guard.config, self.guard.apply_rates, self.metrics)
-            self._spawn(self.reader.run())
-            if self.options.config_path is not None:
-                self._spawn(self._watch_config(ConfigWatcher(self.options.config_path, config)))
+            await self.limiter.start()
+        await self._start_own()
+
+    async def stop(self) -> None:
+        """Stop the edge's own parts, then the limiter."""
+        await self._stop_own()
+        await self.limiter.stop()
+
+    async def _start_own(self) -> None:
+        """The forwarding client and the GC freeze (the middleware starts the limiter before this)."""
         if self.options.backend.startswith(("http://", "https://")):
             self._http = httpx.AsyncClient(base_url=self.options.backend, timeout=self.options.backend_timeout_s)
         if self.options.freeze_gc:
             gc.collect()
             gc.freeze()  # start-up objects leave the cyclic GC's generations: no long pauses under load
 
-    async def _warm_up(self, bucket: RedisBucket) -> None:
-        """Load the script and open the connections before the first request (a cold start takes > 5 ms)."""
-        try:
-            await bucket.warm_up(RATE_CLIENT_TIMEOUT_S)
-        except Exception as exc:  # Redis down at start-up: the limiter still starts and falls back
-            log.warning("redis not reachable at start-up, deciding by the failure policies: %s", exc)
-
-    async def stop(self) -> None:
-        """Stop the background tasks and close the connections."""
-        self._stopping = True
-        if self.reader is not None:
-            self.reader.stop()
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S)
-        self._tasks.clear()
-        bucket = self.guard.redis_bucket
-        if isinstance(bucket, RedisBucket):
-            await bucket.aclose()
-        if self._rate_client is not None:
-            await self._rate_client.aclose()
+    async def _stop_own(self) -> None:
         if self._http is not None:
             await self._http.aclose()
-
-    def _spawn(self, coroutine: Any) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coroutine))
-
-    async def _watch_config(self, watcher: ConfigWatcher) -> None:
-        while not self._stopping:
-            await asyncio.sleep(self.options.reload_s)
-            try:
-                new = watcher.poll()
-                if new is not None:
-                    self.guard.apply_config(new)
-                    if self.reader is not None:
-                        await self.reader.poll_once()  # re-resolve the controller's rates against it
-            except Exception:  # the watcher must outlive any surprise
-                log.exception("config watcher failed")
+            self._http = None
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -366,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=_positive(int), default=16, help="synthetic backend workers")
     parser.add_argument("--queue-limit", type=int, default=64, help="synthetic backend queue bound")
     parser.add_argument("--backend-timeout-s", type=_positive(float), default=2.0, help="queue wait / forward timeout")
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help=f"uvicorn worker processes on the port, 1..{MAX_PROCESSES} (each its own edge; buckets shared in Redis)",
+    )  # fmt: skip
     parser.add_argument("--no-limit", action="store_true", help="serve without the limiter (baseline)")
     parser.add_argument("--no-admin", action="store_true", help="disable POST /admin/backend")
     parser.add_argument("--seed", type=int, help="seed of the synthetic service times")
@@ -394,13 +365,17 @@ def main(argv: list[str]) -> int:
     if not 0 < args.port < 65536 or args.queue_limit < 0:
         print("ratepilot edge: --port must be in 1..65535 and --queue-limit >= 0", file=sys.stderr)
         return 2
+    if not 1 <= args.processes <= MAX_PROCESSES:
+        print(f"ratepilot edge: --processes must be in 1..{MAX_PROCESSES}, got {args.processes}", file=sys.stderr)
+        return 2
     if args.backend_url and not args.backend_url.startswith(("http://", "https://")):
         print(f"ratepilot edge: --backend-url must be an http(s):// URL, got {args.backend_url!r}", file=sys.stderr)
         return 2
     try:
         config_path = resolve_config_path(args.config)
         config = load_config(config_path)
-    except ConfigError as exc:
+        configure_from_env()  # OTLP span export when the OTEL_* variables ask for it
+    except (ConfigError, RuntimeError) as exc:
         print(f"ratepilot edge: {exc}", file=sys.stderr)
         return 2
     import uvicorn
@@ -418,10 +393,29 @@ def main(argv: list[str]) -> int:
         freeze_gc=True,
         seed=args.seed,
     )
-    edge = Edge(config, options)
-    log.info("edge starting", extra={"fields": {"port": args.port, "backend": options.backend, "limited": options.limited}})
+    fields = {"port": args.port, "backend": options.backend, "limited": options.limited, "processes": args.processes}
+    log.info("edge starting", extra={"fields": fields})
+    server = {"host": args.host, "port": args.port, "access_log": False, "log_config": None, "lifespan": "on"}
+    if args.processes == 1:
+        edge = Edge(config, options)
+        uvicorn.run(edge.app, log_level=args.log_level, **server, **_server_options())  # type: ignore[arg-type]
+        return 0
+    os.environ[ENV_WORKER] = json.dumps(
+        {"log_level": args.log_level, "options": dataclasses.asdict(options) | {"config_path": str(config_path)}}
+    )
     uvicorn.run(
-        edge.app, host=args.host, port=args.port, access_log=False, log_config=None, lifespan="on",
-        log_level=args.log_level, **_server_options(),  # type: ignore[arg-type]
+        f"{__name__}:worker_app", factory=True, workers=args.processes, log_level=args.log_level,
+        **server, **_server_options(),  # type: ignore[arg-type]
     )  # fmt: skip
     return 0
+
+
+def worker_app() -> Any:
+    """The app of one worker process of `ratepilot edge --processes N` (a uvicorn factory): an Edge built
+    from the options in $RATEPILOT_EDGE_WORKER and the config file they name (validated by the parent)."""
+    spec = json.loads(os.environ[ENV_WORKER])
+    setup_logging(spec["log_level"])
+    configure_from_env()  # each worker exports its own spans (the parent checked the OTEL_* variables)
+    options = EdgeOptions(**spec["options"] | {"config_path": Path(spec["options"]["config_path"])})
+    assert options.config_path is not None
+    return Edge(load_config(options.config_path), options).app

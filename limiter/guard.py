@@ -19,24 +19,23 @@ import logging
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from math import ceil
-from operator import itemgetter
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from limiter.bucket import MICRO, BucketError, BucketSpec, Decision
-from limiter.config import LimiterConfig
-from limiter.costs import CostTable
-from limiter.metrics import ALLOWED, ALLOWED_REDIS, LimiterMetrics
-from limiter.rate_reader import TierRates, static_rates
-from limiter.redis_bucket import (
+from limiter.check_encoding import (
     CheckTemplate,
     EncodedCheck,
     RawOutcome,
-    Resolver,
     check_template,
     decisions_from_tokens,
     keys_resp,
 )
+from limiter.config import LimiterConfig
+from limiter.costs import CostTable
+from limiter.metrics import ALLOWED, ALLOWED_REDIS, LimiterMetrics
+from limiter.pending_checks import Resolver
+from limiter.rate_reader import TierRates, static_rates
+from limiter.verdict import FieldParts, Verdict
 
 log = logging.getLogger("ratepilot.guard")
 _new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
@@ -138,115 +137,21 @@ class TierRuntime:
         return 100.0 * (1.0 - self.remaining_now() / self.rates.burst)
 
 
-# Per bucket of a tier, tokens µt left -> that bucket's part of the RateLimit field. The part depends
-# only on the tokens and the bucket's rate and capacity, and a bucket under its limit is mostly full
-# (the same tokens after every request), so formatting is mostly skipped: 0.7 of a µs per request.
-FieldParts = tuple[dict[int, bytes], dict[int, bytes]]
-FIELD_PARTS_LIMIT = 4096  # remembered token counts per bucket
+class PreparedCheck(NamedTuple):
+    """A route's check of one cost, encoded once: what goes to Redis and what the resolver needs of it."""
 
-# An API key's (tier, client id, bucket keys, their RESP bytes, {cost: (encoded check, resolver context)}).
-Route = tuple[TierRuntime, str, list[str], bytes, dict[float, tuple[EncodedCheck, tuple[Any, ...]]]]
+    check: EncodedCheck
+    context: tuple[Any, ...]  # (tier, client, keys, cost, buckets, field parts): Guard._resolve unpacks it
 
 
-class Verdict(tuple):  # type: ignore[type-arg]
-    """The decision for one request and what the response should say about it.
+class Route(NamedTuple):
+    """What an API key resolves to, cached per raw header value (dropped when a tier's rates change)."""
 
-    A tuple (the request path builds one per request with `tuple.__new__`, a quarter of the cost of
-    an `__init__`). A Redis decision keeps the script's integer answer and builds the `Decision`s
-    only when asked (most responses need just the RateLimit field, formatted from the integers).
-    """
-
-    __slots__ = ()
-
-    allowed: bool = property(itemgetter(0))  # type: ignore[assignment]
-    tier: TierRuntime = property(itemgetter(1))  # type: ignore[assignment]
-    client: str = property(itemgetter(2))  # type: ignore[assignment]
-    cost: float = property(itemgetter(3))  # type: ignore[assignment]
-    source: str = property(itemgetter(4))  # type: ignore[assignment]
-    # None, "client", "tier", "redis_unavailable" or "cost"
-    limited_by: str | None = property(itemgetter(6))  # type: ignore[assignment]
-    policy_header: bytes = property(itemgetter(9))  # type: ignore[assignment]
-
-    def __new__(
-        cls,
-        allowed: bool,
-        tier: TierRuntime,
-        client: str,
-        cost: float,
-        source: str,
-        decisions: list[Decision] | None,
-        limited_by: str | None,
-        tokens: list[int] | None = None,
-        buckets: list[Any] | None = None,
-        field_parts: FieldParts | None = None,
-    ) -> Verdict:
-        """decisions: [client bucket, tier bucket], or None for a Redis decision given as `tokens`
-        (µt per bucket after the decision) and `buckets` (their encoded arguments); `field_parts` are
-        the caches of the RateLimit field for those buckets (made with them, so never stale)."""
-        return tuple.__new__(
-            cls, (allowed, tier, client, cost, source, decisions, limited_by, tokens, buckets, tier.policy_header, field_parts)
-        )
-
-    @property
-    def decisions(self) -> list[Decision]:
-        """[client bucket, tier bucket] decisions."""
-        decisions: list[Decision] | None = self[5]
-        if decisions is None:
-            return decisions_from_tokens(self[0], self[7], self[8])
-        return decisions
-
-    @property
-    def retry_after_s(self) -> float:
-        """Seconds until the request could pass (0 when allowed)."""
-        return max(d.retry_after_s for d in self.decisions)
-
-    @property
-    def remaining(self) -> float:
-        """Tokens the caller may still spend now: the smaller of its client and tier buckets."""
-        return min(d.remaining for d in self.decisions)
-
-    def ratelimit_field(self) -> bytes:
-        """The IETF `RateLimit` field: whole tokens left and whole seconds until full, per bucket."""
-        tokens = self[7]
-        if tokens is None:
-            return self.ratelimit_field_from_decisions()
-        client_ut, tier_ut = tokens
-        parts = self[10]
-        if parts is None:
-            client_b, tier_b = self[8]
-            return _field_part(CLIENT_PART, client_ut, client_b) + _field_part(TIER_PART, tier_ut, tier_b)
-        client_parts, tier_parts = parts
-        client = client_parts.get(client_ut)
-        if client is None:
-            client = _remember_part(client_parts, CLIENT_PART, client_ut, self[8][0])
-        tier = tier_parts.get(tier_ut)
-        if tier is None:
-            tier = _remember_part(tier_parts, TIER_PART, tier_ut, self[8][1])
-        return client + tier
-
-    def ratelimit_field_from_decisions(self) -> bytes:
-        """The same field computed from the Decisions (the reference the integer path is tested against)."""
-        client_d, tier_d = self.decisions
-        # %d truncates toward zero as int() does
-        return RATELIMIT_FORMAT % (client_d.remaining, ceil(client_d.reset_after_s), tier_d.remaining, ceil(tier_d.reset_after_s))
-
-
-RATELIMIT_FORMAT = b'"client";r=%d;t=%d, "tier";r=%d;t=%d'
-CLIENT_PART, TIER_PART = b'"client";r=%d;t=%d', b', "tier";r=%d;t=%d'  # the halves of RATELIMIT_FORMAT
-
-
-def _field_part(part: bytes, tokens_ut: int, bucket: Any) -> bytes:
-    """One bucket's part of the RateLimit field from the script's integers: whole tokens, and
-    ceil(Decision.reset_after_s) = whole seconds up of limiter.bucket.wait_us."""
-    missing_ut = bucket.capacity_ut - tokens_ut
-    return part % (tokens_ut // MICRO, -(-ceil(missing_ut / bucket.rate) // MICRO) if missing_ut > 0 else 0)
-
-
-def _remember_part(parts: dict[int, bytes], part: bytes, tokens_ut: int, bucket: Any) -> bytes:
-    if len(parts) >= FIELD_PARTS_LIMIT:
-        parts.clear()
-    value = parts[tokens_ut] = _field_part(part, tokens_ut, bucket)
-    return value
+    tier: TierRuntime
+    client: str
+    keys: list[str]  # [client bucket key, tier bucket key]
+    keys_resp: bytes  # their RESP bytes
+    prepared: dict[float, PreparedCheck]  # by request cost
 
 
 class Guard:
@@ -271,7 +176,7 @@ class Guard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tiers: dict[str, TierRuntime] = {}
         self._tier_cache: dict[str, TierRuntime] = {}
-        self._routes: dict[bytes, Route] = {}
+        self._routes: dict[bytes | tuple[str, str], Route] = {}  # API key, or (tier, client) for start_in()
         self.apply_config(config)
 
     @property
@@ -350,7 +255,7 @@ class Guard:
             tier = self.tier_for(client)
             bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
             keys = [tier.client_prefix + bucket_client, tier.tier_key]
-            route = (tier, client, keys, keys_resp(keys), {})
+            route = Route(tier, client, keys, keys_resp(keys), {})
             if len(self._routes) >= TIER_CACHE_LIMIT:
                 self._routes.clear()
             self._routes[key] = route
@@ -375,7 +280,7 @@ class Guard:
             route = self._route(key)
         cost = self._cost(method, path, content_length)
         try:
-            prepared = route[4].get(cost)
+            prepared = route.prepared.get(cost)
             if prepared is None:
                 prepared = self._prepare(route, cost)
             bucket = self.redis_bucket
@@ -385,22 +290,51 @@ class Guard:
             if loop is None:  # asyncio.get_running_loop() costs a getpid() system call on Python 3.11
                 loop = self._loop = asyncio.get_running_loop()
             future: asyncio.Future[Verdict] = loop.create_future()
-            bucket.submit_to(prepared[0], future, self._resolve, (prepared[1], started))
+            bucket.submit_to(prepared.check, future, self._resolve, (prepared.context, started))
         except BucketError as exc:
-            return self._refuse_cost(route[0], route[1], cost, exc, started)
+            return self._refuse_cost(route.tier, route.client, cost, exc, started)
         except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
-            return self._fall_back(route[0], route[1], route[2], cost, exc, started)
+            return self._fall_back(route.tier, route.client, route.keys, cost, exc, started)
+        return future
+
+    # -- checks by a known tier, client and cost (Envoy's rate-limit service, the gRPC interceptor) --
+
+    def start_in(self, tier: str, client: str, cost: float) -> Verdict | asyncio.Future[Verdict]:
+        """start() for a caller that already knows the tier (a configured name), the client id and the
+        cost: no header, tier or cost lookup. Checks started in one event-loop turn share one EVALSHA."""
+        started = self._clock()
+        route = self._routes.get((tier, client))
+        if route is None:
+            runtime = self._tiers[tier]
+            bucket_client = client if len(client) <= MAX_CLIENT_ID else hashlib.sha256(client.encode()).hexdigest()
+            keys = [runtime.client_prefix + bucket_client, runtime.tier_key]
+            route = Route(runtime, client, keys, keys_resp(keys), {})
+            if len(self._routes) >= TIER_CACHE_LIMIT:
+                self._routes.clear()
+            self._routes[tier, client] = route
+        try:
+            prepared = route.prepared.get(cost) or self._prepare(route, cost)
+            bucket = self.redis_bucket
+            if bucket is None:
+                raise ConnectionError("no Redis bucket configured")
+            future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+            bucket.submit_to(prepared.check, future, self._resolve, (prepared.context, started))
+        except BucketError as exc:
+            return self._refuse_cost(route.tier, client, cost, exc, started)
+        except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
+            return self._fall_back(route.tier, client, route.keys, cost, exc, started)
         return future
 
     @staticmethod
-    def _prepare(route: Route, cost: float) -> tuple[EncodedCheck, tuple[Any, ...]]:
+    def _prepare(route: Route, cost: float) -> PreparedCheck:
         """A route's encoded check of `cost` and what the resolver needs of it; raises BucketError if no bucket holds it."""
         tier, client, keys, resp, prepared = route
         template = tier.template(cost)
         if len(prepared) >= TEMPLATE_CACHE_LIMIT:
             prepared.clear()
-        context = (tier, client, keys, cost, template[1], tier.field_parts)
-        entry = prepared[cost] = (_new_tuple(EncodedCheck, (keys, *template, resp)), context)
+        argv, buckets, argv_resp = template
+        context = (tier, client, keys, cost, buckets, tier.field_parts)
+        entry = prepared[cost] = PreparedCheck(_new_tuple(EncodedCheck, (keys, argv, buckets, argv_resp, resp)), context)
         return entry
 
     def _resolve(self, future: asyncio.Future[Verdict], context: tuple[Any, ...], outcome: RawOutcome | Exception) -> None:
@@ -411,7 +345,7 @@ class Guard:
             return
         allowed, tokens, _ = outcome
         now = self._clock()
-        tier.last_remaining = tokens[1] / MICRO
+        tier.last_remaining = tokens[1] / MICRO  # the tier bucket's µt
         tier.last_time = now
         counters = tier.counters
         if allowed:
@@ -447,9 +381,10 @@ class Guard:
             if source == "fail_closed":
                 limited_by = "redis_unavailable"
             else:
-                limited_by = "client" if decisions[0].retry_after_s >= decisions[1].retry_after_s else "tier"
+                client_d, tier_d = decisions
+                limited_by = "client" if client_d.retry_after_s >= tier_d.retry_after_s else "tier"
         now = self._clock()
-        tier.last_remaining = decisions[1].remaining
+        tier.last_remaining = decisions[1].remaining  # the tier bucket's
         tier.last_time = now
         tier.counters.count("allowed" if allowed else "throttled", source, cost)
         self._latency.observe(now - started)
@@ -468,18 +403,3 @@ class Guard:
         self._latency.observe(self._clock() - started)
         decisions = [Decision(False, 0.0, FAIL_CLOSED_RETRY_S, 0.0, spec.capacity, "redis") for spec in tier.specs]
         return Verdict(False, tier, client, cost, "redis", decisions, "cost")
-
-
-def describe(verdict: Verdict) -> dict[str, Any]:
-    """A JSON-able summary of a verdict (for logs and the /rating endpoint)."""
-    client_d, tier_d = verdict.decisions
-    return {
-        "tier": verdict.tier.name,
-        "allowed": verdict.allowed,
-        "cost": verdict.cost,
-        "source": verdict.source,
-        "limited_by": verdict.limited_by,
-        "client": {"remaining": client_d.remaining, "limit": client_d.limit, "reset_after_s": client_d.reset_after_s},
-        "tier_bucket": {"remaining": tier_d.remaining, "limit": tier_d.limit, "reset_after_s": tier_d.reset_after_s},
-        "retry_after_s": verdict.retry_after_s,
-    }

@@ -32,16 +32,18 @@ ALLOWED = OUTCOMES.index("allowed")  # position in TierCounters.tokens
 
 
 class TierCounters:
-    """One tier's decisions by (outcome, source) and tokens asked by outcome, as plain numbers.
+    """One tier's decisions by (outcome, source), tokens asked by outcome, and refusals a shadow tier let
+    through, as plain numbers.
 
-    `decisions[DECISION_INDEX[outcome, source]]` and `tokens[OUTCOMES.index(outcome)]`.
+    `decisions[DECISION_INDEX[outcome, source]]`, `tokens[OUTCOMES.index(outcome)]`, `shadow_refusals`.
     """
 
-    __slots__ = ("decisions", "tokens")
+    __slots__ = ("decisions", "tokens", "shadow_refusals")
 
     def __init__(self) -> None:
         self.decisions = [0] * len(DECISION_KEYS)
         self.tokens = [0.0] * len(OUTCOMES)
+        self.shadow_refusals = 0  # throttled decisions the middleware admitted because the tier is in shadow mode
 
     def count(self, outcome: str, source: str, tokens: float) -> None:
         """Count one decision and the tokens it asked for."""
@@ -85,13 +87,19 @@ class _RequestPathCollector:
             "ratepilot_decisions", "Rate-limit decisions", labels=["tier", "outcome", "source"]
         )
         tokens = CounterMetricFamily("ratepilot_decision_tokens", "Tokens asked by decisions", labels=["tier", "outcome"])
+        shadow = CounterMetricFamily(
+            "ratepilot_shadow_refusals", "Requests a shadow-mode tier admitted although it would have refused them",
+            labels=["tier"],
+        )  # fmt: skip
         for tier, counters in list(self._tiers.items()):
             for (outcome, source), count in zip(DECISION_KEYS, counters.decisions, strict=True):
                 decisions.add_metric([tier, outcome, source], count)
             for outcome, asked in zip(OUTCOMES, counters.tokens, strict=True):
                 tokens.add_metric([tier, outcome], asked)
+            shadow.add_metric([tier], counters.shadow_refusals)
         yield decisions
         yield tokens
+        yield shadow
         yield HistogramMetricFamily(
             "ratepilot_check_seconds", "Time to decide one request", buckets=self._latency.cumulative(),
             sum_value=self._latency.total,

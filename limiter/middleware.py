@@ -11,6 +11,16 @@ fields; allowed requests get the fields on their response. The verdict is left i
 `scope["state"]["ratepilot"]` for the endpoint (the edge's `/rating` reads it). Each refusal is logged
 as one structured record on the `ratepilot.throttle` logger; the API key itself is never logged, only a
 fingerprint (first 12 hex digits of its SHA-256).
+
+A tier flagged `shadow: true` is never refused: a request its buckets (or `fail_closed`, or a cost no
+bucket holds) would have refused passes to the app with the same headers, and counts in
+`ratepilot_shadow_refusals_total{tier}` instead (the decision metrics still say `throttled`).
+
+Mounted with a `RateLimiter` (`app.add_middleware(RateLimitMiddleware, limiter=limiter)`), it also
+serves the app's `lifespan` scope: the limiter starts before the app's own start-up and stops after its
+shut-down (`RateLimiter.run_lifespan`), and the client id comes from the limiter's `client` callable
+when it has one, else from the config's `client_header`. With a tracer provider configured, each
+decision is a `ratepilot.limit` span (`limiter/tracing.py`).
 """
 
 from __future__ import annotations
@@ -20,9 +30,14 @@ import json
 import logging
 import math
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from limiter.guard import Guard, Verdict
+from limiter.guard import Guard
+from limiter.tracing import end_decision_span, start_decision_span
+from limiter.verdict import Verdict
+
+if TYPE_CHECKING:
+    from limiter.rate_limiter import RateLimiter
 
 log = logging.getLogger("ratepilot.throttle")
 
@@ -44,16 +59,51 @@ def retry_after_value(verdict: Verdict) -> bytes:
     return str(max(1, math.ceil(verdict.retry_after_s))).encode()
 
 
+class RateLimited(Exception):
+    """Raised by a route's `charge` dependency when the request is refused; the middleware answers the 429."""
+
+    def __init__(self, verdict: Verdict):
+        super().__init__(f"rate limited ({verdict.limited_by})")
+        self.verdict = verdict
+
+
+def client_key_of(client_of: Any, scope: dict[str, Any]) -> bytes:
+    """The guard's key for the client id a user callable gives for a request (b"" when anonymous)."""
+    from starlette.requests import Request
+
+    client = client_of(Request(scope))
+    if not client:
+        return b""
+    try:
+        return str(client).encode("latin-1")  # as a header value would come
+    except UnicodeEncodeError:
+        return str(client).encode()
+
+
 class RateLimitMiddleware:
     """Decides each HTTP request with the guard; refused ones get 429, the rest pass with rate-limit headers."""
 
-    def __init__(self, app: ASGIApp, guard: Guard, request_id_header: str = "x-request-id"):
+    def __init__(
+        self,
+        app: ASGIApp,
+        guard: Guard | None = None,
+        request_id_header: str = "x-request-id",
+        *,
+        limiter: RateLimiter | None = None,
+    ):
         if not callable(app):
             raise TypeError("app must be an ASGI callable")
+        if (guard is None) == (limiter is None):
+            raise TypeError("give either a limiter.RateLimiter (limiter=...) or a limiter.guard.Guard")
+        if limiter is not None:
+            guard = limiter.guard
         if not isinstance(guard, Guard):
             raise TypeError("guard must be a limiter.guard.Guard")
         self.app = app
         self.guard = guard
+        self.limiter = limiter  # serves the lifespan scope and names the client when set
+        self._client_of = limiter.client if limiter is not None else None
+        self._taken_over: Any = None  # scope -> whether a `charge`/`exempt` dependency decides (set at start-up)
         self._request_id_header = request_id_header.lower().encode("latin-1")
         self._config_seen: object = None
         self._refresh()
@@ -62,18 +112,26 @@ class RateLimitMiddleware:
         """Re-read the parts of the config the request path uses (after a hot reload)."""
         config = self.guard.config
         self._config_seen = config
+        self._tracer = self.limiter.tracer if self.limiter is not None else None  # checked here, not per request
         self._client_header = config.client_header.encode("latin-1")
         self._exempt = frozenset(config.exempt_paths)
+        self._shadow = frozenset(name for name, tier in config.tiers.items() if tier.shadow)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """ASGI entry point."""
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan" and self.limiter is not None:
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         if self.guard.config is not self._config_seen:
             self._refresh()
         if scope["path"] in self._exempt:
             await self.app(scope, receive, send)
+            return
+        if self._taken_over is not None and self._taken_over(scope):
+            await self._pass_taken_over(scope, receive, send)
             return
         key = b""
         length = 0
@@ -86,26 +144,51 @@ class RateLimitMiddleware:
                     length = int(value)
                 except ValueError:
                     length = 0
+        if self._client_of is not None:
+            key = client_key_of(self._client_of, scope)
+        tracer = self._tracer
+        span = start_decision_span(tracer) if tracer is not None else None
         pending = self.guard.start(key, scope["method"], scope["path"], length)
         verdict = pending if type(pending) is Verdict else await pending  # type: ignore[misc]
+        if span is not None:
+            end_decision_span(span, verdict)
         state = scope.get("state")
         if state is None:
             scope["state"] = state = {}
         state["ratepilot"] = verdict
-        if not verdict[0]:  # Verdict.allowed (a tuple item: no property call per request)
-            await self._refuse(scope, verdict, send)
-            return
+        if not verdict.allowed:
+            if verdict.tier.name not in self._shadow:
+                await self._refuse(scope, verdict, send)
+                return
+            verdict.tier.counters.shadow_refusals += 1  # shadow tier: admitted, counted as the refusal it would be
         def send_with_headers(message: dict[str, Any]) -> Any:
             # returns the inner send's awaitable: no coroutine of its own per message
             if message["type"] == "http.response.start":
                 message["headers"] = [
                     *message.get("headers", ()),
-                    (b"ratelimit-policy", verdict[9]),  # Verdict.policy_header
+                    (b"ratelimit-policy", verdict.policy_header),
                     (b"ratelimit", verdict.ratelimit_field()),
                 ]
             return send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    async def _lifespan(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Run the limiter around the app's lifespan; find the routes whose dependencies decide for themselves."""
+        app = scope.get("app")
+        if app is not None and hasattr(app, "routes"):
+            from limiter.dependencies import taken_over_matcher
+
+            self._taken_over = taken_over_matcher(app)
+        assert self.limiter is not None
+        await self.limiter.run_lifespan(self.app, scope, receive, send, on_started=self._refresh)
+
+    async def _pass_taken_over(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A route charged (or exempted) by its own dependency: not charged here; its refusal answered here."""
+        try:
+            await self.app(scope, receive, send)
+        except RateLimited as refused:
+            await self._refuse(scope, refused.verdict, send)
 
     async def _refuse(self, scope: dict[str, Any], verdict: Verdict, send: Any) -> None:
         """Answer 429 with a JSON body and log one structured record."""

@@ -18,9 +18,10 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+from limiter.bucket import MAX_RATE
+
 RATES_KEY = "ratepilot:rates"
 VERSION_KEY = "ratepilot:rates:version"
-MAX_SANE_RATE = 1e7  # tokens/s: a written rate above this is garbage, not a decision
 SOURCES = ("controller", "override", "static", "fallback")
 
 
@@ -66,8 +67,8 @@ def parse_entry(raw: str | bytes) -> RateEntry:
     if not isinstance(data, dict):
         raise RateEntryError("not a JSON object")
     try:
-        rate = _finite_positive("rate", data["rate"], MAX_SANE_RATE)
-        burst = _finite_positive("burst", data["burst"], MAX_SANE_RATE)
+        rate = _finite_positive("rate", data["rate"], MAX_RATE)
+        burst = _finite_positive("burst", data["burst"], MAX_RATE)  # one second of the largest rate
         expires_at = _finite_positive("expires_at", data["expires_at"], 1e11)
         written_at = _finite_positive("written_at", data.get("written_at", expires_at), 1e11)
         version = data["version"]

@@ -2,13 +2,17 @@
 
 Each baseline is one small class: `act(observation) -> rates` (tokens/s, one per tier; a batch of
 simulated worlds is just many tiers). Rates are relative to each tier's reference rate (the
-operator's static rate), so one parameter set serves tiers of any size. A stateful baseline holds
-its current rate when the interval's metrics are missing (NaN), the safe thing to do; the safety
-engine decides what happens after that.
+operator's static rate), so one parameter set serves tiers of any size. The feedback controllers
+(AIMD, Gradient, PID) share `ClampedPolicy`, which holds a tier's current rate when the interval's
+metrics are missing (NaN), the safe thing to do (the safety engine decides what happens after
+that), and clamps every new rate to [`min_factor`, `max_factor`] x reference; each writes only
+its update.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -92,7 +96,34 @@ class Threshold(Policy):
         return self.levels[step] * scale
 
 
-class AIMD(Policy):
+@dataclass(kw_only=True, eq=False)
+class ClampedPolicy(Policy):
+    """A feedback controller on the rate in force: hold where metrics are missing, clamp to the bounds.
+
+    As Netflix concurrency-limits' `AbstractLimit` does for its limits: `act` reads the rate in
+    force (the reference where it is unknown), asks `update` for the next rate, keeps the current
+    rate on tiers whose latency, error rate or admitted rate is missing, and clips the result to
+    [`min_factor`, `max_factor`] x reference. Parameters are keyword-only dataclass fields.
+    """
+
+    min_factor: float = 0.01  # the lowest rate, x reference
+    max_factor: float = 10.0  # the highest rate, x reference
+
+    @abstractmethod
+    def update(self, observation: Observation, rate: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """The next rate per tier from the rate in force (`missing` tiers are held whatever this says)."""
+
+    def act(self, observation: Observation) -> np.ndarray:
+        """The next rate, held where metrics are missing and clamped to the bounds."""
+        rate = _current_rate(observation)
+        missing = _missing(observation)
+        new = np.where(missing, rate, self.update(observation, rate, missing))
+        ref = observation.reference_rate
+        return np.clip(new, self.min_factor * ref, self.max_factor * ref)
+
+
+@dataclass(kw_only=True, eq=False)
+class AIMD(ClampedPolicy):
     """Additive increase, multiplicative decrease on the rate.
 
     Source: TCP congestion avoidance (Jacobson 1988) as Netflix concurrency-limits' `AIMDLimit`
@@ -103,33 +134,22 @@ class AIMD(Policy):
     """
 
     name: ClassVar[str] = "aimd"
+    increase: float = 0.05  # added per interval while the rate is used, x reference
+    decrease: float = 0.75  # the rate is multiplied by this on a breach
+    latency_threshold: float = 1.0  # a breach: p99 above this x SLO ...
+    error_budget: float = 0.01  # ... or an error rate above this
+    used_share: float = 0.5  # the rate counts as used when admitted / rate >= this
 
-    def __init__(
-        self,
-        increase: float = 0.05,
-        decrease: float = 0.75,
-        latency_threshold: float = 1.0,
-        error_budget: float = 0.01,
-        used_share: float = 0.5,
-        min_factor: float = 0.01,
-        max_factor: float = 10.0,
-    ) -> None:
-        self.increase, self.decrease = increase, decrease
-        self.latency_threshold, self.error_budget, self.used_share = latency_threshold, error_budget, used_share
-        self.min_factor, self.max_factor = min_factor, max_factor
-
-    def act(self, observation: Observation) -> np.ndarray:
-        """Next rate from the current one."""
-        m, ref = observation.metrics, observation.reference_rate
-        rate = _current_rate(observation)
+    def update(self, observation: Observation, rate: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """Decrease on a breach, increase while the rate is used, else hold."""
+        m = observation.metrics
         breach = (m.p99_latency_ms > self.latency_threshold * observation.slo_ms) | (m.error_rate > self.error_budget)
         used = m.admitted_rps >= self.used_share * rate
-        new = np.where(breach, rate * self.decrease, np.where(used, rate + self.increase * ref, rate))
-        new = np.where(_missing(observation), rate, new)
-        return np.clip(new, self.min_factor * ref, self.max_factor * ref)
+        return np.where(breach, rate * self.decrease, np.where(used, rate + self.increase * observation.reference_rate, rate))
 
 
-class Gradient(Policy):
+@dataclass(kw_only=True, eq=False)
+class Gradient(ClampedPolicy):
     """Netflix concurrency-limits' Gradient2 applied to the rate.
 
     Source: `Gradient2Limit` (github.com/Netflix/concurrency-limits). The long-term latency is an
@@ -141,31 +161,23 @@ class Gradient(Policy):
     """
 
     name: ClassVar[str] = "gradient"
+    tolerance: float = 1.5  # how far p99 may exceed the long-term average before the rate shrinks
+    smoothing: float = 0.5  # share of the new rate taken per interval
+    headroom: float = 0.1  # added each interval, x rate
+    long_window: int = 20  # intervals of the long-term p99 average
+    error_budget: float = 0.01  # an error rate above this counts as gradient 0.5
+    long_p99: np.ndarray | None = field(default=None, init=False, repr=False)  # the long-term p99, ms
 
-    def __init__(
-        self,
-        tolerance: float = 1.5,
-        smoothing: float = 0.5,
-        headroom: float = 0.1,
-        long_window: int = 20,
-        error_budget: float = 0.01,
-        min_factor: float = 0.01,
-        max_factor: float = 10.0,
-    ) -> None:
-        self.tolerance, self.smoothing, self.headroom = tolerance, smoothing, headroom
-        self.alpha = 2.0 / (long_window + 1)
-        self.error_budget, self.min_factor, self.max_factor = error_budget, min_factor, max_factor
-        self.long_p99: np.ndarray | None = None
+    def __post_init__(self) -> None:
+        self.alpha = 2.0 / (self.long_window + 1)  # the exponential average's weight of a new p99
 
     def reset(self) -> None:
         """Forget the long-term latency."""
         self.long_p99 = None
 
-    def act(self, observation: Observation) -> np.ndarray:
-        """Next rate from the latency gradient."""
-        m, ref = observation.metrics, observation.reference_rate
-        rate = _current_rate(observation)
-        missing = _missing(observation)
+    def update(self, observation: Observation, rate: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """Next rate from the latency gradient (the long-term average does not move on missing tiers)."""
+        m = observation.metrics
         short = np.where(missing, np.nan, np.maximum(m.p99_latency_ms, 1e-3))
         if self.long_p99 is None or self.long_p99.shape != short.shape:
             self.long_p99 = np.where(missing, np.nan, short)
@@ -179,12 +191,11 @@ class Gradient(Policy):
         target = rate * gradient + self.headroom * rate
         new = rate * (1.0 - self.smoothing) + target * self.smoothing
         app_limited = m.admitted_rps < 0.5 * rate
-        new = np.where(app_limited, np.minimum(new, rate), new)
-        new = np.where(missing, rate, new)
-        return np.clip(new, self.min_factor * ref, self.max_factor * ref)
+        return np.where(app_limited, np.minimum(new, rate), new)
 
 
-class PID(Policy):
+@dataclass(kw_only=True, eq=False)
+class PID(ClampedPolicy):
     """A PID controller on p99 latency against `target` x SLO, acting on log(rate) in velocity form.
 
     Source: the textbook PID (Astrom & Hagglund, "PID Controllers", 1995), velocity form with
@@ -195,31 +206,21 @@ class PID(Policy):
     """
 
     name: ClassVar[str] = "pid"
-
-    def __init__(
-        self,
-        target: float = 0.8,
-        kp: float = 0.5,
-        ki: float = 0.3,
-        kd: float = 0.0,
-        error_budget: float = 0.01,
-        min_factor: float = 0.01,
-        max_factor: float = 10.0,
-    ) -> None:
-        self.target, self.kp, self.ki, self.kd = target, kp, ki, kd
-        self.error_budget, self.min_factor, self.max_factor = error_budget, min_factor, max_factor
-        self.e_prev: np.ndarray | None = None
-        self.e_prev2: np.ndarray | None = None
+    target: float = 0.8  # the set point: p99 at this x SLO
+    kp: float = 0.5  # proportional gain
+    ki: float = 0.3  # integral gain
+    kd: float = 0.0  # derivative gain
+    error_budget: float = 0.01  # an error rate above this counts as the largest error, -1
+    e_prev: np.ndarray | None = field(default=None, init=False, repr=False)  # the last interval's error
+    e_prev2: np.ndarray | None = field(default=None, init=False, repr=False)  # the one before
 
     def reset(self) -> None:
         """Forget past errors."""
         self.e_prev = self.e_prev2 = None
 
-    def act(self, observation: Observation) -> np.ndarray:
-        """Next rate from the latency error."""
-        m, ref = observation.metrics, observation.reference_rate
-        rate = _current_rate(observation)
-        missing = _missing(observation)
+    def update(self, observation: Observation, rate: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """Next rate from the latency error (past errors do not move on missing tiers)."""
+        m = observation.metrics
         setpoint = self.target * observation.slo_ms
         e = np.clip((setpoint - np.nan_to_num(m.p99_latency_ms)) / setpoint, -1.0, 1.0)
         e = np.where(m.error_rate > self.error_budget, -1.0, e)
@@ -233,8 +234,7 @@ class PID(Policy):
         step = np.clip(step, -np.log(2.0), np.log(2.0))
         self.e_prev2 = np.where(missing, self.e_prev2, self.e_prev)
         self.e_prev = np.where(missing, self.e_prev, e)
-        new = np.where(missing, rate, rate * np.exp(step))
-        return np.clip(new, self.min_factor * ref, self.max_factor * ref)
+        return rate * np.exp(step)
 
 
 class Oracle(Policy):

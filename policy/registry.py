@@ -30,7 +30,7 @@ POLICIES: dict[str, PolicyFactory] = {
     "gradient": Gradient,
     "pid": PID,
     "oracle": Oracle,
-    "rl": lazy("policy.rl", "load_rl"),  # the champion from the registry, else the committed default; spec= a file or models:/ URI
+    "rl": lazy("policy.rl", "load_file"),  # spec= a policy file, else the committed default (MLflow: training.registry)
 }
 
 

@@ -71,11 +71,7 @@ N_FEATURES = len(FEATURES)
 Z_CLIP = 10.0  # normalised features are clipped to this many standard deviations
 LOG_FLOOR = 0.01  # ratios below this enter the logs as this
 MAX_HIDDEN = 64
-REGISTERED_MODEL = "ratepilot-policy"
-CHAMPION_URI = f"models:/{REGISTERED_MODEL}@champion"
-ARTIFACT_NAME = "policy.npz"
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "models" / "default_policy.npz"
-PROJECT_MLRUNS = Path(__file__).resolve().parents[1] / "mlruns"  # the default local MLflow store
 
 
 class ModelError(ValueError):
@@ -222,22 +218,59 @@ def save(policy: RLPolicy, path: str | Path) -> Path:
     return path
 
 
+MEMBERS = ("meta", "theta", "obs_mean", "obs_std")  # the arrays of a policy file
+
+
+def _read_members(path: Path) -> dict[str, np.ndarray]:
+    """The policy arrays of an .npz file, read without pickle; ModelError saying in plain words what is wrong."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        size = path.stat().st_size
+        what = "an empty file" if size == 0 else f"{size} bytes that are not a complete ZIP archive (truncated, or another kind of file)"
+        raise ModelError(f"{path}: not a policy file: a policy is an .npz (ZIP) archive, this is {what}") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the policy file ({exc.strerror})") from None
+    with archive:
+        held = {name.removesuffix(".npy") for name in archive.namelist()}
+        missing = [name for name in MEMBERS if name not in held]
+        if missing:
+            raise ModelError(
+                f"{path}: not a ratepilot policy: the archive has no {', '.join(repr(m) for m in missing)} "
+                f"(it holds {', '.join(sorted(held)) or 'nothing'}; a policy holds {', '.join(MEMBERS)})"
+            )
+        arrays = {}
+        for name in MEMBERS:
+            try:
+                with archive.open(f"{name}.npy") as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError):  # a CRC or inflate error: damaged bytes
+                raise ModelError(f"{path}: the policy file is damaged: its {name!r} array does not decompress intact") from None
+            except ValueError as exc:
+                reason = (
+                    "holds Python objects, not numbers (refused: reading it would mean unpickling)"
+                    if "pickle" in str(exc).lower()
+                    else "is not a numpy array"
+                )
+                raise ModelError(f"{path}: the policy file's {name!r} member {reason}") from None
+    for name in MEMBERS[1:]:
+        if arrays[name].dtype.kind not in "fiu":
+            raise ModelError(f"{path}: the policy file's {name!r} array holds {arrays[name].dtype} values, not numbers")
+    return arrays
+
+
 def load(path: str | Path) -> RLPolicy:
     """Read a policy file; ModelError if it is missing, corrupt or built for another schema."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder, not a policy file")
     if not path.is_file():
         raise ModelError(f"{path}: no such policy file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in ("meta", "theta", "obs_mean", "obs_std")}
-    except KeyError as exc:
-        raise ModelError(f"{path}: not a ratepilot policy (missing {exc})") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise ModelError(f"{path}: corrupt policy file ({exc})") from None
+    arrays = _read_members(path)
     try:
         meta = json.loads(str(arrays["meta"]))
     except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: corrupt meta record ({exc})") from None
+        raise ModelError(f"{path}: corrupt meta record: not JSON ({exc.msg} at character {exc.pos})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelError(f"{path}: not a ratepilot policy file")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -264,53 +297,6 @@ def load(path: str | Path) -> RLPolicy:
     return RLPolicy(network, meta)
 
 
-def load_uri(uri: str, tracking_uri: str | None = None) -> RLPolicy:
-    """Load a policy from a file path or an MLflow URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH`)."""
-    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
-        return load(uri)
-    import mlflow.artifacts  # lazy: only MLflow URIs need it
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        source = uri
-        if uri.startswith("models:/"):  # resolve in *this* registry (MLflow's global default may be another store)
-            client = MlflowClient(tracking_uri, tracking_uri)
-            name, at, alias = uri.removeprefix("models:/").partition("@")
-            if at:
-                version = client.get_model_version_by_alias(name, alias)
-            else:
-                name, _, number = name.partition("/")
-                version = client.get_model_version(name, number)
-            source = client.get_model_version_download_uri(version.name, version.version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri))
-    except MlflowException as exc:
-        raise ModelError(f"{uri}: cannot fetch model ({exc.message})") from None
-    candidates = [local] if local.is_file() else sorted(local.rglob(ARTIFACT_NAME))
-    if not candidates:
-        raise ModelError(f"{uri}: no {ARTIFACT_NAME} in the model's artifacts")
-    return load(candidates[0])
-
-
-def tracking_uri() -> str:
-    """The MLflow tracking store: `MLFLOW_TRACKING_URI`, else a sqlite file under the project's mlruns/."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_MLRUNS / 'mlflow.db'}"
-
-
-def load_rl(spec: str | None = None) -> RLPolicy:
-    """`rl` as the CLIs mean it: `spec` (path or MLflow URI) if given, else the registry's champion
-    when one exists, else the committed default policy."""
-    if spec:
-        return load_uri(spec, tracking_uri())
-    uri = tracking_uri()
-    local_db = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-    if local_db is not None and not Path(local_db).is_file():
-        return load(DEFAULT_MODEL_PATH)  # no store yet, so no champion: don't create one just to look
-    from mlflow import MlflowClient  # lazy: only the registry needs it
-    from mlflow.exceptions import MlflowException
-
-    try:
-        MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(REGISTERED_MODEL, "champion")
-    except MlflowException:
-        return load(DEFAULT_MODEL_PATH)  # no champion yet
-    return load_uri(CHAMPION_URI, uri)  # a champion that fails to load is an error, not a silent fallback
+def load_file(spec: str | Path | None = None) -> RLPolicy:
+    """`make_policy("rl", spec=FILE)`: the policy file `spec`, else the committed default policy."""
+    return load(spec or DEFAULT_MODEL_PATH)

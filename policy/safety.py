@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from limiter.rate_table import MAX_SANE_RATE
+from limiter.bucket import MAX_RATE
 from policy.base import Policy
 from policy.observation import OBS_FIELDS, Observation
 
@@ -127,9 +127,9 @@ def pin(proposed: np.ndarray, pinned: np.ndarray) -> Rule:
 
 
 def guard(proposed: np.ndarray, static: np.ndarray) -> Rule:
-    """guard: whatever is still not a finite rate in (0, MAX_SANE_RATE] becomes the static rate."""
+    """guard: whatever is still not a finite rate in (0, MAX_RATE] becomes the static rate."""
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(proposed) | (proposed <= 0) | (proposed > MAX_SANE_RATE)
+        bad = ~np.isfinite(proposed) | (proposed <= 0) | (proposed > MAX_RATE)
     return np.where(bad, static, proposed), bad
 
 
@@ -166,8 +166,8 @@ class SafetyLimits:
             object.__setattr__(self, name, _per_tier(name, getattr(self, name), n))
         for name in ("min_rate", "max_rate", "static_rate"):
             values = getattr(self, name)
-            if np.any(~np.isfinite(values)) or np.any(values <= 0) or np.any(values > MAX_SANE_RATE):
-                raise SafetyConfigError(f"{name} must be finite and in (0, {MAX_SANE_RATE:g}]")
+            if np.any(~np.isfinite(values)) or np.any(values <= 0) or np.any(values > MAX_RATE):
+                raise SafetyConfigError(f"{name} must be finite and in (0, {MAX_RATE:g}]")
         if np.any(self.min_rate > self.max_rate):
             raise SafetyConfigError("min_rate must not exceed max_rate")
         if np.any((self.static_rate < self.min_rate) | (self.static_rate > self.max_rate)):
@@ -258,7 +258,7 @@ class SafetyEngine:
         previous_stale = np.zeros(n, dtype=np.int64) if stale_ticks is None else np.asarray(stale_ticks, dtype=np.int64)
         in_force = np.asarray(observation.rate, dtype=np.float64)
         with np.errstate(invalid="ignore"):
-            usable = np.isfinite(in_force) & (in_force > 0) & (in_force <= MAX_SANE_RATE)
+            usable = np.isfinite(in_force) & (in_force > 0) & (in_force <= MAX_RATE)
         in_force = np.where(usable, in_force, limits.static_rate)
         missing = observation.vector[:, _MISSING] > 0
         stale = np.where(missing, previous_stale + 1, 0)
@@ -293,14 +293,31 @@ class SafetyEngine:
         return SafetyResult(rates=rates, proposed=raw, fired=fired, stale_ticks=stale)
 
 
+def propose(policy: Policy, observation: Observation) -> tuple[np.ndarray | None, str | None]:
+    """The policy's proposed rates and what was wrong with them (None when all is well).
+
+    A policy that raises or answers the wrong shape proposes None (rule policy_error keeps the rates
+    in force); NaN or infinite entries are passed on (rule non_finite keeps those tiers).
+    """
+    try:
+        proposed = np.asarray(policy.act(observation), dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001 - any policy failure must leave a safe rate
+        return None, f"{type(exc).__name__}: {exc}"
+    if proposed.shape != (observation.n_tiers,):
+        return None, f"returned shape {proposed.shape}, expected ({observation.n_tiers},)"
+    bad = int((~np.isfinite(proposed)).sum())
+    return proposed, (f"returned NaN/inf for {bad} tier(s)" if bad else None)
+
+
 @dataclass
 class SafePolicy(Policy):
-    """Any policy wrapped by the safety engine (for the simulator and the harness); remembers stale ticks."""
+    """Any policy wrapped by the safety engine (the simulator, the harness, the controller's tick); remembers stale ticks."""
 
     inner: Policy
     engine: SafetyEngine
     caps: OperatorCaps | None = None
     last_result: SafetyResult | None = field(default=None, init=False)
+    last_error: str | None = field(default=None, init=False)  # what was wrong with the last proposal
 
     name = "safe"
 
@@ -311,10 +328,11 @@ class SafePolicy(Policy):
 
     def act(self, observation: Observation) -> np.ndarray:
         """The inner policy's rates, clamped; a policy that raises keeps the rates in force."""
-        try:
-            proposed: np.ndarray | None = np.asarray(self.inner.act(observation), dtype=np.float64)
-        except Exception:  # noqa: BLE001 - any policy failure must leave a safe rate
-            proposed = None
+        return self.decide(observation).rates
+
+    def decide(self, observation: Observation) -> SafetyResult:
+        """`act` with the whole result: rates, the proposal, the rules that fired (also kept as `last_result`)."""
+        proposed, self.last_error = propose(self.inner, observation)
         stale = None if self.last_result is None else self.last_result.stale_ticks
         self.last_result = self.engine.apply(observation, proposed, self.caps, stale)
-        return self.last_result.rates
+        return self.last_result

@@ -10,12 +10,14 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "edge": ("limiter.edge", "run the edge app: limiter middleware in front of a backend"),
+    "rls": ("limiter.rls.server", "serve Envoy's global rate-limit service (gRPC) on the same buckets"),
     "controller": ("controller.service", "run the control loop and its admin API"),
     "train": ("training.train", "train the RL policy offline in the simulator"),
     "evaluate": ("training.evaluate", "evaluate policies on scenarios and traces"),
     "promote": ("training.promote", "move the champion alias to the candidate model if it is as good"),
     "demo": ("ratepilot.demo", "the whole closed loop locally on real Redis and Prometheus"),
-    "bench": ("benchmarks.cli", "benchmarks: limiter, sim, controller"),
+    "loadtest": ("ratepilot.loadtest.cli", "play a load scenario open-loop against an HTTP endpoint, or export it for k6"),
+    "bench": ("benchmarks.cli", "benchmarks: limiter, sim, controller, rls, grpc"),
 }
 
 

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from limiter.paths import check_outputs
 from policy.base import Policy
 from policy.registry import UnknownPolicyError, make_policy, policy_names
 from training.metrics import METRICS, episode_metrics, mean_metrics, to_json_safe
@@ -325,8 +326,10 @@ def _policy_specs(names: list[str], model: str | None) -> dict[str, PolicySpec]:
         if name == "static":
             specs[name] = STATIC_TUNED
         elif name == "rl":
+            from training import registry  # lazy: MLflow only when `rl` is evaluated
+
             try:
-                specs[name] = make_policy("rl", spec=model) if model else make_policy("rl")
+                specs[name] = make_policy("rl", spec=str(registry.policy_file(model)))
             except UnknownPolicyError:
                 raise ValueError("policy 'rl' is not available yet (policy/registry.py has no 'rl' entry)") from None
             except Exception as exc:  # a model that fails to load is bad input too
@@ -341,6 +344,14 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     try:
+        plots: Path | None = None
+        if not args.no_plots:
+            if args.plots:
+                plots = Path(args.plots)
+            elif args.json_out:
+                out = Path(args.json_out)
+                plots = out.parent / f"{out.stem}_plots"
+        check_outputs(files={"--json": args.json_out, "--markdown": args.markdown}, dirs={"--plots": plots})  # before any work
         names = [n.strip() for n in args.policies.split(",") if n.strip()]
         if not names:
             raise ValueError("--policies is empty")
@@ -353,13 +364,6 @@ def main(argv: list[str]) -> int:
         if suite is not None:
             scenario_names(suite)
         specs = _policy_specs(names, args.model)
-        plots: Path | None = None
-        if not args.no_plots:
-            if args.plots:
-                plots = Path(args.plots)
-            elif args.json_out:
-                out = Path(args.json_out)
-                plots = out.parent / f"{out.stem}_plots"
         if args.markdown and not {"rl", "oracle"} <= set(names):
             raise ValueError("--markdown needs the policies rl and oracle")
         report = evaluate(

@@ -1,4 +1,4 @@
-"""Evaluation metrics (docs/DESIGN.md) from the per-interval truth the simulator reports.
+"""Evaluation metrics from the per-interval truth the simulator reports (the README's Evaluation section shows them).
 
 Every function takes `info` arrays stacked over an episode, shape (T, N): T intervals, N worlds.
 

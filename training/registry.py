@@ -4,13 +4,17 @@ The default store is local: a sqlite database `mlruns/mlflow.db` in the project 
 `mlruns/artifacts/`; `MLFLOW_TRACKING_URI` points it anywhere else (for a sqlite URI the artifacts
 go next to the database file). Training logs the policy as a pyfunc model (input: the observation
 vector's fields, output: the action in [-1, 1]) and registers it as a new version of
-`ratepilot-policy` with the alias `candidate`; `ratepilot promote` moves `champion`.
+`ratepilot-policy` with the alias `candidate`; `ratepilot promote` moves `champion`. `load_rl` is
+what `rl` means to the training CLIs: a policy file or MLflow URI, else the champion, else the
+committed default policy (the controller reads the registry through its own adapter,
+`controller/policies.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from datetime import UTC, datetime
@@ -28,12 +32,74 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from policy.observation import OBS_FIELDS
-from policy.rl import ARTIFACT_NAME, REGISTERED_MODEL, tracking_uri
+from policy.rl import DEFAULT_MODEL_PATH, ModelError, RLPolicy, load
 
-EXPERIMENT = "ratepilot"
+REGISTERED_MODEL = "ratepilot-policy"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+CHAMPION_URI = f"models:/{REGISTERED_MODEL}@{CHAMPION}"
+ARTIFACT_NAME = "policy.npz"  # the policy file's name inside a logged model's artifacts
+PROJECT_MLRUNS = Path(__file__).resolve().parents[1] / "mlruns"  # the default local MLflow store
+EXPERIMENT = "ratepilot"
 METRIC_KEYS = ("goodput_ratio", "slo_violation_frac", "p99_latency_ms", "throttle_frac", "error_frac", "rate_tracking_error")
+
+
+def tracking_uri() -> str:
+    """The MLflow tracking store: `MLFLOW_TRACKING_URI`, else a sqlite file under the project's mlruns/."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_MLRUNS / 'mlflow.db'}"
+
+
+def is_mlflow_uri(spec: str) -> bool:
+    """Whether a policy spec names an MLflow model or artifact rather than a file."""
+    return "://" in spec or spec.startswith(("models:/", "runs:/"))
+
+
+def fetch(uri: str, store: str | None = None) -> Path:
+    """The policy file of an MLflow URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH`),
+    downloaded from `store` (default: `tracking_uri()`), which becomes the configured store."""
+    store = store or tracking_uri()
+    mlflow.set_tracking_uri(store)  # models:/ resolves in *this* registry, whatever MLflow's global was
+    mlflow.set_registry_uri(store)
+    try:
+        if not uri.startswith("models:/"):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store))
+            found = [local] if local.is_file() else sorted(local.rglob(ARTIFACT_NAME))
+            if not found:
+                raise FileNotFoundError(f"no {ARTIFACT_NAME} in the model's artifacts")
+            return found[0]
+        name, at, alias = uri.removeprefix("models:/").partition("@")
+        version = client().get_model_version_by_alias(name, alias) if at else client().get_model_version(*name.split("/", 1))
+        return download_policy(version)
+    except MlflowException as exc:
+        raise ModelError(f"{uri}: cannot fetch model ({exc.message})") from None
+    except FileNotFoundError as exc:
+        raise ModelError(f"{uri}: {exc}") from None
+
+
+def load_uri(uri: str, store: str | None = None) -> RLPolicy:
+    """Load a policy from a file path or an MLflow URI (see `fetch`)."""
+    return load(fetch(uri, store) if is_mlflow_uri(uri) else uri)
+
+
+def policy_file(spec: str | None = None) -> Path:
+    """The file `rl` means to the training CLIs: `spec` (a path, or an MLflow URI fetched) if given, else
+    the registry's champion when one exists, else the committed default policy."""
+    uri = tracking_uri()
+    if spec:
+        return fetch(spec, uri) if is_mlflow_uri(spec) else Path(spec)
+    local_db = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if local_db is not None and not Path(local_db).is_file():
+        return DEFAULT_MODEL_PATH  # no store yet, so no champion: don't create one just to look
+    try:
+        MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    except MlflowException:
+        return DEFAULT_MODEL_PATH  # no champion yet
+    return fetch(CHAMPION_URI, uri)  # a champion that fails to load is an error, not a silent fallback
+
+
+def load_rl(spec: str | None = None) -> RLPolicy:
+    """The policy `rl` means to the training CLIs (see `policy_file`)."""
+    return load(policy_file(spec))
 
 
 def artifact_root(uri: str) -> str | None:
@@ -131,11 +197,11 @@ def version_by_alias(alias: str) -> ModelVersion | None:
 
 
 def download_policy(version: ModelVersion) -> Path:
-    """The policy file of a registered version, downloaded to a temporary folder."""
+    """The policy file of a registered version (of the configured store), downloaded to a temporary folder."""
     target = Path(tempfile.mkdtemp(prefix="ratepilot-model-"))
     local = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{REGISTERED_MODEL}/{version.version}",
+            artifact_uri=f"models:/{version.name}/{version.version}",
             dst_path=str(target),
             tracking_uri=mlflow.get_tracking_uri(),
             registry_uri=mlflow.get_registry_uri(),
@@ -143,7 +209,7 @@ def download_policy(version: ModelVersion) -> Path:
     )
     found = sorted(local.rglob(ARTIFACT_NAME))
     if not found:
-        raise FileNotFoundError(f"version {version.version} of {REGISTERED_MODEL} has no {ARTIFACT_NAME}")
+        raise FileNotFoundError(f"version {version.version} of {version.name} has no {ARTIFACT_NAME}")
     return found[0]
 
 

@@ -1,7 +1,7 @@
 """Traffic trace CSVs: a strict parser and the real traces packaged in `training/data/`.
 
-Format (docs/DESIGN): a header `t_s,demand_rps` optionally followed by `capacity_rps` and/or
-`heavy_frac`; `t_s` is seconds from the start, finite, >= 0 and strictly increasing (any step);
+Format (as in `training/data/README.md`): a header `t_s,demand_rps` optionally followed by `capacity_rps`
+and/or `heavy_frac`; `t_s` is seconds from the start, finite, >= 0 and strictly increasing (any step);
 rates are finite non-negative floats; `heavy_frac` lies in [0, 1]. Anything else is rejected with
 `TraceError("FILE:LINE: reason")` and nothing is returned.
 """

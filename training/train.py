@@ -31,6 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from limiter.paths import check_outputs
 from policy.observation import OBS_SCHEMA
 from policy.rl import DEFAULT_MODEL_PATH, RLPolicy, make_meta, save
 from training.trainer import Args, Trainer
@@ -219,6 +220,7 @@ def main(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
     console = Console(stderr=True)
     try:
+        check_outputs(files={"--out": ns.out, "--json": ns.json}, dirs={"--run-dir": ns.run_dir})
         if ns.resume:
             trainer = Trainer.from_state(json.loads(ns.resume.read_text()))
             run_name = ns.resume.parent.name

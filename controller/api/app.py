@@ -6,10 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis import RedisError
 
-from controller.api.routes import decisions, health, overrides, policy
+from controller.api.errors import validation_failed
+from controller.api.routes import console, decisions, health, overrides, policy, shadow
 from controller.api.routes import status as status_routes
 from controller.runtime import Controller
 
@@ -34,8 +36,10 @@ def create_app(controller: Controller, manage_lifecycle: bool = True) -> FastAPI
         lifespan=lifespan,
     )
     app.state.controller = controller
-    for module in (health, status_routes, decisions, overrides, policy):
+    for module in (health, status_routes, decisions, shadow, overrides, policy, console):
         app.include_router(module.router)
+
+    app.add_exception_handler(RequestValidationError, validation_failed)
 
     @app.exception_handler(RedisError)
     async def redis_unavailable(request: Request, exc: RedisError) -> JSONResponse:

@@ -1,11 +1,12 @@
 """`ratepilot demo`: the whole closed loop on this machine, then the same load with a static limiter.
 
-    ratepilot demo [--duration S] [--trace FILE] [--scale X] [--no-compare] [--json FILE] [--out DIR]
+    ratepilot demo [--duration S] [--scenario NAME|FILE | --trace FILE] [--scale X] [--no-compare] [--json FILE] [--out DIR]
                    [--policy NAME] [--model PATH] [--slo-ms MS] [--seed N]
 
 Starts a redis-server, the edge with its synthetic backend, Prometheus (1 s scrapes) and the
 controller with the committed default policy on free local ports, plays the scenario with an
-open-loop load generator while a live view shows the loop, then (unless --no-compare) plays the same
+open-loop load generator while a live view shows the loop (a load scenario of
+`ratepilot loadtest`, `demo` by default, or a trace), then (unless --no-compare) plays the same
 arrivals against a static limiter and prints the side-by-side table and the plot's path.
 """
 
@@ -25,27 +26,33 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from limiter.paths import check_outputs
 from ratepilot.demo.report import comparison_table, plot, write_json
 from ratepilot.demo.run import RunResult, play
 from ratepilot.demo.schedule import (
     DEFAULT_DURATION_S,
+    DEFAULT_SCENARIO,
     LoadSchedule,
     arrival_times,
     auto_scale,
     clip_demand,
-    default_scenario,
     peak_budget_rps,
+    scenario_schedule,
     trace_scenario,
 )
 from ratepilot.demo.stack import StackSettings
 from ratepilot.demo.supervisor import PartFailed, log_tail
+from ratepilot.loadtest.plan import request_plan
+from ratepilot.loadtest.scenario import load_scenario, scenario_names
 from ratepilot.servers import ServerError, find_binary
 from training.traces import TraceError
 
 MEAN_SERVICE_S = 0.025  # mean service time of the synthetic backend: idle p99 ~ 115 ms, well under the SLO
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
+def positive_number(kind: type) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)`, refused unless finite and > 0."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -61,16 +68,19 @@ def _positive(kind: type) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     """The `ratepilot demo` argument parser."""
     parser = argparse.ArgumentParser(prog="ratepilot demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=_positive(int), help=f"seconds to play (default {DEFAULT_DURATION_S}; a trace is cut to it)")
-    parser.add_argument("--trace", type=Path, help="replay a trace CSV (t_s,demand_rps[,capacity_rps]) instead of the default scenario")
-    parser.add_argument("--scale", type=_positive(float), help="demo requests/s per scenario request/s (default: fit this machine)")
+    parser.add_argument("--duration", type=positive_number(int), help=f"seconds to play (default {DEFAULT_DURATION_S}; a trace is cut to it)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--scenario", default=DEFAULT_SCENARIO,
+                        help=f"load scenario: a name ({', '.join(scenario_names())}) or a YAML file (default {DEFAULT_SCENARIO})")  # fmt: skip
+    source.add_argument("--trace", type=Path, help="replay a trace CSV (t_s,demand_rps[,capacity_rps]) instead of a scenario")
+    parser.add_argument("--scale", type=positive_number(float), help="demo requests/s per scenario request/s (default: fit this machine)")
     parser.add_argument("--no-compare", action="store_true", help="skip the second run with a static limiter")
     parser.add_argument("--json", type=Path, metavar="FILE", help='write {"adaptive": {...}, "static": {...}} here')
     parser.add_argument("--out", type=Path, help="folder for logs, configs and the plot (default demo-output/run-TIME)")
     parser.add_argument("--policy", default="rl", help="controller policy: rl (default) or a baseline (aimd, pid, ...)")
     parser.add_argument("--model", help="rl model file (default: the committed default policy)")
-    parser.add_argument("--slo-ms", type=_positive(float), default=300.0, help="p99 latency SLO (default 300)")
-    parser.add_argument("--tick-interval", type=_positive(float), default=5.0, help="controller tick, s (default 5)")
+    parser.add_argument("--slo-ms", type=positive_number(float), default=300.0, help="p99 latency SLO (default 300)")
+    parser.add_argument("--tick-interval", type=positive_number(float), default=5.0, help="controller tick, s (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the backend's service times")
     return parser
 
@@ -78,9 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
 def build_schedule(args: argparse.Namespace, cores: int) -> tuple[LoadSchedule, float]:
     """The scaled schedule and the scale used; TraceError / ValueError on bad input."""
     duration = args.duration or DEFAULT_DURATION_S
-    unit = trace_scenario(args.trace, 1.0, duration) if args.trace else default_scenario(duration)
+    scenario = None if args.trace else load_scenario(args.scenario)
+    if scenario is not None and args.duration is None and scenario.name != DEFAULT_SCENARIO:
+        duration = scenario.duration_s  # another scenario plays as written unless --duration stretches it
+
+    def schedule_at(scale: float) -> LoadSchedule:
+        if scenario is None:
+            return trace_scenario(args.trace, scale, duration)
+        return scenario_schedule(scenario, duration, scale)
+
+    unit = schedule_at(1.0)
     scale = args.scale or auto_scale(unit.peak_demand_rps, cores)
-    schedule = trace_scenario(args.trace, scale, duration) if args.trace else default_scenario(duration, scale)
+    schedule = schedule_at(scale)
     if args.scale is None and schedule.peak_demand_rps > peak_budget_rps(cores) * 1.001:
         schedule = clip_demand(schedule, peak_budget_rps(cores))
     return schedule, scale
@@ -107,6 +126,7 @@ def main(argv: list[str]) -> int:
         return 2
     cores = os.cpu_count() or 1
     try:
+        check_outputs(files={"--json": args.json}, dirs={"--out": args.out or Path("demo-output")})
         schedule, scale = build_schedule(args, cores)
         for binary in ("redis-server", "prometheus"):
             find_binary(binary)
@@ -137,12 +157,13 @@ def main(argv: list[str]) -> int:
         highlight=False,
     )
     arrivals = arrival_times(schedule.demand_rps, args.seed)
+    plan = request_plan(schedule.scenario, arrivals, args.seed) if schedule.scenario is not None else None
     previous = signal.signal(signal.SIGTERM, _terminate)
     results: list[RunResult] = []
     try:
         modes = ["adaptive"] if args.no_compare else ["adaptive", "static"]
         for mode in modes:
-            results.append(play(mode, out / mode, settings, schedule, arrivals, console))
+            results.append(play(mode, out / mode, settings, schedule, arrivals, console, plan))
     except PartFailed as exc:
         tail = log_tail(exc.log_path)
         err.print(f"ratepilot demo: {exc.part} failed: {exc.reason}\n  log: {exc.log_path}", style="red", highlight=False, markup=False)
@@ -155,7 +176,7 @@ def main(argv: list[str]) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    console.print(comparison_table(results, settings.slo_ms))
+    console.print(comparison_table([(r.mode, r.summary) for r in results], settings.slo_ms))
     png = plot(out / "demo.png", results, schedule, settings.slo_ms)
     console.print(f"plot: {png}", highlight=False)
     if args.json:

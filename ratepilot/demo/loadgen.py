@@ -20,6 +20,31 @@ import numpy as np
 TRANSPORT_ERROR = 0  # status recorded when no HTTP answer came (timeout, reset, refused)
 
 
+@dataclass(frozen=True)
+class Request:
+    """One kind of request the generator sends."""
+
+    method: str = "GET"
+    path: str = "/v1/items"
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """What each scheduled request sends and with which API key: indices into `requests` and `keys`."""
+
+    requests: tuple[Request, ...]
+    keys: tuple[str, ...]
+    request_index: np.ndarray  # one per arrival
+    key_index: np.ndarray  # one per arrival
+
+    def __post_init__(self) -> None:
+        if not self.requests or not self.keys:
+            raise ValueError("a request plan needs at least one request kind and one key")
+        if self.request_index.shape != self.key_index.shape:
+            raise ValueError("request_index and key_index must have one entry per arrival")
+
+
 @dataclass
 class RunRecord:
     """What happened to every scheduled request; arrays indexed like the arrival offsets."""
@@ -42,7 +67,8 @@ class RunRecord:
 
 
 class LoadGenerator:
-    """Plays arrival offsets against `base_url + path`, spreading requests over `clients` API keys."""
+    """Plays arrival offsets against `base_url`: each request as its plan says, else GET `path` with
+    the `clients` API keys taken in turn."""
 
     def __init__(
         self,
@@ -56,8 +82,11 @@ class LoadGenerator:
     ):
         if clients < 1 or connections < 1 or not timeout_s > 0:
             raise ValueError("clients and connections must be >= 1 and timeout_s > 0")
-        self.url = base_url.rstrip("/") + path
-        self.headers = [{key_header: f"{key_prefix}{i:04d}"} for i in range(clients)]
+        self.base_url = base_url.rstrip("/")
+        self.path = path
+        self.clients = clients
+        self.key_header = key_header
+        self.key_prefix = key_prefix
         self.timeout_s = timeout_s
         self.connections = connections
 
@@ -66,9 +95,15 @@ class LoadGenerator:
         offsets_s: np.ndarray,
         on_second: Callable[[int, RunRecord], None] | None = None,
         stop: asyncio.Event | None = None,
+        plan: RequestPlan | None = None,
     ) -> RunRecord:
         """Send every request at its offset; call `on_second(second, record)` once per elapsed second."""
         record = RunRecord(np.asarray(offsets_s, dtype=np.float64))
+        plan = plan or self.default_plan(record.offsets_s.size)
+        if plan.request_index.size != record.offsets_s.size:
+            raise ValueError(f"the plan has {plan.request_index.size} requests for {record.offsets_s.size} arrivals")
+        kinds = [(request.method, self.base_url + request.path, request.body or None) for request in plan.requests]
+        headers = [{self.key_header: key} for key in plan.keys]
         connector = aiohttp.TCPConnector(limit=self.connections, force_close=False, ttl_dns_cache=None)
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -80,7 +115,9 @@ class LoadGenerator:
             while i < n and not (stop is not None and stop.is_set()):
                 now = time.perf_counter() - start
                 while i < n and record.offsets_s[i] <= now:
-                    task = asyncio.create_task(self._send(session, record, i, start))
+                    method, url, body = kinds[plan.request_index[i]]
+                    send = self._send(session, record, i, start, method, url, body, headers[plan.key_index[i]])
+                    task = asyncio.create_task(send)
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                     i += 1
@@ -97,12 +134,21 @@ class LoadGenerator:
                 on_second(next_second, record)
         return record
 
-    async def _send(self, session: aiohttp.ClientSession, record: RunRecord, i: int, start: float) -> None:
+    def default_plan(self, n: int) -> RequestPlan:
+        """GET `path` for every request, the API keys taken in turn."""
+        keys = tuple(f"{self.key_prefix}{i:04d}" for i in range(self.clients))
+        index = np.arange(n)
+        return RequestPlan((Request("GET", self.path),), keys, np.zeros(n, dtype=np.int64), index % self.clients)
+
+    async def _send(
+        self, session: aiohttp.ClientSession, record: RunRecord, i: int, start: float,
+        method: str, url: str, body: bytes | None, headers: dict[str, str],
+    ) -> None:  # fmt: skip
         scheduled = start + record.offsets_s[i]
         record.lag_s[i] = time.perf_counter() - scheduled
         status = TRANSPORT_ERROR
         try:
-            async with session.get(self.url, headers=self.headers[i % len(self.headers)]) as response:
+            async with session.request(method, url, data=body, headers=headers) as response:
                 await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError):

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ratepilot.demo.run import RunResult
 from ratepilot.demo.schedule import LoadSchedule
-from ratepilot.demo.summary import per_second
+from ratepilot.demo.summary import RunSummary, per_second
 
 COLUMNS = (
     ("goodput within SLO", "goodput_rps", "{:.1f} req/s"),
@@ -24,21 +24,21 @@ COLUMNS = (
 )
 
 
-def comparison_table(results: list[RunResult], slo_ms: float) -> Table:
-    """One row per metric, one column per run."""
-    runs = " vs ".join(result.mode for result in results)
-    table = Table(title=f"{runs} (SLO: p99 <= {slo_ms:g} ms, errors <= 1 %)")
+def comparison_table(runs: list[tuple[str, RunSummary]], slo_ms: float) -> Table:
+    """One row per metric, one column per (label, summary) run."""
+    title = " vs ".join(label for label, _ in runs)
+    table = Table(title=f"{title} (SLO: p99 <= {slo_ms:g} ms, errors <= 1 %)")
     table.add_column("metric", style="bold")
-    for result in results:
-        table.add_column(result.mode, justify="right")
+    for label, _ in runs:
+        table.add_column(label, justify="right")
     for label, key, fmt in COLUMNS:
         cells = []
-        for result in results:
-            value = getattr(result.summary, key)
+        for _, summary in runs:
+            value = getattr(summary, key)
             cells.append("-" if not math.isfinite(value) else fmt.format(value))
         table.add_row(label, *cells)
-    table.add_row("requests sent", *(f"{r.summary.requests}" for r in results))
-    table.add_row("generator lag p99", *(f"{r.summary.generator_lag_p99_ms:.0f} ms" for r in results))
+    table.add_row("requests sent", *(f"{summary.requests}" for _, summary in runs))
+    table.add_row("generator lag p99", *(f"{summary.generator_lag_p99_ms:.0f} ms" for _, summary in runs))
     return table
 
 

@@ -17,7 +17,7 @@ import aiohttp
 import numpy as np
 from rich.console import Console
 
-from ratepilot.demo.loadgen import LoadGenerator, RunRecord
+from ratepilot.demo.loadgen import LoadGenerator, RequestPlan, RunRecord
 from ratepilot.demo.schedule import LoadSchedule
 from ratepilot.demo.stack import KEY_PREFIX, TIER, Stack, StackSettings
 from ratepilot.demo.summary import RunSummary, summarize, upper_bound_rps, window_stats
@@ -91,7 +91,7 @@ async def _rule(session: aiohttp.ClientSession, controller_url: str | None) -> s
 
 async def _drive(
     stack: Stack, supervisor: Supervisor, schedule: LoadSchedule, arrivals: np.ndarray, view: LiveView,
-    slo_ms: float,
+    slo_ms: float, plan: RequestPlan | None,
 ) -> tuple[RunRecord, Samples]:  # fmt: skip
     samples = Samples()
     stop = asyncio.Event()
@@ -149,7 +149,7 @@ async def _drive(
                 sampler.add(task)
                 task.add_done_callback(sampler.discard)
 
-        record = await generator.run(arrivals, on_second=on_second, stop=stop)
+        record = await generator.run(arrivals, on_second=on_second, stop=stop, plan=plan)
         if sampler:
             await asyncio.wait(sampler, timeout=2)
     if failure:
@@ -158,16 +158,20 @@ async def _drive(
 
 
 def play(
-    mode: str, workdir: Path, settings: StackSettings, schedule: LoadSchedule, arrivals: np.ndarray, console: Console
-) -> RunResult:
-    """Run the whole stack for one mode ('adaptive' or 'static'); everything is stopped on return or error."""
+    mode: str, workdir: Path, settings: StackSettings, schedule: LoadSchedule, arrivals: np.ndarray, console: Console,
+    plan: RequestPlan | None = None,
+) -> RunResult:  # fmt: skip
+    """Run the whole stack for one mode ('adaptive' or 'static'); everything is stopped on return or error.
+
+    `plan` says which request and API key each arrival uses (the scenario's mixes); None: GET with the demo keys.
+    """
     supervisor = Supervisor()
     with supervisor:
         stack = Stack(workdir, settings, adaptive=(mode == "adaptive"), supervisor=supervisor)
         console.print(f"[bold]{mode} run[/]: starting redis-server, edge, Prometheus" + (", controller" if stack.adaptive else "") + f" (logs in {workdir})")
         stack.start()
         with LiveView(console, f"ratepilot demo: {mode} run") as view:
-            record, samples = asyncio.run(_drive(stack, supervisor, schedule, arrivals, view, settings.slo_ms))
+            record, samples = asyncio.run(_drive(stack, supervisor, schedule, arrivals, view, settings.slo_ms, plan))
     bound = upper_bound_rps(schedule.demand_rps, schedule.capacity_rps)
     summary = summarize(record, float(schedule.duration_s), settings.slo_ms, ERROR_BUDGET, bound)
     return RunResult(mode, record, summary, samples, workdir)

@@ -1,8 +1,10 @@
 """What the demo plays: per-second demand and backend capacity, and the open-loop arrival times.
 
-The default scenario is written in scenario units where the backend's nominal capacity is
-`NOMINAL_CAPACITY` requests/s; `scale` turns units into the demo's requests/s (chosen so that the
-peak demand fits what this machine can generate and serve, or given with `--scale`).
+The demo plays a load scenario (`ratepilot/loadtest/scenarios/*.yaml`, the same data `ratepilot
+loadtest` and its k6 export use; `demo` by default): its rates are in scenario units where the
+backend's nominal capacity is the scenario's `nominal_rps`, mapped here to `NOMINAL_CAPACITY`;
+`scale` turns units into the demo's requests/s (chosen so that the peak demand fits what this
+machine can generate and serve, or given with `--scale`).
 A trace CSV (`training.traces` format) is rescaled the same way: its nominal capacity (median
 `capacity_rps`, or, without that column, its mean demand / `STEADY_LOAD`) maps to `NOMINAL_CAPACITY`.
 """
@@ -15,30 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ratepilot.loadtest.scenario import Scenario, load_scenario
 from training.traces import load_trace
 
 NOMINAL_CAPACITY = 100.0  # scenario units: the backend's nominal capacity, requests/s
-STEADY_LOAD = 0.6  # steady demand as a share of the nominal capacity
-FLASH_FACTOR = 10.0  # the flash crowd multiplies the steady demand
+STEADY_LOAD = 0.6  # a trace without capacities: its mean demand is taken as this share of the capacity
 PEAK_RPS_PER_CORE = 250.0  # offered requests/s per core that load generator + edge + Redis keep up with
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A stretch of the scenario: its share of the duration, the demand and the capacity (scenario units)."""
-
-    name: str
-    share: float
-    demand: float
-    capacity: float
-
-
-DEFAULT_PHASES = (
-    Phase("steady", 0.20, STEADY_LOAD * NOMINAL_CAPACITY, NOMINAL_CAPACITY),
-    Phase("flash crowd x10", 0.20, FLASH_FACTOR * STEADY_LOAD * NOMINAL_CAPACITY, NOMINAL_CAPACITY),
-    Phase("capacity halved", 0.30, STEADY_LOAD * NOMINAL_CAPACITY, NOMINAL_CAPACITY / 2),
-    Phase("recovery", 0.30, STEADY_LOAD * NOMINAL_CAPACITY, NOMINAL_CAPACITY),
-)
+DEFAULT_SCENARIO = "demo"  # steady -> 10x flash crowd -> backend capacity halved -> recovery
 DEFAULT_DURATION_S = 180
 
 
@@ -51,6 +36,7 @@ class LoadSchedule:
     capacity_rps: np.ndarray
     phases: tuple[tuple[int, str], ...]  # (first second, phase name)
     nominal_capacity_rps: float
+    scenario: Scenario | None = None  # the scenario played (its client and request mixes), None for a trace
 
     @property
     def duration_s(self) -> int:
@@ -71,18 +57,18 @@ class LoadSchedule:
         return name
 
 
+def scenario_schedule(scenario: Scenario, duration_s: int | None = None, scale: float = 1.0) -> LoadSchedule:
+    """A load scenario stretched to `duration_s` (default: as written), its units mapped to the demo's."""
+    played = scenario.stretched(duration_s) if duration_s is not None else scenario
+    units = NOMINAL_CAPACITY / played.nominal_rps * scale
+    phases = tuple((start, p.name) for start, p in zip(played.phase_starts(), played.phases, strict=True))
+    return LoadSchedule(played.name, played.demand_rps(units), played.capacity_rps(units), phases,
+                        NOMINAL_CAPACITY * scale, played)  # fmt: skip
+
+
 def default_scenario(duration_s: int = DEFAULT_DURATION_S, scale: float = 1.0) -> LoadSchedule:
-    """Steady -> 10x flash crowd -> backend capacity halved -> recovery, stretched to `duration_s`."""
-    if duration_s < len(DEFAULT_PHASES):
-        raise ValueError(f"duration must be at least {len(DEFAULT_PHASES)} s, got {duration_s}")
-    bounds = np.round(np.cumsum([0.0, *(p.share for p in DEFAULT_PHASES)]) * duration_s).astype(int)
-    demand = np.empty(duration_s)
-    capacity = np.empty(duration_s)
-    for phase, start, end in zip(DEFAULT_PHASES, bounds[:-1], bounds[1:], strict=True):
-        demand[start:end] = phase.demand * scale
-        capacity[start:end] = phase.capacity * scale
-    phases = tuple((int(start), p.name) for p, start in zip(DEFAULT_PHASES, bounds[:-1], strict=True))
-    return LoadSchedule("default", demand, capacity, phases, NOMINAL_CAPACITY * scale)
+    """The `demo` scenario (steady -> 10x flash crowd -> backend capacity halved -> recovery), stretched to `duration_s`."""
+    return scenario_schedule(load_scenario(DEFAULT_SCENARIO), duration_s, scale)
 
 
 def trace_scenario(path: str | Path, scale: float = 1.0, duration_s: int | None = None) -> LoadSchedule:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from controller.exporter import SyntheticExporter
+from benchmarks.synthetic_exporter import SyntheticExporter
 from ratepilot.servers import PrometheusServer
 from tests.controller.support import EXPORTED_TIERS, RECORDING_RULES, query, wait_for
 

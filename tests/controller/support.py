@@ -1,8 +1,11 @@
-"""Helpers of the controller tests: PromQL queries, waiting on a condition, settings and config files."""
+"""Helpers of the controller tests: PromQL queries, waiting on a condition, settings and config files, a cutting TCP proxy."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -62,3 +65,75 @@ def write_config(path: Path, settings: ControllerSettings, **extra: Any) -> Path
     data.update(extra)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+class CuttingProxy:
+    """A TCP proxy to a local port that cuts one command in the middle of its sending.
+
+    Bytes pass through both ways until the client sends `marker` (e.g. the SHA of the rate-writing
+    script in an EVALSHA); from there only `keep_bytes` more are forwarded and the rest is swallowed,
+    so the server holds a half-received command, and `cut` is set. Closing either side closes the
+    other, as a dying client's connection would.
+    """
+
+    def __init__(self, upstream_port: int, marker: bytes, keep_bytes: int):
+        self.upstream_port = upstream_port
+        self.marker = marker
+        self.keep_bytes = keep_bytes
+        self.cut = threading.Event()
+        self.swallowed = 0  # bytes of the cut command that never reached the server
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        """redis:// URL through the proxy."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, watch: bool) -> None:
+        tail, budget = b"", None  # budget: bytes still forwarded after the marker (None: not seen)
+        while True:
+            try:
+                data = source.recv(1 << 16)
+            except OSError:
+                break
+            if not data:
+                break
+            if watch and budget is None and not self.cut.is_set():
+                if self.marker in tail + data:
+                    budget = self.keep_bytes
+                tail = (tail + data)[-len(self.marker) :]
+            if budget is not None:
+                self.swallowed += max(0, len(data) - budget)
+                data, budget = data[:budget], budget - min(budget, len(data))
+                if budget == 0:
+                    self.cut.set()
+            try:
+                if data:
+                    sink.sendall(data)
+            except OSError:
+                break
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        """Stop accepting and close every connection."""
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()

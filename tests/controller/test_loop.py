@@ -18,7 +18,7 @@ import pytest
 import redis
 import yaml
 
-from controller.exporter import SyntheticExporter
+from benchmarks.synthetic_exporter import SyntheticExporter
 from controller.overrides import OverrideRequest
 from controller.policies import LoadedPolicy, PolicyHolder, PolicyLoadError
 from controller.rate_store import DECISIONS_KEY, MODE_KEY
@@ -238,18 +238,28 @@ def test_two_replicas_at_once_only_one_writes(redis_client: redis.Redis, redis_s
         controller_for(redis_server_session.url, prometheus.url, tiers={"free": TIERS["free"]}, replica_id=name)
         for name in ("replica-a", "replica-b")
     ]
+
+    def tick_counts() -> dict[str, dict[str, float]]:
+        return {
+            r.settings.replica_id: {res: r.metrics.registry.get_sample_value("ratepilot_controller_ticks_total", {"result": res})
+                                    or 0.0 for res in ("written", "follower")}
+            for r in replicas
+        }  # fmt: skip
+
+    def both_ticked_three_times() -> bool:
+        counts = sorted(tick_counts().values(), key=lambda c: c["written"])
+        return counts[1]["written"] >= 3 and counts[0]["follower"] >= 3
+
     for replica in replicas:
         replica.start()
-    time.sleep(2.0)
-    for replica in replicas:
-        replica.stop()
+    try:
+        wait_for(both_ticked_three_times, timeout_s=30)
+    finally:
+        for replica in replicas:
+            replica.stop()
     writers = {f[b"replica"].decode() for _, f in redis_client.xrange(DECISIONS_KEY)}
     assert len(writers) == 1
-    results = {
-        r.settings.replica_id: {res: r.metrics.registry.get_sample_value("ratepilot_controller_ticks_total", {"result": res})
-                                for res in ("written", "follower")}
-        for r in replicas
-    }  # fmt: skip
+    results = tick_counts()
     leader = writers.pop()
     follower = next(name for name in results if name != leader)
     assert results[leader]["written"] >= 3 and results[follower]["written"] == 0 and results[follower]["follower"] >= 3
@@ -275,7 +285,7 @@ def test_a_corrupt_model_file_keeps_the_previous_policy(tmp_path: Path) -> None:
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
     first = LoadedPolicy(LatencyFollower(), "latency_follower")
     holder = PolicyHolder(first, PolicySettings(name="latency_follower"))
-    with pytest.raises(PolicyLoadError, match="corrupt policy file"):
+    with pytest.raises(PolicyLoadError, match="not a policy file: a policy is an .npz .ZIP. archive"):
         holder.reload(PolicySettings(name="rl", model=str(corrupt)))
     with pytest.raises(PolicyLoadError, match="no such policy file"):
         holder.reload(PolicySettings(name="rl", model=str(tmp_path / "missing.npz")))

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from controller.exporter import SyntheticExporter
+from benchmarks.synthetic_exporter import SyntheticExporter
 from controller.prometheus_source import PrometheusSource
 from controller.settings import PrometheusSettings, QuerySettings, raw_queries
 from ratepilot.servers import PrometheusServer, free_port

@@ -77,7 +77,7 @@ def test_the_store_knows_the_exact_bytes_lua_stored_and_the_next_reading_uses_th
     world = store.read_world()
     known, parsed = rates_in_force(world, tiers, np.ones(6), written), rates_in_force(world, tiers, np.ones(6))
     assert known.rates.tolist() == parsed.rates.tolist() and known.versions == parsed.versions
-    assert known.problems == parsed.problems and list(known.problems) == ["b", "d", "f"]  # beyond MAX_SANE_RATE
+    assert known.problems == parsed.problems and list(known.problems) == ["b", "d", "f"]  # beyond MAX_RATE
     assert store.write(lease.replica_id, "", tiers, rates, rates, ["controller"] * 6, ["{}"] * 6, False) == (0, ANY)
     assert store.last_written is written  # a shadow write stores no rates
 
@@ -85,12 +85,13 @@ def test_the_store_knows_the_exact_bytes_lua_stored_and_the_next_reading_uses_th
 def test_stale_fencing_token_is_refused_inside_redis(redis_client: redis.Redis) -> None:
     clock = FakeClock()
     old = LeaderLease(redis_client, "old", LEASE, clock=clock)
-    assert old.try_acquire_or_renew() and old.fence == 1
+    assert old.try_acquire_or_renew() and old.fence is not None
+    first = old.fence
     store = RateStore(redis_client, ttl_s=30.0, decisions_maxlen=100)
     write(store, old, ["free"], [100.0])
     redis_client.delete(LEADER_KEY)  # the lease ran out while "old" was paused
     new = LeaderLease(redis_client, "new", LEASE)
-    assert new.try_acquire_or_renew() and new.fence == 2
+    assert new.try_acquire_or_renew() and new.fence == first + 1
     write(store, new, ["free"], [50.0])
     # "old" still believes it leads (its own clock did not move) and writes late: refused
     assert old.is_leader()
@@ -98,7 +99,7 @@ def test_stale_fencing_token_is_refused_inside_redis(redis_client: redis.Redis) 
         write(store, old, ["free"], [999.0])
     # even if it had the holder id right, a stale token is refused
     redis_client.set(LEADER_KEY, "old", px=2000)
-    with pytest.raises(FencedError, match="fencing token 1 is stale"):
+    with pytest.raises(FencedError, match=f"fencing token {first} is stale"):
         write(store, old, ["free"], [999.0])
     assert parse_entry(redis_client.hget(RATES_KEY, "free")).rate == 50.0
     assert [f[b"replica"] for _, f in redis_client.xrange(DECISIONS_KEY)] == [b"old", b"new"]
@@ -109,16 +110,17 @@ def test_lease_renews_steps_down_after_deadline_and_follower_takes_over(redis_cl
     a = LeaderLease(redis_client, "a", LEASE, clock=clock)
     b = LeaderLease(redis_client, "b", LEASE)
     assert a.try_acquire_or_renew() and not b.try_acquire_or_renew()
-    assert a.try_acquire_or_renew() and a.fence == 1  # renewing keeps the token
+    first = a.fence
+    assert a.try_acquire_or_renew() and a.fence == first  # renewing keeps the token
     assert 0 < redis_client.pttl(LEADER_KEY) <= 2000
     clock.now += 1.6  # past the renew deadline without a successful renew
     assert not a.is_leader()
     redis_client.delete(LEADER_KEY)  # the key expired
-    assert b.try_acquire_or_renew() and b.fence == 2
+    assert b.try_acquire_or_renew() and b.fence == first + 1  # type: ignore[operator]
     assert not a.try_acquire_or_renew() and a.fence is None
     b.release()
     assert redis_client.get(LEADER_KEY) is None and not b.is_leader()
-    assert a.try_acquire_or_renew() and int(redis_client.get(FENCE_KEY)) == 3
+    assert a.try_acquire_or_renew() and int(redis_client.get(FENCE_KEY)) == first + 2  # type: ignore[operator]
 
 
 def test_lease_survives_nothing_when_redis_is_gone(redis_server) -> None:  # type: ignore[no-untyped-def]

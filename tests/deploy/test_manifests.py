@@ -1,12 +1,14 @@
-"""The Kubernetes manifests (kustomize layout) parse and hang together; the configs they ship validate."""
+"""The Kubernetes manifests (kustomize layout) parse, validate against the Kubernetes schemas offline and hang together; the configs they ship validate."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -171,3 +173,49 @@ def test_kustomize_builds(folder: str) -> None:
         assert {doc["metadata"].get("namespace") for doc in built if doc["kind"] != "Namespace"} == {"ratepilot"}
         images = {c["image"] for d in built if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]}
         assert "ghcr.io/ratepilot/ratepilot:0.1.0" in images
+
+
+# prometheus-operator's custom resources: kubernetes-validate ships the Kubernetes schemas only
+OPERATOR_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())  # oldest we claim, newest the package knows
+
+
+def every_manifest() -> list[dict[str, Any]]:
+    """The base's documents and the production overlay's own."""
+    overlay = K8S / "overlays" / "production" / "namespace.yaml"
+    return load_kustomization(BASE) + [doc for doc in yaml.safe_load_all(overlay.read_text()) if doc]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_manifest_validates_against_the_kubernetes_schemas(version: str) -> None:
+    """Offline, strict (an unknown or misspelt field is an error), against the schemas kubernetes-validate ships."""
+    checked, operator = [], []
+    for doc in every_manifest():
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            assert (doc["apiVersion"], doc["kind"]) in OPERATOR_KINDS, f"{name}: no schema for {doc['apiVersion']}"
+            operator.append(name)
+            continue
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{name} (Kubernetes {version}): {path}: {exc.message}")
+        checked.append(doc["kind"])
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Namespace"} <= set(checked)
+    assert len(operator) == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "message"),
+    [
+        ("Deployment", lambda d: d["spec"].update(replicas="two"), "is not of type 'integer'"),
+        ("Deployment", lambda d: d["spec"]["template"]["spec"].update(restartPolicy2="Always"), "Additional properties"),
+        ("Service", lambda d: d["spec"]["ports"][0].pop("port"), "'port' is a required property"),
+    ],
+)
+def test_the_schema_check_catches_a_broken_manifest(kind: str, change: Any, message: str) -> None:
+    doc = copy.deepcopy(next(d for d in every_manifest() if d["kind"] == kind))
+    change(doc)
+    with pytest.raises(kubernetes_validate.ValidationError, match=message):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)

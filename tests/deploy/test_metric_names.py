@@ -63,6 +63,7 @@ def test_the_extractor_finds_names_and_ignores_functions_labels_and_keywords() -
 def test_the_exporters_expose_the_contract_names(exported: set[str]) -> None:
     assert {
         "ratepilot_decisions_total",
+        "ratepilot_shadow_refusals_total",
         "token_bucket_utilization",
         "ratepilot_backend_request_seconds_bucket",
         "ratepilot_controller_last_tick_timestamp_seconds",

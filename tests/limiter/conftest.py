@@ -15,9 +15,10 @@ import pytest
 import redis
 import redis.cluster
 
+from benchmarks.sync_redis_bucket import SyncRedisBucket
 from limiter.config import LimiterConfig, load_config
 from limiter.edge import Edge, EdgeOptions
-from limiter.redis_bucket import RedisBucket, SyncRedisBucket
+from limiter.redis_bucket import RedisBucket
 from ratepilot.servers import RedisServer, ServerError, find_binary, free_port
 from tests.limiter.support import BASE_CONFIG, RunningEdge, write_config
 

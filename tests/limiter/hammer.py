@@ -13,9 +13,10 @@ import json
 import sys
 import time
 
+from benchmarks.sync_redis_bucket import SyncRedisBucket
 from limiter.bucket import BucketSpec
 from limiter.errors import RedisUnavailable
-from limiter.redis_bucket import RedisBucket, SyncRedisBucket
+from limiter.redis_bucket import RedisBucket
 
 
 def main(argv: list[str]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import textwrap
 import threading
@@ -63,21 +64,26 @@ def write_config(path: Path, redis_url: str, text: str = BASE_CONFIG) -> Path:
     return path
 
 
-class RunningEdge:
-    """An Edge served by uvicorn in a thread; `client` is an httpx client on its base URL."""
+class ServedApp:
+    """Any ASGI app served by uvicorn in a thread (lifespan on); after `stop()`, `leftover_tasks` names the
+    asyncio tasks still alive in the server's loop once uvicorn returned (a clean shut-down leaves none)."""
 
-    def __init__(self, edge: Edge, port: int):
-        self.edge = edge
-        self.port = port
+    def __init__(self, app: Any, port: int):
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(
-            uvicorn.Config(edge.app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
         )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.leftover_tasks: list[str] | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
         self.client = httpx.Client(base_url=self.url, timeout=5.0)
 
+    async def _serve(self) -> None:
+        await self.server.serve()
+        current = asyncio.current_task()
+        self.leftover_tasks = [repr(task.get_coro()) for task in asyncio.all_tasks() if task is not current]
+
     def start(self) -> None:
-        """Serve and wait until uvicorn accepts connections."""
+        """Serve and wait until uvicorn accepts connections (after the app's start-up)."""
         self.thread.start()
         deadline = time.monotonic() + 15
         while not self.server.started:
@@ -86,12 +92,21 @@ class RunningEdge:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        """Shut uvicorn down and join its thread."""
+        """Shut uvicorn down (the app's lifespan shut-down runs) and join its thread."""
         self.client.close()
         self.server.should_exit = True
         self.thread.join(timeout=15)
         if self.thread.is_alive():
             raise RuntimeError("uvicorn did not stop within 15 s")
+
+
+class RunningEdge(ServedApp):
+    """An Edge served by uvicorn in a thread; `client` is an httpx client on its base URL."""
+
+    def __init__(self, edge: Edge, port: int):
+        super().__init__(edge.app, port)
+        self.edge = edge
+        self.port = port
 
     def get(self, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
         """GET with the API key header when given."""
@@ -112,3 +127,10 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, every_s: 
             return True
         time.sleep(every_s)
     return predicate()
+
+
+def metric_sum(metrics_text: str, name: str) -> float:
+    """The samples of a metric (`NAME{labels} value` lines of a /metrics page) summed over its label values;
+    0 while it has none."""
+    pattern = rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$"
+    return sum(float(value) for value in re.findall(pattern, metrics_text, re.M))

@@ -16,10 +16,12 @@ import pytest
 import redis
 import redis.cluster
 
+from benchmarks.sync_redis_bucket import SyncRedisBucket
 from limiter.backoff import Backoff
 from limiter.bucket import MICRO, BucketSpec
+from limiter.check_encoding import encode_check
 from limiter.errors import RedisUnavailable
-from limiter.redis_bucket import RedisBucket, SyncRedisBucket, encode_check
+from limiter.redis_bucket import RedisBucket
 from ratepilot.servers import RedisServer, find_binary
 
 from .conftest import RedisCluster, commandstat

@@ -36,6 +36,13 @@ def test_env_overrides_file_values() -> None:
     assert config.client_header == "x-tenant"
 
 
+def test_an_empty_variable_keeps_the_files_value() -> None:
+    """As for the controller (both read their files through limiter/config_file.py): set but empty means unset."""
+    config = parse_config(BASE_CONFIG.replace("REDIS_URL", "redis://127.0.0.1:1/0"), {"RATEPILOT_REDIS_URL": "", "RATEPILOT_RATE_POLL_S": ""})
+    assert config.redis.url == "redis://127.0.0.1:1/0"
+    assert config.rate_table.poll_s == parse_config(BASE_CONFIG.replace("REDIS_URL", "redis://127.0.0.1:1/0"), {}).rate_table.poll_s
+
+
 def test_config_path_from_env(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", "redis://127.0.0.1:1/0")
     config = load_config(None, environ={"RATEPILOT_CONFIG": str(path)})

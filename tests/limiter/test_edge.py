@@ -57,7 +57,10 @@ def test_invalid_config_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     assert "at least one tier" in capsys.readouterr().err
 
 
-def test_edge_process_serves_limits_and_stops(tmp_path: Path, redis_server_session: RedisServer) -> None:
+def test_edge_process_serves_limits_and_stops(
+    tmp_path: Path, redis_server_session: RedisServer, redis_client: redis.Redis
+) -> None:
+    """(`redis_client` flushes the session Redis: the free tier's shared bucket of 8 may be spent by earlier tests.)"""
     config = write_config(tmp_path / "limiter.yaml", redis_server_session.url)
     port = free_port()
     env = {**os.environ, "RATEPILOT_CONFIG": str(config)}

@@ -27,6 +27,7 @@ from tests.limiter.support import (
     CONFIG_HEAD,
     RATELIMIT,
     RunningEdge,
+    metric_sum,
     wait_until,
     write_config,
 )
@@ -63,15 +64,22 @@ def _count(edge: RunningEdge, outcome: str, source: str, tier: str) -> float:
     return float(found[1]) if found else 0.0
 
 
+def redis_errors(edge: RunningEdge) -> float:
+    """`ratepilot_redis_errors_total` over all kinds."""
+    return metric_sum(edge.get("/metrics").text, "ratepilot_redis_errors_total")
+
+
 def test_fail_open_with_dead_redis_still_limits(edge_factory: EdgeFactory, redis_server: RedisServer) -> None:
     edge = edge_factory(redis_server.url)
     assert edge.get("/v1/items", key="pro_warm").status_code == 200  # connected and working
+    errors_before = redis_errors(edge)
     redis_server.stop()
     statuses = [edge.get("/v1/items", key="free_a").status_code for _ in range(6)]
     assert statuses == [200] * 5 + [429]  # the local guard enforces the same client burst: not unlimited
     assert _count(edge, "allowed", "local", "free") == 5
     assert _count(edge, "throttled", "local", "free") == 1
-    assert "ratepilot_redis_errors_total" in edge.get("/metrics").text
+    # every one of the six checks failed over, so each counted one Redis error (the rate reader may add more)
+    assert errors_before == 0 and redis_errors(edge) >= errors_before + 6
 
 
 def test_fail_closed_refuses_when_redis_is_dead(edge_factory: EdgeFactory, redis_server: RedisServer) -> None:

@@ -9,14 +9,18 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import limiter.guard
+import limiter.pending_checks
 import limiter.redis_bucket
 from limiter.bucket import BucketSpec
+from limiter.check_encoding import encode_check
 from limiter.config import parse_config
 from limiter.edge import Edge, EdgeOptions
-from limiter.guard import Guard, Verdict
+from limiter.guard import Guard
 from limiter.local_bucket import LocalBucket
 from limiter.metrics import LimiterMetrics
-from limiter.redis_bucket import RedisBucket, ThrottledLog, encode_check
+from limiter.redis_bucket import RedisBucket
+from limiter.throttled_log import ThrottledLog
+from limiter.verdict import Verdict
 from ratepilot.servers import RedisServer
 from tests.limiter.support import BASE_CONFIG
 
@@ -126,7 +130,9 @@ def test_a_resolver_that_raises_does_not_leave_the_rest_of_its_batch_hanging(
     """A resolver that raises on a check's outcome (a bug, a reply it cannot read): that request gets the
     resolver's failure answer, the others of the same script still get their Redis outcomes, the bucket
     keeps deciding, and the failures of one interval make one log line."""
-    monkeypatch.setattr(limiter.redis_bucket, "_resolver_errors", ThrottledLog("settling a check failed"))
+    monkeypatch.setattr(
+        limiter.pending_checks, "_resolver_errors", ThrottledLog("settling a check failed", logger=limiter.pending_checks.log)
+    )
     def resolve(future: asyncio.Future[Any], context: str, outcome: Any) -> None:
         if context == "boom" and type(outcome) is tuple:
             raise ValueError("cannot read this outcome")

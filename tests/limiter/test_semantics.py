@@ -12,19 +12,19 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.sync_redis_bucket import SyncRedisBucket
 from limiter.bucket import MICRO, BucketError, BucketSpec, check_and_consume, validate_cost
-from limiter.errors import RedisUnavailable
-from limiter.local_bucket import LocalBucket
-from limiter.redis_bucket import (
+from limiter.check_encoding import (
     SCRIPT_SHA,
     CheckRequest,
-    RedisBucket,
-    SyncRedisBucket,
     batch_command,
     decisions_from_tokens,
     encode_check,
     pack_batch,
 )
+from limiter.errors import RedisUnavailable
+from limiter.local_bucket import LocalBucket
+from limiter.redis_bucket import RedisBucket
 
 from .conftest import Backend
 
@@ -260,7 +260,7 @@ def test_client_that_retries_is_refused() -> None:
 
 def test_script_sha_is_what_redis_computes(backend: Backend) -> None:
     """The locally computed SHA1 is the one SCRIPT LOAD returns (EVALSHA needs no round trip first)."""
-    from limiter.redis_bucket import SCRIPT
+    from limiter.check_encoding import SCRIPT
 
     assert backend.admin.script_load(SCRIPT) == SCRIPT_SHA
 

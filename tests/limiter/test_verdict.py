@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from limiter.bucket import MICRO, BucketSpec
-from limiter.guard import FIELD_PARTS_LIMIT, Verdict
-from limiter.redis_bucket import check_template
+from limiter.check_encoding import check_template
+from limiter.verdict import FIELD_PARTS_LIMIT, Verdict
 
 
 class _Tier:

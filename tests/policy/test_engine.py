@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from limiter.rate_table import MAX_SANE_RATE
+from limiter.bucket import MAX_RATE
 from policy.base import Policy
 from policy.observation import IntervalMetrics, Observation, ObservationBuilder
 from policy.safety import (
@@ -154,7 +154,7 @@ def test_no_output_escapes_the_caps(
         obs = observe(in_force, p99=p99)
     result = engine.apply(obs, np.array(proposed), caps, np.full(3, stale))
     assert np.isfinite(result.rates).all()
-    assert (result.rates > 0).all() and (result.rates <= MAX_SANE_RATE).all()
+    assert (result.rates > 0).all() and (result.rates <= MAX_RATE).all()
     assert (result.rates[1:] >= 10.0).all() and (result.rates[1:] <= 1000.0).all()
     if cap_low is not None:
         assert cap_low <= result.rates[0] <= cap_low * 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from limiter.rate_table import MAX_SANE_RATE
+from limiter.bucket import MAX_RATE
 from policy import safety
 
 NAN = np.nan
@@ -81,6 +81,6 @@ def test_pin_replaces_and_reports_only_real_changes() -> None:
 
 
 def test_guard_never_lets_zero_negative_nan_or_unlimited_through() -> None:
-    rates, fired = safety.guard(a(0, -3, NAN, np.inf, MAX_SANE_RATE * 2, 42), a(7, 7, 7, 7, 7, 7))
+    rates, fired = safety.guard(a(0, -3, NAN, np.inf, MAX_RATE * 2, 42), a(7, 7, 7, 7, 7, 7))
     assert rates.tolist() == [7, 7, 7, 7, 7, 42]
     assert fired.tolist() == [True, True, True, True, True, False]

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 
-from ratepilot.demo.loadgen import TRANSPORT_ERROR, LoadGenerator
+from ratepilot.demo.loadgen import TRANSPORT_ERROR, LoadGenerator, Request, RequestPlan
 from ratepilot.demo.schedule import arrival_times
 from ratepilot.demo.summary import outcome_masks, per_second, summarize
-from ratepilot.servers import free_port, port_open
+from ratepilot.servers import free_port
+from tests.ratepilot.support import served
 
 
 class TinyServer:
@@ -23,6 +21,7 @@ class TinyServer:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []  # (path, api key)
+        self.bodies: list[tuple[str, str, str, int]] = []  # (method, path, api key, body bytes)
         self.lock: asyncio.Lock | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -31,6 +30,12 @@ class TinyServer:
         path = scope["path"]
         key = dict(scope["headers"]).get(b"x-api-key", b"").decode()
         self.seen.append((path, key))
+        size, more = 0, True
+        while more:
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        self.bodies.append((scope["method"], path, key, size))
         status = 200
         if path == "/mixed" and len(self.seen) % 3 == 0:
             status = 429
@@ -48,17 +53,8 @@ class TinyServer:
 def tiny_server() -> Iterator[tuple[TinyServer, str]]:
     """TinyServer served by uvicorn in a thread on a free port."""
     app = TinyServer()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not port_open(port):
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield app, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(app) as url:
+        yield app, url
 
 
 def test_arrivals_follow_the_demand_and_repeat_with_the_seed() -> None:
@@ -125,3 +121,15 @@ def test_per_second_series_split_the_outcomes(tiny_server: tuple[TinyServer, str
     assert (series.ok + series.throttled + series.errors).tolist() == [30.0, 15.0]
     assert series.throttled.sum() == 15 and series.good.sum() == 30
     assert np.all(np.isfinite(series.p99_ms))
+
+
+def test_a_request_plan_sets_each_requests_method_path_body_and_key(tiny_server: tuple[TinyServer, str]) -> None:
+    app, url = tiny_server
+    requests = (Request("GET", "/ok"), Request("POST", "/ok/infer", b"x" * 3000))
+    plan = RequestPlan(requests, ("free_0001", "pro_0002"), np.array([0, 1, 1, 0]), np.array([1, 0, 1, 0]))
+    record = asyncio.run(LoadGenerator(url).run(np.linspace(0.0, 0.2, 4), plan=plan))
+    assert np.all(record.status == 200)
+    assert sorted(app.bodies) == sorted([("GET", "/ok", "pro_0002", 0), ("POST", "/ok/infer", "free_0001", 3000),
+                                         ("POST", "/ok/infer", "pro_0002", 3000), ("GET", "/ok", "free_0001", 0)])  # fmt: skip
+    with pytest.raises(ValueError, match="the plan has 4 requests for 3 arrivals"):
+        asyncio.run(LoadGenerator(url).run(np.zeros(3), plan=plan))

@@ -8,9 +8,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from policy.rl import N_FEATURES, PolicyNetwork, RLPolicy, load_rl, make_meta, n_params, save
+from policy.rl import N_FEATURES, PolicyNetwork, RLPolicy, make_meta, n_params, save
 from training import registry
 from training.promote import main
+from training.registry import load_rl
 
 FAST = ["--seeds", "1", "--suite", "default"]
 

@@ -11,20 +11,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from controller.policies import fetch_rl
 from policy.observation import OBS_DIM, OBS_FIELDS
 from policy.rl import (
-    CHAMPION_URI,
+    DEFAULT_MODEL_PATH,
     N_FEATURES,
     ModelError,
     PolicyNetwork,
     RLPolicy,
-    load_rl,
-    load_uri,
+    load,
     make_meta,
     n_params,
     save,
 )
 from training import registry
+from training.registry import CHAMPION_URI, load_rl, load_uri
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,19 @@ def test_models_uri_resolves_in_the_given_store_not_mlflows_global_one(store: st
         assert not (tmp_path / "elsewhere.db").exists()
     finally:
         registry.configure(store)
+
+
+def test_the_controllers_adapter_reads_the_same_registry(store: str, tmp_path: Path) -> None:
+    version, network = register(tmp_path, 5)
+    registry.client().set_registered_model_alias("ratepilot-policy", "champion", version)
+    assert fetch_rl(None).meta["training"] == load_rl().meta["training"] == {"seed": 5}
+    np.testing.assert_array_equal(fetch_rl(f"models:/ratepilot-policy/{version}").network.theta, network.theta)
+    with pytest.raises(ModelError, match="cannot fetch"):
+        fetch_rl("models:/ratepilot-policy@nobody")
+
+
+def test_the_controllers_adapter_without_a_store_is_the_default_and_creates_nothing(tmp_path: Path, monkeypatch) -> None:
+    db = tmp_path / "nowhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    np.testing.assert_array_equal(fetch_rl(None).network.theta, load(DEFAULT_MODEL_PATH).network.theta)
+    assert not db.parent.exists()

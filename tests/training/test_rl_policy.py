@@ -26,11 +26,11 @@ from policy.rl import (
     batch_actions,
     features,
     load,
-    load_rl,
     make_meta,
     n_params,
     save,
 )
+from training.registry import load_rl
 
 
 def observation(n_tiers: int = 1, p99_ms: float = 150.0, cpu: float = 0.5, admitted: float = 80.0):
@@ -164,7 +164,7 @@ def test_load_refuses_corrupt_files(tmp_path: Path) -> None:
             load(path)
     with pytest.raises(ModelError, match="corrupt meta"):
         load(write_npz(tmp_path / "meta.npz", "{not json"))
-    with pytest.raises(ModelError, match="missing"):
+    with pytest.raises(ModelError, match="the archive has no .meta., .obs_mean., .obs_std."):
         buffer = io.BytesIO()
         np.savez(buffer, theta=np.zeros(2))
         (tmp_path / "partial.npz").write_bytes(buffer.getvalue())

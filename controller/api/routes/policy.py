@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controller.api.deps import ControllerDep, Writer
 from controller.policies import PolicyLoadError
-from controller.settings import PolicySettings
+from controller.settings import PolicyParam, PolicyParamName, PolicySettings
 
 router = APIRouter(tags=["policy"], dependencies=[Writer])
 
@@ -17,17 +17,17 @@ router = APIRouter(tags=["policy"], dependencies=[Writer])
 class ReloadRequest(BaseModel):
     """Which policy to load; omitted fields keep the current settings (an empty body reloads the same model)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")
     model: str | None = Field(default=None, min_length=1, max_length=1000)
-    params: dict[str, Any] | None = None
+    params: dict[PolicyParamName, PolicyParam] | None = Field(default=None, max_length=32)
 
 
 class ModeRequest(BaseModel):
     """The mode every replica follows: active writes rates, shadow only logs decisions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     mode: Literal["active", "shadow"]
 

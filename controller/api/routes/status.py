@@ -1,4 +1,4 @@
-"""GET /status: policy, model, mode, leadership, the last tick and each tier's rate, observation and rule."""
+"""GET /status: policy, model, the candidate in shadow, mode, leadership, the last tick and each tier's rate, observation and rule."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def status(controller: ControllerDep) -> dict[str, Any]:
         "fence": controller.lease.token() or None,
         "policy": controller.policies.current.describe(),
         "policy_error": controller.policies.last_error,
+        "candidate": None if controller.shadow.current is None else controller.shadow.current.describe(),
+        "candidate_error": controller.shadow.last_error,
         "redis_error": redis_error,
         "last_tick": None if last is None else last.summary(),
         "last_leader_tick": None if leader_report is None else leader_report.summary(),

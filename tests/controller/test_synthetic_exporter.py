@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.exporter import BUCKETS, SyntheticExporter
+from benchmarks.synthetic_exporter import BUCKETS, SyntheticExporter
 
 
 class Clock:

@@ -156,11 +156,11 @@ class SyntheticExporter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m controller.exporter --tiers N --port P`: serve N synthetic tiers (t00000, ...) until killed."""
+    """`python -m benchmarks.synthetic_exporter --tiers N --port P`: serve N synthetic tiers (t00000, ...) until killed."""
     import argparse
     import signal
 
-    parser = argparse.ArgumentParser(prog="python -m controller.exporter", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.synthetic_exporter", description=main.__doc__)
     parser.add_argument("--tiers", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
