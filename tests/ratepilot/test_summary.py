@@ -77,7 +77,7 @@ def test_json_and_table_report_the_bound_and_the_ratio_of_every_run(tmp_path: Pa
     for mode in ("adaptive", "static"):
         assert data[mode]["upper_bound_rps"] == 2.5
         assert data[mode]["goodput_ratio"] == pytest.approx(1.5 / 2.5)
-    table = comparison_table([adaptive, static], slo_ms=100.0)
+    table = comparison_table([("adaptive", adaptive.summary), ("static", static.summary)], slo_ms=100.0)
     labels = list(table.columns[0].cells)
     row = labels.index("goodput / upper bound")
     assert list(table.columns[1].cells)[row] == "0.600" and list(table.columns[2].cells)[row] == "0.600"
