@@ -188,8 +188,9 @@ def test_rl_without_a_store_is_the_committed_default_and_creates_nothing(tmp_pat
     np.testing.assert_array_equal(load_rl(str(DEFAULT_MODEL_PATH)).network.theta, policy.network.theta)
 
 
-def test_default_policy_cuts_the_rate_when_p99_is_far_over_the_slo() -> None:
-    """A sanity check of the trained artifact: overload (p99 5x SLO, CPU saturated, many 429s) lowers the rate."""
-    policy = load(DEFAULT_MODEL_PATH)
+@pytest.mark.parametrize("path", [DEFAULT_MODEL_PATH, DEFAULT_MODEL_PATH.with_name("candidate_policy.npz")])
+def test_committed_policies_cut_the_rate_when_p99_is_far_over_the_slo(path: Path) -> None:
+    """A sanity check of the trained artifacts: overload (p99 5x SLO, CPU saturated, many 429s) lowers the rate."""
+    policy = load(path)
     overloaded = observation(p99_ms=500.0, cpu=1.0, admitted=100.0)
     assert policy.act(overloaded)[0] < 100.0
