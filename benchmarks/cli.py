@@ -21,6 +21,7 @@ from limiter.paths import output_problem
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "limiter": ("benchmarks.bench_limiter", "limiter checks/s against raw EVALSHA, `limits` and pyrate-limiter"),
     "sim": ("benchmarks.bench_sim", "simulator steps/s"),
+    "policy": ("benchmarks.bench_policy", "learned policy inference per tier against AIMD and the observation builder"),
     "controller": ("benchmarks.bench_controller", "controller tick latency"),
     "grpc": ("benchmarks.bench_grpc", "gRPC calls/s and added p99: an echo server with the rate-limit interceptor vs without"),
     "rls": ("benchmarks.bench_rls", "Envoy ShouldRateLimit calls/s and added p99: ratepilot rls vs a no-op servicer"),

@@ -10,6 +10,10 @@ it, e.g. into `training.env.TrafficEnv`'s docstring). Code reads a column by its
 
 A missing metric (None, NaN, inf) enters the vector as 0 with `missing` = 1; the raw fields keep NaN
 so that the safety engine can see it.
+
+The builder keeps state across intervals: the last features (for the deltas) and an online capacity
+estimate per tier (`policy.capacity`: admitted work / CPU while the backend is not saturated), so a
+policy can tell within one or two intervals where the backend's capacity now is.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+
+from policy import capacity
 
 
 class ObsColumn(NamedTuple):
@@ -41,6 +47,9 @@ OBS_TABLE = (
     ObsColumn("d_error_rate", "change of error_rate", -1, 1),
     ObsColumn("d_throttled_over_rate", "change of throttled_over_rate", -20, 20),
     ObsColumn("d_log_rate", "change of log_rate_over_ref (the last action's effect)", -5, 5),
+    ObsColumn("ln_capacity_over_rate", "ln(estimated capacity / refill rate); 0 before any estimate", -5, 5),
+    ObsColumn("d_ln_capacity", "change of ln(estimated capacity) since the last interval", -5, 5),
+    ObsColumn("capacity_age", "intervals since the estimate was refreshed / 6 (1: stale or none)", 0, 1),
     ObsColumn("missing", "1 when any metric of the interval was missing", 0, 1, "{0, 1}"),
     ObsColumn("bias", "constant 1", 1, 1, "{1}"),
 )
@@ -56,6 +65,9 @@ OBS_TABLE = (
     D_ERROR_RATE,
     D_THROTTLED_OVER_RATE,
     D_LOG_RATE,
+    LN_CAPACITY_OVER_RATE,
+    D_LN_CAPACITY,
+    CAPACITY_AGE,
     MISSING,
     BIAS,
 ) = range(len(OBS_TABLE))
@@ -64,7 +76,7 @@ DELTA_OF = [P99_OVER_SLO, ERROR_RATE, THROTTLED_OVER_RATE, LOG_RATE_OVER_REF]  #
 
 OBS_FIELDS = tuple(column.name for column in OBS_TABLE)
 OBS_DIM = len(OBS_FIELDS)
-OBS_SCHEMA = "ratepilot-obs-v1:" + ",".join(OBS_FIELDS)
+OBS_SCHEMA = "ratepilot-obs-v2:" + ",".join(OBS_FIELDS)  # v2: the capacity estimate columns
 OBS_LOW = np.array([column.low for column in OBS_TABLE], dtype=np.float64)
 OBS_HIGH = np.array([column.high for column in OBS_TABLE], dtype=np.float64)
 
@@ -123,11 +135,12 @@ def _as_array(values: object, n: int) -> np.ndarray:
 
 @dataclass
 class ObservationBuilder:
-    """Builds observations interval after interval; it remembers the last features for the deltas."""
+    """Builds observations interval after interval; it remembers the last features (for the deltas) and the capacity estimate."""
 
     slo_ms: np.ndarray
     reference_rate: np.ndarray
     _previous: np.ndarray | None = field(default=None, repr=False)
+    _capacity: capacity.CapacityEstimate | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.slo_ms = np.asarray(self.slo_ms, dtype=np.float64).reshape(-1)
@@ -146,8 +159,9 @@ class ObservationBuilder:
         return int(self.reference_rate.size)
 
     def reset(self) -> None:
-        """Forget the last interval (a new episode, or a restarted controller)."""
+        """Forget the last interval and the capacity estimate (a new episode, or a restarted controller)."""
         self._previous = None
+        self._capacity = None
 
     def build(self, metrics: IntervalMetrics, capacity_tokens: np.ndarray | None = None) -> Observation:
         """Normalise one interval's metrics into an Observation."""
@@ -180,6 +194,17 @@ class ObservationBuilder:
         previous = base if self._previous is None else self._previous
         deltas = base[:, DELTA_OF] - previous[:, DELTA_OF]
         self._previous = base
-        vector = np.concatenate([base, deltas, missing[:, None].astype(np.float64), np.ones((n, 1))], axis=1)
+        estimate = self._capacity_columns(m, rate)
+        vector = np.concatenate([base, deltas, estimate, missing[:, None].astype(np.float64), np.ones((n, 1))], axis=1)
         vector = np.clip(vector, OBS_LOW, OBS_HIGH)
         return Observation(m, self.slo_ms, self.reference_rate, vector, capacity_tokens)
+
+    def _capacity_columns(self, m: IntervalMetrics, rate: np.ndarray) -> np.ndarray:
+        """LN_CAPACITY_OVER_RATE, D_LN_CAPACITY, CAPACITY_AGE after folding this interval into the estimate."""
+        before = capacity.CapacityEstimate.unknown(self.n_tiers) if self._capacity is None else self._capacity
+        after = capacity.update(before, m.admitted_rps, m.cpu, over_slo=m.p99_latency_ms > self.slo_ms)
+        self._capacity = after
+        known = np.isfinite(after.log_capacity)
+        over_rate = np.where(known, after.log_capacity - np.log(rate), 0.0)
+        change = np.where(known & np.isfinite(before.log_capacity), after.log_capacity - before.log_capacity, 0.0)
+        return np.stack([over_rate, change, after.age / capacity.MAX_AGE], axis=1)

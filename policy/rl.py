@@ -34,7 +34,9 @@ from policy.base import ACTION_SPACE, Policy, action_to_rate
 from policy.observation import (
     ADMITTED_OVER_RATE,
     BIAS,
+    CAPACITY_AGE,
     CPU,
+    LN_CAPACITY_OVER_RATE,
     OBS_DIM,
     OBS_FIELDS,
     OBS_SCHEMA,
@@ -45,7 +47,7 @@ from policy.observation import (
 
 FORMAT = "ratepilot-policy"
 FORMAT_VERSION = 1
-FEATURE_SET = "rp-feat-v1"
+FEATURE_SET = "rp-feat-v2"  # v2: the capacity estimate (observation schema v2) and two features derived from it
 RAW_FEATURES = slice(0, BIAS)  # the observation columns the features keep, in place: all but the bias
 FEATURES = (
     *OBS_FIELDS[RAW_FEATURES],  # the bias is added after normalisation
@@ -53,10 +55,19 @@ FEATURES = (
     "ln_cpu",
     "p99_excess",  # max(p99/SLO - 1, 0): how far over the SLO
     "ln1p_throttled_over_rate",
+    "fresh_ln_capacity_over_rate",  # ln(capacity estimate / rate) weighted by its freshness (1 - capacity_age)
+    "capacity_shortfall",  # min(ln(capacity estimate / rate), 0): the rate is above the estimated capacity
 )
 N_FEATURES = len(FEATURES)
 # Columns of the derived features, after the raw ones (FEATURES order)
-LN_ADMITTED_OVER_RATE, LN_CPU, P99_EXCESS, LN1P_THROTTLED_OVER_RATE = range(BIAS, N_FEATURES)
+(
+    LN_ADMITTED_OVER_RATE,
+    LN_CPU,
+    P99_EXCESS,
+    LN1P_THROTTLED_OVER_RATE,
+    FRESH_LN_CAPACITY_OVER_RATE,
+    CAPACITY_SHORTFALL,
+) = range(BIAS, N_FEATURES)
 Z_CLIP = 10.0  # normalised features are clipped to this many standard deviations
 LOG_FLOOR = 0.01  # ratios below this enter the logs as this
 MAX_HIDDEN = 64
@@ -78,6 +89,8 @@ def features(vector: np.ndarray) -> np.ndarray:
     out[..., LN_CPU] = np.log(np.maximum(x[..., CPU], LOG_FLOOR))
     out[..., P99_EXCESS] = np.maximum(x[..., P99_OVER_SLO] - 1.0, 0.0)
     out[..., LN1P_THROTTLED_OVER_RATE] = np.log1p(np.maximum(x[..., THROTTLED_OVER_RATE], 0.0))
+    out[..., FRESH_LN_CAPACITY_OVER_RATE] = x[..., LN_CAPACITY_OVER_RATE] * (1.0 - x[..., CAPACITY_AGE])
+    out[..., CAPACITY_SHORTFALL] = np.minimum(x[..., LN_CAPACITY_OVER_RATE], 0.0)
     return out
 
 

@@ -13,7 +13,7 @@ One iteration (Algorithm 2 of the paper, variant V2-t):
 4. fold the states of this iteration into the running normaliser.
 
 The policy itself (features, normaliser, linear map or tiny MLP) is `policy.rl`; rollouts are
-whatever `RolloutFn` the caller passes (`training.train` steps the simulator's `BatchSim`, all
+whatever `RolloutFn` the caller passes (`training.trainer` steps the simulator's `BatchSim`, all
 2N perturbations x M scenarios in one vectorised batch), so this file has no I/O and is tested on
 toy objectives.
 """
@@ -21,18 +21,9 @@ toy objectives.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.linear_model import Ridge
-from sklearn.neural_network import MLPRegressor
-
-from policy.base import action_to_rate
-from policy.rl import N_FEATURES, Z_CLIP, PolicyNetwork, batch_actions, features, n_params
-from training.metrics import episode_metrics
-from training.scenarios import TRACE_PREFIX, make_episode, scenario_names, train_seeds
-from training.sim import BatchSim, Episode
 
 STD_FLOOR = 1e-6  # features whose spread is below this are only centred, not scaled
 
@@ -48,7 +39,7 @@ class ARSConfig:
     """N: random directions per iteration (2N rollouts batches)"""
     top_directions: int = 4
     """b: best directions used in the update (b <= N)"""
-    step_size: float = 0.02
+    step_size: float = 0.01
     """alpha: step size of the parameter update"""
     noise: float = 0.03
     """nu: standard deviation of the exploration noise added to the parameters"""
@@ -155,252 +146,3 @@ class ARS:
         self.obs_stat.update(states)
         self.iteration += 1
         return stats
-
-
-# -- ARS on the traffic simulator ------------------------------------------------------------------
-
-
-@dataclass
-class Args:
-    """Everything a training run depends on (logged as MLflow params; `ratepilot train --help` lists them)."""
-
-    seed: int = 1
-    """seed of the exploration noise and of the draw of training scenarios"""
-    iterations: int = 400
-    """ARS iterations at most (the time budget may stop the run earlier)"""
-    time_budget_s: float = 560.0
-    """stop ARS after this many seconds of training (0 = no limit)"""
-    n_directions: int = 8
-    """N: random directions per iteration"""
-    top_directions: int = 4
-    """b: best directions used in the update"""
-    step_size: float = 0.01
-    """alpha: ARS step size"""
-    noise: float = 0.03
-    """nu: exploration noise on the parameters"""
-    hidden: int = 0
-    """hidden tanh units of the policy (0 = linear policy, as in the paper)"""
-    episodes_per_iteration: int = 18
-    """M: scenario episodes every perturbation is rolled out on (the same for all: common random numbers)"""
-    episode_steps: int = 120
-    """control intervals (5 s each) per training episode"""
-    trace_share: float = 0.3
-    """share of training episodes cut from the training part of the packaged real traces"""
-    dagger_rounds: int = 4
-    """rounds of DAgger imitation of the oracle that initialise the policy (0 = start from zeros)"""
-    dagger_episodes: int = 36
-    """episodes per DAgger round"""
-    ridge_alpha: float = 1.0
-    """L2 regularisation of the imitation fit (scikit-learn Ridge)"""
-    validation_episodes: int = 36
-    """fixed training-seed episodes that track progress and pick the best parameters"""
-    eval_every: int = 10
-    """iterations between validation runs (and checkpoints)"""
-    suite: str = "default"
-    """scenario suite trained on (plus packaged traces with split='train')"""
-    slo_weight: float = 1.0
-    """objective = goodput_ratio - slo_weight * slo_violation_frac - tracking_weight * rate_tracking_error"""
-    tracking_weight: float = 2.0
-    """weight of the rate tracking error (clipped at 2) in the objective"""
-
-    def ars_config(self) -> ARSConfig:
-        """The ARS hyperparameters of this run (ARSConfig validates them)."""
-        return ARSConfig(self.n_directions, self.top_directions, self.step_size, self.noise)
-
-
-def training_names(args: Args) -> tuple[list[str], list[str]]:
-    """Scenario names trained on: the suite's generators and the packaged traces (training split)."""
-    scenarios = [name for name in scenario_names(args.suite) if not name.startswith(TRACE_PREFIX)]
-    return scenarios, list(scenario_names("traces"))
-
-
-def sample_episodes(args: Args, rng: np.random.Generator, n: int) -> list[Episode]:
-    """n fresh domain-randomised training episodes (training seeds only, traces from their training split)."""
-    scenarios, traces = training_names(args)
-    episodes = []
-    for _ in range(n):
-        use_trace = bool(traces) and rng.random() < args.trace_share
-        name = str(rng.choice(traces if use_trace else scenarios))
-        seed = train_seeds(1, start=int(rng.integers(0, 400_000_000)))[0]
-        episodes.append(make_episode(name, seed, args.episode_steps, split="train"))
-    return episodes
-
-
-def validation_episodes(args: Args) -> list[Episode]:
-    """A fixed set of training-seed episodes (never evaluation seeds) covering every scenario."""
-    scenarios, traces = training_names(args)
-    names = scenarios + traces
-    seeds = train_seeds(args.validation_episodes, start=900_000_000)
-    return [make_episode(names[i % len(names)], seeds[i], args.episode_steps, split="train") for i in range(len(seeds))]
-
-
-@dataclass
-class RolloutResult:
-    """Per parameter vector, means over its episodes: the objective and the harness's metrics."""
-
-    objective: np.ndarray
-    metrics: dict[str, np.ndarray]
-    states: np.ndarray
-
-
-def objective(metrics: dict[str, np.ndarray], args: Args) -> np.ndarray:
-    """What ARS maximises, per world: the evaluation's own metrics (training.metrics) combined."""
-    tracking = np.clip(np.nan_to_num(metrics["rate_tracking_error"], nan=0.0), 0.0, 2.0)
-    return metrics["goodput_ratio"] - args.slo_weight * metrics["slo_violation_frac"] - args.tracking_weight * tracking
-
-
-def rollout(
-    episodes: list[Episode], thetas: np.ndarray, obs_mean: np.ndarray, obs_std: np.ndarray, args: Args
-) -> RolloutResult:
-    """Roll out P parameter vectors (P, n_params) on the same episodes in one BatchSim of P x M worlds.
-
-    The objective is computed per episode from the evaluation's own metrics rather than as the
-    sum of per-interval rewards: an interval's goodput over its bound is noisy when the bound is
-    small (a backlog served after demand fell), and the yardstick is the harness's metrics.
-    """
-    p, m = thetas.shape[0], len(episodes)
-    sim = BatchSim([e for _ in range(p) for e in episodes])  # perturbation-major: world i*M + j
-    obs = sim.reset()
-    states, infos, rewards = [], [], []
-    done = False
-    while not done:
-        feats = features(obs.vector)
-        states.append(feats)
-        actions = batch_actions(thetas, feats.reshape(p, m, -1), obs_mean, obs_std, args.hidden).reshape(-1)
-        obs, reward, done, info = sim.step(action_to_rate(obs.rate, actions))
-        infos.append(info)
-        rewards.append(reward)
-    stacked = {key: np.stack([i[key] for i in infos]) for key in infos[0]}
-    per_world = episode_metrics(stacked, np.stack(rewards))
-    per_world["objective"] = objective(per_world, args)
-    means = {key: np.nanmean(value.reshape(p, m), axis=1) for key, value in per_world.items()}
-    return RolloutResult(means.pop("objective"), means, np.concatenate(states))
-
-
-def fit_imitation(z: np.ndarray, targets: np.ndarray, hidden: int, alpha: float, seed: int) -> np.ndarray:
-    """Flat parameters that regress the oracle's action on normalised features (Ridge or a tiny MLP)."""
-    if hidden == 0:
-        ridge = Ridge(alpha=alpha).fit(z, targets)
-        return np.concatenate([ridge.coef_, [ridge.intercept_]])
-    mlp = MLPRegressor(hidden_layer_sizes=(hidden,), activation="tanh", alpha=alpha * 1e-3, max_iter=300, random_state=seed)
-    mlp.fit(z, targets)
-    w0 = np.vstack([mlp.coefs_[0], mlp.intercepts_[0][None, :]])
-    return np.concatenate([w0.reshape(-1), mlp.coefs_[1][:, 0], mlp.intercepts_[1]])
-
-
-def dagger_init(args: Args, rng: np.random.Generator) -> tuple[np.ndarray, RunningStat]:
-    """DAgger (Ross, Gordon & Bagnell, AISTATS 2011): imitate the oracle's rate, on the states the learner visits.
-
-    Round 0 follows the oracle with random detours (so that states off its path are seen); later
-    rounds follow the current fit. Every state is labelled with the oracle's action
-    log2(optimal rate / rate), and the features also seed ARS's running normaliser.
-    """
-    stat = RunningStat.empty(N_FEATURES)
-    theta = np.zeros(n_params(args.hidden))
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    for round_ in range(args.dagger_rounds):
-        sim = BatchSim(sample_episodes(args, rng, args.dagger_episodes))
-        obs = sim.reset()
-        done = False
-        while not done:
-            feats = features(obs.vector)
-            assert obs.capacity_tokens is not None  # the simulator always knows the optimum
-            xs.append(feats)
-            ys.append(np.clip(np.log2(obs.capacity_tokens / obs.rate), -2.0, 2.0))
-            if round_ == 0:
-                rate = obs.capacity_tokens * 2.0 ** rng.normal(0.0, 0.5, obs.rate.shape)
-            else:
-                rate = action_to_rate(obs.rate, batch_actions(theta[None], feats[None], stat.mean, stat.std, args.hidden)[0])
-            obs, _, done, _ = sim.step(rate)
-        stat.update(np.concatenate(xs[-sim.steps :]))
-        x, y = np.concatenate(xs), np.concatenate(ys)
-        z = np.clip((x - stat.mean) / stat.std, -Z_CLIP, Z_CLIP)
-        theta = fit_imitation(z, y, args.hidden, args.ridge_alpha, args.seed)
-    return theta, stat
-
-
-@dataclass
-class Trainer:
-    """A resumable ARS training run: the algorithm state, the best parameters so far and the learning curve."""
-
-    args: Args
-    ars: ARS
-    best: dict[str, Any] = field(default_factory=dict)
-    curve: list[dict[str, float]] = field(default_factory=list)
-    elapsed_s: float = 0.0
-    env_steps: int = 0
-
-    @classmethod
-    def start(cls, args: Args) -> Trainer:
-        """A new run: DAgger initialisation (or zeros), then ready for ARS iterations."""
-        rng = np.random.default_rng(args.seed)
-        config = args.ars_config()
-        if args.dagger_rounds > 0:
-            theta, stat = dagger_init(args, rng)
-        else:
-            theta, stat = np.zeros(n_params(args.hidden)), RunningStat.empty(N_FEATURES)
-        return cls(args, ARS(theta, stat, config, rng))
-
-    def validate(self) -> dict[str, float]:
-        """Score the current parameters on the fixed validation episodes; remember them if they are the best."""
-        stat = self.ars.obs_stat
-        result = rollout(validation_episodes(self.args), self.ars.theta[None], stat.mean, stat.std, self.args)
-        scores = {"objective": float(result.objective[0])} | {k: float(v[0]) for k, v in result.metrics.items()}
-        if not self.best or scores["objective"] > self.best["objective"]:
-            self.best = {**scores, "iteration": self.ars.iteration, "theta": self.ars.theta.copy(),
-                         "obs_mean": stat.mean.copy(), "obs_std": stat.std.copy()}
-        return scores
-
-    def iterate(self) -> IterationStats:
-        """One ARS iteration on M fresh training episodes."""
-        episodes = sample_episodes(self.args, self.ars.rng, self.args.episodes_per_iteration)
-
-        def run(thetas: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            result = rollout(episodes, thetas, mean, std, self.args)
-            return result.objective, result.states
-
-        stats = self.ars.iterate(run)
-        self.env_steps += 2 * self.args.n_directions * len(episodes) * self.args.episode_steps
-        return stats
-
-    def best_network(self) -> PolicyNetwork:
-        """The best validated parameters with the normaliser they were validated with."""
-        if not self.best:
-            self.validate()
-        return PolicyNetwork(self.best["theta"], self.best["obs_mean"], self.best["obs_std"], self.args.hidden)
-
-    # -- checkpoints: one JSON document, everything needed to continue exactly -------------------
-    def state(self) -> dict[str, Any]:
-        """JSON-serialisable state of the run."""
-        best = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.best.items()}
-        return {
-            "args": asdict(self.args),
-            "theta": self.ars.theta.tolist(),
-            "iteration": self.ars.iteration,
-            "obs_stat": {"count": self.ars.obs_stat.count, "mean": self.ars.obs_stat.mean.tolist(), "m2": self.ars.obs_stat.m2.tolist()},
-            "rng": self.ars.rng.bit_generator.state,
-            "best": best,
-            "curve": self.curve,
-            "elapsed_s": self.elapsed_s,
-            "env_steps": self.env_steps,
-        }
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Trainer:
-        """Continue a run from `state()`; ValueError if it does not fit this code."""
-        try:
-            args = Args(**state["args"])
-            rng = np.random.default_rng()
-            rng.bit_generator.state = state["rng"]
-            s = state["obs_stat"]
-            stat = RunningStat(float(s["count"]), np.array(s["mean"], dtype=np.float64), np.array(s["m2"], dtype=np.float64))
-            theta = np.array(state["theta"], dtype=np.float64)
-            if theta.shape != (n_params(args.hidden),) or stat.mean.shape != (N_FEATURES,):
-                raise ValueError("parameter shapes do not match this policy architecture")
-            config = args.ars_config()
-            best = {k: (np.array(v) if k in ("theta", "obs_mean", "obs_std") else v) for k, v in state["best"].items()}
-            return cls(args, ARS(theta, stat, config, rng, int(state["iteration"])), best, list(state["curve"]),
-                       float(state["elapsed_s"]), int(state["env_steps"]))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"not a training checkpoint ({exc})") from None

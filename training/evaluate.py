@@ -262,6 +262,47 @@ def goodput_table(report: dict[str, Any]) -> Table:
     return table
 
 
+BASELINES = ("static", "threshold", "aimd", "gradient", "pid")
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def scenario_markdown(report: dict[str, Any], previous: dict[str, Any] | None = None, label: str = "previous") -> str:
+    """Scenario-by-scenario Markdown table of a public report (`public_report`'s JSON shape).
+
+    Per scenario: rl's goodput_ratio, SLO-violating share and tracking error, the best baseline's
+    goodput (and which), the oracle's, and rl against the targets of issue 18 (goodput >= 0.95x
+    the oracle's; no baseline ahead by more than 0.01). With `previous` (the same suite evaluated
+    with another rl model, named `label` in the header) its rl goodput and tracking error are shown beside.
+    """
+    head = "| scenario | rl goodput | rl SLO-viol. | rl tracking |"
+    head += f" {label} rl goodput | {label} rl tracking |" if previous else ""
+    head += " best baseline goodput | oracle goodput (SLO-viol.) | rl / oracle | baseline ahead by > 0.01 |"
+    lines = [head, "|" + "---|" * head.count(" |")]
+    before = {s["name"]: s["results"]["rl"] for s in previous["scenarios"]} if previous else {}
+    rows = [*report["scenarios"], {"name": "**mean**", "results": report["summary"]}]
+    for scenario in rows:
+        r = scenario["results"]
+        rl, oracle = r["rl"], r["oracle"]
+        present = [b for b in BASELINES if b in r]
+        best = max(present, key=lambda b: r[b]["goodput_ratio"] or 0.0) if present else None
+        cells = [scenario["name"], _cell(rl["goodput_ratio"]), _cell(rl["slo_violation_frac"]), _cell(rl["rate_tracking_error"])]
+        if previous:
+            old = before.get(scenario["name"], previous["summary"]["rl"] if scenario["name"] == "**mean**" else None)
+            cells += [_cell(old["goodput_ratio"]), _cell(old["rate_tracking_error"])] if old else ["-", "-"]
+        best_goodput = r[best]["goodput_ratio"] if best else None
+        cells.append(f"{_cell(best_goodput)} ({best})" if best else "-")
+        cells.append(f"{_cell(oracle['goodput_ratio'])} ({_cell(oracle['slo_violation_frac'])})")
+        ratio = rl["goodput_ratio"] / oracle["goodput_ratio"] if oracle["goodput_ratio"] else None
+        cells.append(_cell(ratio))
+        ahead = best_goodput is not None and best_goodput - rl["goodput_ratio"] > 0.01
+        cells.append(f"yes: +{best_goodput - rl['goodput_ratio']:.3f}" if ahead else "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `ratepilot evaluate`."""
     parser = argparse.ArgumentParser(prog="ratepilot evaluate", description=__doc__.splitlines()[0])
@@ -275,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the report here")
     parser.add_argument("--plots", default=None, metavar="DIR", help="PNG per scenario (default: OUT's folder/<OUT stem>_plots)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    parser.add_argument("--markdown", default=None, metavar="MD", help="also write the scenario-by-scenario Markdown table here (needs rl and oracle)")
     return parser
 
 
@@ -309,7 +351,7 @@ def main(argv: list[str]) -> int:
             elif args.json_out:
                 out = Path(args.json_out)
                 plots = out.parent / f"{out.stem}_plots"
-        check_outputs(files={"--json": args.json_out}, dirs={"--plots": plots})  # before any work
+        check_outputs(files={"--json": args.json_out, "--markdown": args.markdown}, dirs={"--plots": plots})  # before any work
         names = [n.strip() for n in args.policies.split(",") if n.strip()]
         if not names:
             raise ValueError("--policies is empty")
@@ -322,6 +364,8 @@ def main(argv: list[str]) -> int:
         if suite is not None:
             scenario_names(suite)
         specs = _policy_specs(names, args.model)
+        if args.markdown and not {"rl", "oracle"} <= set(names):
+            raise ValueError("--markdown needs the policies rl and oracle")
         report = evaluate(
             specs, suite=suite, seeds=args.seeds, traces=args.trace, steps=args.steps,
             randomize=not args.nominal, plots_dir=plots, progress=True,
@@ -337,6 +381,11 @@ def main(argv: list[str]) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(public_report(report), indent=2) + "\n")
         console.print(f"report: {out}" + (f", plots: {plots}/" if plots else ""))
+    if args.markdown:
+        md = Path(args.markdown)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(scenario_markdown(public_report(report)))
+        console.print(f"scenario table: {md}")
     return 0
 
 

@@ -9,7 +9,15 @@ Hold-out rules for training vs evaluation:
 * seeds: evaluation uses seeds 0, 1, 2, ...; training must draw its seeds from
   `TRAIN_SEED_OFFSET` upwards (`train_seeds(n)`), so no evaluated world was seen in training;
 * traces: `trace:NAME` cuts its window from the first `TRAIN_SHARE` of a packaged trace with
-  split="train" and from the rest with split="eval" (the default and what suite `traces` uses).
+  split="train" and from the rest with split="eval" (the default and what suite `traces` uses);
+* shapes: suite `unseen` (`training.unseen`, written apart from these generators, with other shapes
+  and parameters) is never trained on; it measures how the policy does in worlds nobody listed here.
+
+The library (suite `default`, what training samples) covers demand shapes (steady, diurnal, flash
+crowd, agent bursts and agent-like clients, retry storm, heavy mix, autoscaling lag) and capacity
+that steps, flaps and drifts at time scales from seconds to minutes, partial outages of a share of
+the fleet, capacity cuts that coincide with demand peaks, and `mixed_world`, any demand shape times
+any capacity dynamics, every parameter drawn broadly.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ import numpy as np
 
 from training.sim import INTERVAL_S, Episode, WorldParams, mean_cost
 from training.traces import PACKAGED_TRACES, TRAIN_SHARE, Trace, packaged_trace
+from training.unseen import UNSEEN
 
 DEFAULT_STEPS = 120  # control intervals per episode (10 minutes)
 TRAIN_SEED_OFFSET = 1_000_000  # training seeds start here; evaluation seeds are small numbers
 TRACE_PREFIX = "trace:"
 MAX_TRACE_STEPS = 720  # a trace file longer than an hour is cut to its first hour
+TRACE_CAPACITY_SHARE = 0.5  # training windows of the packaged traces that also get a changing capacity
 
 Profile = tuple[np.ndarray, np.ndarray, np.ndarray]  # load (x capacity), capacity factor, heavy share
 Generator = Callable[[np.random.Generator, int, bool], tuple[Profile, dict[str, object]]]
@@ -175,6 +185,101 @@ def autoscaling_lag(rng: np.random.Generator, seconds: int, randomize: bool) -> 
     return (load, _flat(seconds, 1.0), _flat(seconds, _heavy0(rng, randomize))), overrides
 
 
+# -- capacity dynamics at many time scales (issue 18): the backend changes while the policy runs -------
+def _dwell_times(rng: np.random.Generator, seconds: int, lo_s: float, hi_s: float) -> np.ndarray:
+    """Change points: gaps drawn log-uniform in [lo_s, hi_s] seconds, from 0 to the end."""
+    gaps = np.exp(rng.uniform(np.log(lo_s), np.log(hi_s), size=seconds // int(lo_s) + 2)).astype(int) + 1
+    points = np.cumsum(gaps)
+    return points[points < seconds]
+
+
+def _piecewise(rng: np.random.Generator, seconds: int, points: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """A level per segment between change points, drawn uniformly in [lo, hi]."""
+    levels = rng.uniform(lo, hi, size=points.size + 1)
+    return levels[np.searchsorted(points, np.arange(seconds), side="right")]
+
+
+def _demand_shape(rng: np.random.Generator, seconds: int) -> np.ndarray:
+    """A random demand (x capacity): steady, ramps, bursts or peaks, at a random mean load."""
+    kind = int(rng.integers(0, 4))
+    t = np.arange(seconds)
+    if kind == 0:
+        load = _flat(seconds, 1.0)
+    elif kind == 1:
+        load = 1.0 + rng.uniform(-0.5, 0.8) * np.clip((t - rng.uniform(0, seconds)) / rng.uniform(20, 200), 0, 1)
+    elif kind == 2:
+        load = _piecewise(rng, seconds, _dwell_times(rng, seconds, 3.0, 60.0), 0.4, 2.0)
+    else:
+        load = 1.0 + rng.uniform(0.5, 2.5) * np.exp(-(((t - rng.uniform(0, seconds)) / rng.uniform(5, 60)) ** 2))
+    return rng.uniform(0.4, 1.3) * load * _wiggle(rng, seconds, sigma=rng.uniform(0.02, 0.2), tau_s=rng.uniform(2, 30))
+
+
+def capacity_steps(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """Capacity jumps between levels (0.25-1.3x) that last from a few seconds to minutes."""
+    lo_s = float(np.exp(rng.uniform(np.log(3.0), np.log(60.0))))
+    capacity = _piecewise(rng, seconds, _dwell_times(rng, seconds, lo_s, 8 * lo_s), 0.25, 1.3)
+    return (_demand_shape(rng, seconds), capacity, _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def capacity_flaps(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """Capacity flaps between two levels with a period of 4 s to 3 min and a random duty cycle."""
+    period = float(np.exp(rng.uniform(np.log(4.0), np.log(180.0))))
+    low, duty = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)
+    phase = (np.arange(seconds) / period + rng.uniform(0, 1)) % 1.0
+    capacity = np.where(phase < duty, low, rng.uniform(0.9, 1.2))
+    return (_demand_shape(rng, seconds), capacity, _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def capacity_drift(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """Capacity wanders (log-normal AR(1), sigma 0.15-0.6) with a correlation time of 3 s to 5 min."""
+    tau = float(np.exp(rng.uniform(np.log(3.0), np.log(300.0))))
+    capacity = np.clip(_wiggle(rng, seconds, sigma=rng.uniform(0.15, 0.6), tau_s=tau) * rng.uniform(0.7, 1.1), 0.15, 2.0)
+    return (_demand_shape(rng, seconds), capacity, _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def partial_outage(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """A fleet of 2-12 replicas loses some of them, one incident after another (each 5 s to 4 min)."""
+    replicas = int(rng.integers(2, 13))
+    alive = np.full(seconds, float(replicas))
+    for _ in range(int(rng.integers(1, 5))):
+        at, length = int(rng.uniform(0, seconds)), int(np.exp(rng.uniform(np.log(5.0), np.log(240.0))))
+        alive[at : at + length] -= int(rng.integers(1, replicas))
+    capacity = np.clip(alive / replicas, 0.1, None)  # a whole-fleet outage still leaves a trickle (a fallback)
+    return (_demand_shape(rng, seconds), capacity, _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def peak_with_cut(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """Demand peaks (1.3-3x for 10-120 s) and the capacity falls (to 0.3-0.8) within seconds of each peak."""
+    load = rng.uniform(0.4, 0.9) * _wiggle(rng, seconds)
+    capacity = _flat(seconds, 1.0)
+    for _ in range(int(rng.integers(1, 4))):
+        at, length = int(rng.uniform(0, 0.9) * seconds), int(rng.uniform(10, 120))
+        load[at : at + length] *= rng.uniform(1.3, 3.0)
+        cut_at = max(0, at + int(rng.uniform(-10, 20)))
+        capacity[cut_at : cut_at + int(rng.uniform(10, 150))] *= rng.uniform(0.3, 0.8)
+    return (load, capacity, _flat(seconds, _heavy0(rng, randomize))), {}
+
+
+def agent_clients(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """Many agent-like clients, each on for a heavy-tailed while at a high rate, heavier requests; capacity may step."""
+    load = rng.uniform(0.1, 0.4) * _wiggle(rng, seconds)
+    for _ in range(int(rng.integers(5, 60))):
+        at, length = int(rng.uniform(0, seconds)), int(min(rng.pareto(1.5) * 3 + 1, 120))
+        load[at : at + length] += rng.uniform(0.05, 1.0) * rng.uniform(0.5, 1.5, size=len(load[at : at + length]))
+    heavy = np.clip(_heavy0(rng, randomize) + rng.uniform(0, 0.3) * (load > np.median(load)), 0.0, 0.8)
+    capacity = _piecewise(rng, seconds, _dwell_times(rng, seconds, 20.0, 200.0), 0.5, 1.1) if rng.random() < 0.5 else _flat(seconds, 1.0)
+    overrides: dict[str, object] = {"retry_p_throttled": float(rng.uniform(0.5, 0.95)), "retry_delay_s": float(rng.uniform(0.2, 2.0))}
+    return (load, capacity, heavy), overrides
+
+
+def mixed_world(rng: np.random.Generator, seconds: int, randomize: bool) -> tuple[Profile, dict[str, object]]:
+    """Any library demand times any capacity dynamics above: the combinations nobody listed."""
+    (load, _, heavy), overrides = DEMAND_SHAPES[int(rng.integers(0, len(DEMAND_SHAPES)))](rng, seconds, randomize)
+    (_, capacity, _), _ = CAPACITY_SHAPES[int(rng.integers(0, len(CAPACITY_SHAPES)))](rng, seconds, randomize)
+    overrides.pop("autoscale", None)
+    return (load, capacity, heavy), overrides
+
+
 SCENARIOS: dict[str, Generator] = {
     "steady": steady,
     "diurnal": diurnal,
@@ -185,12 +290,24 @@ SCENARIOS: dict[str, Generator] = {
     "retry_storm": retry_storm,
     "heavy_mix": heavy_mix,
     "autoscaling_lag": autoscaling_lag,
+    "capacity_steps": capacity_steps,
+    "capacity_flaps": capacity_flaps,
+    "capacity_drift": capacity_drift,
+    "partial_outage": partial_outage,
+    "peak_with_cut": peak_with_cut,
+    "agent_clients": agent_clients,
+    "mixed_world": mixed_world,
 }
+DEMAND_SHAPES: tuple[Generator, ...] = (steady, diurnal, flash_crowd, agent_bursts, retry_storm, heavy_mix)
+CAPACITY_SHAPES: tuple[Generator, ...] = (capacity_steps, capacity_flaps, capacity_drift, partial_outage, slow_degradation)
+GENERATORS: dict[str, Generator] = SCENARIOS | UNSEEN  # everything make_episode knows; training uses SCENARIOS only
 SUITES: dict[str, tuple[str, ...]] = {
     "default": tuple(SCENARIOS),
     "traces": tuple(TRACE_PREFIX + name for name in PACKAGED_TRACES),
+    "unseen": tuple(UNSEEN),
 }
 SUITES["all"] = SUITES["default"] + SUITES["traces"]
+TRAINABLE_SUITES = ("default", "traces", "all")  # `unseen` measures generalisation: never trained on
 
 
 def train_seeds(n: int, start: int = 0) -> list[int]:
@@ -229,9 +346,9 @@ def make_episode(
     params = sample_params(rng, randomize)
     if name.startswith(TRACE_PREFIX):
         return _packaged_trace_episode(name, seed, rng, params, seconds, randomize, split)
-    if name not in SCENARIOS:
-        raise KeyError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)} or trace:NAME")
-    (load, capacity, heavy), overrides = SCENARIOS[name](rng, seconds, randomize)
+    if name not in GENERATORS:
+        raise KeyError(f"unknown scenario {name!r}; choose from {', '.join(GENERATORS)} or trace:NAME")
+    (load, capacity, heavy), overrides = GENERATORS[name](rng, seconds, randomize)
     request_heavy = overrides.pop("_requests_fixed_at", None)
     params = replace(params, **overrides) if overrides else params  # type: ignore[arg-type]
     return _episode(name, seed, params, load, capacity, heavy, request_heavy)  # type: ignore[arg-type]
@@ -275,7 +392,10 @@ def _packaged_trace_episode(
     peak = float(rng.uniform(1.1, 2.0)) if randomize else 1.5
     per_request = mean_cost(heavy, params.heavy_cost)
     demand = _rescaled(demand, params.capacity_tokens, per_request, peak)
-    return Episode(name, int(seed), params, demand, _flat(seconds, 1.0), heavy, (start, start + seconds))
+    capacity = _flat(seconds, 1.0)
+    if split == "train" and randomize and rng.random() < TRACE_CAPACITY_SHARE:  # drawn last: eval windows unchanged
+        (_, capacity, _), _ = CAPACITY_SHAPES[int(rng.integers(0, len(CAPACITY_SHAPES)))](rng, seconds, randomize)
+    return Episode(name, int(seed), params, demand, capacity, heavy, (start, start + seconds))
 
 
 def trace_episode(
@@ -309,6 +429,6 @@ def describe(names: Sequence[str]) -> dict[str, str]:
     """One line per scenario name (the generator's docstring)."""
     out = {}
     for name in names:
-        gen = SCENARIOS.get(name)
+        gen = GENERATORS.get(name)
         out[name] = (gen.__doc__ or "").strip() if gen else f"a held-out window of the packaged trace {name}"
     return out

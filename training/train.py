@@ -5,8 +5,8 @@
     ratepilot train --resume runs/NAME/checkpoint.json
 
 Steps: DAgger imitation of the oracle initialises a linear policy over normalised observation
-features; ARS V2-t (training/ars.py) improves it on fresh domain-randomised episodes of the whole
-scenario library and the training part of the real traces; the best parameters on fixed
+features; ARS V2-t (`training/ars.py`, run on the simulator by `training/trainer.py`) improves it
+on fresh domain-randomised episodes of the whole scenario library and the training part of the real traces; the best parameters on fixed
 validation episodes (training seeds) become the policy. It is then evaluated by the harness
 against every baseline on held-out evaluation seeds (and on the held-out part of the traces),
 and everything is logged to MLflow: params, learning curve, evaluation tables, plots, the
@@ -34,22 +34,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from limiter.paths import check_outputs
 from policy.observation import OBS_SCHEMA
 from policy.rl import DEFAULT_MODEL_PATH, RLPolicy, make_meta, save
-from training.ars import Args, Trainer
+from training.trainer import Args, Trainer
 
 ENV_ID = "ratepilot/Traffic-v0"
 ALGORITHM = "ars"
 BASELINES = ("static", "threshold", "aimd", "gradient", "pid", "oracle")
-POLICY_VERSION = 2  # 2: trained for the asymmetric action space (cut 4x, raise 2x); bump when the meaning of the artifact's weights changes
+POLICY_VERSION = 3  # 2: the asymmetric action space (cut 4x, raise 2x); 3: the capacity estimate features (obs v2); bump when the meaning of the weights changes
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstrings under the fields of a dataclass (CleanRL style), by field name."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """The one-line docstrings under the fields of a dataclass and its dataclass bases (CleanRL style), by field name."""
     docs = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = str(after.value.value)  # type: ignore[union-attr]
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        for node, after in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                docs[node.target.id] = str(after.value.value)  # type: ignore[union-attr]
     return docs
 
 
@@ -85,6 +85,13 @@ def args_from(ns: argparse.Namespace) -> Args:
         "dagger_episodes": args.dagger_episodes >= 1, "validation_episodes": args.validation_episodes >= 1,
         "eval_every": args.eval_every >= 1, "ridge_alpha": args.ridge_alpha > 0,
     }  # fmt: skip
+    from training.scenarios import TRAINABLE_SUITES
+
+    if args.suite not in TRAINABLE_SUITES:
+        raise ValueError(f"--suite {args.suite!r} is not trained on (it measures generalisation); choose from {', '.join(TRAINABLE_SUITES)}")
+    checks["curriculum"] = 0 <= args.curriculum <= 1
+    if args.init_model and not Path(args.init_model).is_file():
+        raise ValueError(f"--init-model {args.init_model}: no such file")
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
         raise ValueError(f"invalid value for --{bad[0].replace('_', '-')}: {getattr(args, bad[0])!r}")
@@ -263,7 +270,11 @@ def main(argv: list[str]) -> int:
             "run_id": mlflow_run.info.run_id if mlflow_run else None,
             "validation": {k: v for k, v in trainer.best.items() if isinstance(v, float)},
         }  # fmt: skip
-        meta = make_meta(network, "ARS-V2t (Mania et al. 2018), DAgger-initialised", training_info)
+        if args.init_model:  # provenance: what the carried-over weights were trained as
+            with np.load(args.init_model, allow_pickle=False) as data:
+                training_info["init_model"] = {"path": args.init_model, "meta": json.loads(str(data["meta"]))}
+        start = f"warm-started from {Path(args.init_model).name}" if args.init_model else "DAgger-initialised"
+        meta = make_meta(network, f"ARS-V2t (Mania et al. 2018), {start}", training_info)
         meta["version"] = POLICY_VERSION
         policy = RLPolicy(network, meta)
         out = save(policy, ns.out)

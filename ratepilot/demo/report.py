@@ -15,6 +15,8 @@ from ratepilot.demo.summary import RunSummary, per_second
 
 COLUMNS = (
     ("goodput within SLO", "goodput_rps", "{:.1f} req/s"),
+    ("upper bound: mean min(demand, capacity)", "upper_bound_rps", "{:.1f} req/s"),
+    ("goodput / upper bound", "goodput_ratio", "{:.3f}"),
     ("p99 latency", "p99_latency_ms", "{:.0f} ms"),
     ("throttled", "throttle_frac", "{:.1%}"),
     ("errors", "error_frac", "{:.2%}"),

@@ -20,7 +20,7 @@ from rich.console import Console
 from ratepilot.demo.loadgen import LoadGenerator, RequestPlan, RunRecord
 from ratepilot.demo.schedule import LoadSchedule
 from ratepilot.demo.stack import KEY_PREFIX, TIER, Stack, StackSettings, static_rates
-from ratepilot.demo.summary import RunSummary, summarize, window_stats
+from ratepilot.demo.summary import RunSummary, summarize, upper_bound_rps, window_stats
 from ratepilot.demo.supervisor import Supervisor
 from ratepilot.demo.view import LiveView, Sample
 
@@ -177,5 +177,6 @@ def play(
         stack.start()
         with LiveView(console, f"ratepilot demo: {mode} run") as view:
             record, samples = asyncio.run(_drive(stack, supervisor, schedule, arrivals, view, settings.slo_ms, plan))
-    summary = summarize(record, float(schedule.duration_s), settings.slo_ms, ERROR_BUDGET)
+    bound = upper_bound_rps(schedule.demand_rps, schedule.capacity_rps)
+    summary = summarize(record, float(schedule.duration_s), settings.slo_ms, ERROR_BUDGET, bound)
     return RunResult(mode, record, summary, samples, workdir)

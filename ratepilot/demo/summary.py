@@ -6,11 +6,16 @@ Client-side definitions (what the callers of the API experienced):
 * p99_latency_ms: p99 latency of the admitted requests (not throttled), from the scheduled send time;
 * throttle_frac: share of requests answered 429; error_frac: share that got a 5xx, another 4xx or no answer;
 * slo_violation_frac: share of control intervals whose p99 exceeded the SLO or whose error share
-  exceeded the error budget.
+  exceeded the error budget;
+* upper_bound_rps: mean over the run's seconds of min(scheduled demand, backend capacity), the most
+  any limiter could have served within SLO (the simulator's `goodput_ratio` bound, `training.metrics`);
+* goodput_ratio: goodput_rps / upper_bound_rps, so the real loop and `ratepilot evaluate` are
+  compared on the same measure (NaN when the bound is unknown or zero).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,10 +38,25 @@ class RunSummary:
     requests: int
     duration_s: float
     generator_lag_p99_ms: float
+    upper_bound_rps: float
+    goodput_ratio: float
 
-    def to_dict(self) -> dict[str, float]:
-        """Plain floats and ints for JSON."""
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+    def to_dict(self) -> dict[str, float | None]:
+        """Plain floats and ints for JSON (NaN, which JSON lacks, as null)."""
+        out: dict[str, float | None] = {}
+        for key, value in asdict(self).items():
+            out[key] = (None if math.isnan(value) else round(value, 6)) if isinstance(value, float) else value
+        return out
+
+
+def upper_bound_rps(demand_rps: np.ndarray, capacity_rps: np.ndarray) -> float:
+    """Mean of min(demand, capacity) over the seconds of a schedule, in requests/s."""
+    demand, capacity = np.asarray(demand_rps, dtype=float), np.asarray(capacity_rps, dtype=float)
+    if demand.shape != capacity.shape or demand.size == 0:
+        raise ValueError(f"demand and capacity must be non-empty and of one length, got {demand.shape} and {capacity.shape}")
+    if not (np.all(np.isfinite(demand)) and np.all(np.isfinite(capacity))) or demand.min() < 0 or capacity.min() < 0:
+        raise ValueError("demand and capacity must be finite and >= 0")
+    return float(np.minimum(demand, capacity).mean())
 
 
 def outcome_masks(status: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,10 +71,14 @@ def _p99_ms(latency_s: np.ndarray) -> float:
     return float(np.percentile(latency_s, 99) * 1000) if latency_s.size else float("nan")
 
 
-def summarize(record: RunRecord, duration_s: float, slo_ms: float, error_budget: float) -> RunSummary:
-    """The comparison metrics of one run."""
+def summarize(
+    record: RunRecord, duration_s: float, slo_ms: float, error_budget: float, upper_bound: float = float("nan")
+) -> RunSummary:
+    """The comparison metrics of one run; `upper_bound` is the schedule's `upper_bound_rps` (NaN: unknown)."""
     if not duration_s > 0:
         raise ValueError("duration_s must be positive")
+    if upper_bound < 0:
+        raise ValueError(f"upper_bound must be >= 0, got {upper_bound}")
     n = record.offsets_s.size
     ok, throttled, error = outcome_masks(record.status)
     never_answered = record.status < 0  # still in flight when the run ended: counts as an error
@@ -74,8 +98,9 @@ def summarize(record: RunRecord, duration_s: float, slo_ms: float, error_budget:
         if (p99 > slo_ms) or (error[in_k].sum() / sent > error_budget):
             violations += 1
     lag = record.lag_s[np.isfinite(record.lag_s)]
+    goodput_rps = float(good.sum() / duration_s)
     return RunSummary(
-        goodput_rps=float(good.sum() / duration_s),
+        goodput_rps=goodput_rps,
         p99_latency_ms=_p99_ms(latency[admitted]),
         throttle_frac=float(throttled.sum() / n) if n else 0.0,
         error_frac=float(error.sum() / n) if n else 0.0,
@@ -83,6 +108,8 @@ def summarize(record: RunRecord, duration_s: float, slo_ms: float, error_budget:
         requests=n,
         duration_s=float(duration_s),
         generator_lag_p99_ms=_p99_ms(lag),
+        upper_bound_rps=float(upper_bound),
+        goodput_ratio=goodput_rps / upper_bound if upper_bound > 0 else float("nan"),
     )
 
 

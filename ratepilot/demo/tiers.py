@@ -65,12 +65,12 @@ class TierReport:
     served_within_slo: float  # share of its requests, whole run
     served_within_slo_cut: float  # share of its requests during the lowest-capacity phase
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | None]:
         """Plain numbers for JSON (NaN as None)."""
-        out: dict[str, float] = self.summary.to_dict()
+        out = self.summary.to_dict()
         out["served_within_slo"] = round(self.served_within_slo, 6)
         out["served_within_slo_cut"] = round(self.served_within_slo_cut, 6)
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}  # type: ignore[misc]
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
 def tier_reports(

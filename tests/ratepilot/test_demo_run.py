@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from policy.rl import DEFAULT_MODEL_PATH
 
 METRICS = ("goodput_rps", "p99_latency_ms", "throttle_frac", "error_frac", "slo_violation_frac")
@@ -70,6 +72,9 @@ def test_short_demo_runs_the_closed_loop_and_stops_everything(tmp_path: Path) ->
     assert 0 < adaptive["goodput_rps"] <= 10 * 0.5 * 60  # at most the peak demand
     assert 0 <= adaptive["throttle_frac"] <= 1 and 0 <= adaptive["error_frac"] <= 1
     assert adaptive["throttle_frac"] > 0  # a 10x flash crowd over a rate at capacity must be throttled
+    # default scenario at scale 0.5: min(demand, capacity) is 30, 50, 25 and 30 req/s over 20/20/30/30 % of the run
+    assert adaptive["upper_bound_rps"] == pytest.approx(0.5 * (0.2 * 60 + 0.2 * 100 + 0.3 * 50 + 0.3 * 60))
+    assert adaptive["goodput_ratio"] == pytest.approx(adaptive["goodput_rps"] / adaptive["upper_bound_rps"], rel=1e-4)
     png = Path(data["meta"]["plot"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot: {png}" in result.stdout

@@ -84,7 +84,7 @@ def test_ars_learns_a_linear_policy_on_badly_scaled_states_thanks_to_the_normali
 @pytest.mark.parametrize("hidden", [0, 6])
 def test_fit_imitation_regresses_the_target_for_linear_and_mlp_policies(hidden: int) -> None:
     from policy.rl import N_FEATURES, batch_actions, n_params
-    from training.ars import fit_imitation
+    from training.trainer import fit_imitation
 
     rng = np.random.default_rng(3)
     z = rng.normal(size=(400, N_FEATURES))

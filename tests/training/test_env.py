@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from policy.observation import obs_table_markdown
+from policy.observation import OBS_DIM, obs_table_markdown
 from training import ENV_ID, EPISODE_STEPS
 from training.env import TrafficEnv
 from training.scenarios import DEFAULT_STEPS
@@ -34,7 +34,7 @@ def test_import_training_registers_the_env_as_a_plugin_package_does() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["TrafficEnv", str(DEFAULT_STEPS), "(12,)"]
+    assert done.stdout.split() == ["TrafficEnv", str(DEFAULT_STEPS), f"({OBS_DIM},)"]
     assert EPISODE_STEPS == DEFAULT_STEPS
 
 

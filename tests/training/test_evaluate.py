@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from policy.registry import POLICIES, make_policy
-from training.evaluate import STATIC_TUNED, evaluate, main, public_report
+from training.evaluate import STATIC_TUNED, evaluate, main, public_report, scenario_markdown
 from training.metrics import METRICS
 from training.scenarios import SUITES
 
@@ -97,3 +97,34 @@ def test_rl_without_a_registry_entry_is_a_clear_error(monkeypatch: pytest.Monkey
     assert main(["--policies", "rl,aimd", "--seeds", "1", "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "ratepilot evaluate: policy 'rl' is not available yet (policy/registry.py has no 'rl' entry)"
+
+
+def _row(goodput: float, slo: float = 0.0, tracking: float | None = 0.1) -> dict[str, float | None]:
+    return {"goodput_ratio": goodput, "slo_violation_frac": slo, "rate_tracking_error": tracking}
+
+
+def test_scenario_markdown_marks_where_a_baseline_is_ahead_and_shows_the_previous_model() -> None:
+    new = {
+        "scenarios": [
+            {"name": "calm", "results": {"rl": _row(0.95), "aimd": _row(0.90), "pid": _row(0.80), "oracle": _row(0.97)}},
+            {"name": "storm", "results": {"rl": _row(0.70, 0.2, None), "aimd": _row(0.75), "pid": _row(0.60), "oracle": _row(0.90)}},
+        ],
+        "summary": {"rl": _row(0.825), "aimd": _row(0.825), "pid": _row(0.70), "oracle": _row(0.935)},
+    }
+    old = {"scenarios": [{"name": "calm", "results": {"rl": _row(0.5, tracking=0.4)}}], "summary": {"rl": _row(0.6, tracking=0.3)}}
+    lines = scenario_markdown(new, old).splitlines()
+    assert lines[0].count("|") == 11 and lines[1] == "|" + "---|" * 10
+    assert lines[2] == "| calm | 0.950 | 0.000 | 0.100 | 0.500 | 0.400 | 0.900 (aimd) | 0.970 (0.000) | 0.979 | no |"
+    assert lines[3] == "| storm | 0.700 | 0.200 | - | - | - | 0.750 (aimd) | 0.900 (0.000) | 0.778 | yes: +0.050 |"
+    assert lines[4] == "| **mean** | 0.825 | 0.000 | 0.100 | 0.600 | 0.300 | 0.825 (aimd) | 0.935 (0.000) | 0.882 | no |"
+    assert len(scenario_markdown(new).splitlines()[0].split("|")) == 10  # without a previous model: two columns fewer
+    assert "| candidate rl goodput | candidate rl tracking |" in scenario_markdown(new, old, label="candidate")
+
+
+def test_cli_writes_the_markdown_table_and_needs_rl_and_oracle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    md = tmp_path / "table.md"
+    assert main(["--suite", "unseen", "--policies", "aimd", "--seeds", "1", "--markdown", str(md)]) == 2
+    assert "--markdown needs the policies rl and oracle" in capsys.readouterr().err and not md.exists()
+    assert main(["--suite", "unseen", "--policies", "rl,aimd,oracle", "--seeds", "1", "--steps", "3", "--no-plots", "--markdown", str(md)]) == 0
+    rows = md.read_text().splitlines()
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows[2:]] == [*SUITES["unseen"], "**mean**"]

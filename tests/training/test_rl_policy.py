@@ -11,7 +11,9 @@ import pytest
 
 from policy.observation import OBS_DIM, OBS_SCHEMA, IntervalMetrics, ObservationBuilder
 from policy.rl import (
+    CAPACITY_SHORTFALL,
     DEFAULT_MODEL_PATH,
+    FRESH_LN_CAPACITY_OVER_RATE,
     LN1P_THROTTLED_OVER_RATE,
     LN_ADMITTED_OVER_RATE,
     LN_CPU,
@@ -60,6 +62,12 @@ def test_features_derive_logs_and_excess() -> None:
     np.testing.assert_allclose(phi[RAW_FEATURES], x[RAW_FEATURES])
     derived = phi[[LN_ADMITTED_OVER_RATE, LN_CPU, P99_EXCESS, LN1P_THROTTLED_OVER_RATE]]
     np.testing.assert_allclose(derived, [np.log(0.8), np.log(0.5), 0.5, np.log1p(0.2)])
+    # capacity estimate 80 / 0.5 = 160 tokens/s, fresh: the rate could be 1.6x; no shortfall
+    np.testing.assert_allclose(phi[[FRESH_LN_CAPACITY_OVER_RATE, CAPACITY_SHORTFALL]], [np.log(1.6), 0.0])
+    short = features(observation(cpu=0.8, admitted=40.0).vector[0])  # 50 tokens/s: half the rate
+    np.testing.assert_allclose(short[[FRESH_LN_CAPACITY_OVER_RATE, CAPACITY_SHORTFALL]], [np.log(0.5), np.log(0.5)])
+    stale = features(observation(cpu=0.99, admitted=100.0).vector[0])  # saturated: no estimate yet
+    np.testing.assert_allclose(stale[[FRESH_LN_CAPACITY_OVER_RATE, CAPACITY_SHORTFALL]], [0.0, 0.0])
 
 
 def test_zero_network_keeps_the_rate() -> None:
@@ -180,8 +188,9 @@ def test_rl_without_a_store_is_the_committed_default_and_creates_nothing(tmp_pat
     np.testing.assert_array_equal(load_rl(str(DEFAULT_MODEL_PATH)).network.theta, policy.network.theta)
 
 
-def test_default_policy_cuts_the_rate_when_p99_is_far_over_the_slo() -> None:
-    """A sanity check of the trained artifact: overload (p99 5x SLO, CPU saturated, many 429s) lowers the rate."""
-    policy = load(DEFAULT_MODEL_PATH)
+@pytest.mark.parametrize("path", [DEFAULT_MODEL_PATH, DEFAULT_MODEL_PATH.with_name("candidate_policy.npz")])
+def test_committed_policies_cut_the_rate_when_p99_is_far_over_the_slo(path: Path) -> None:
+    """A sanity check of the trained artifacts: overload (p99 5x SLO, CPU saturated, many 429s) lowers the rate."""
+    policy = load(path)
     overloaded = observation(p99_ms=500.0, cpu=1.0, admitted=100.0)
     assert policy.act(overloaded)[0] < 100.0
