@@ -31,7 +31,7 @@ from policy.rl import DEFAULT_MODEL_PATH
 from ratepilot.servers import PrometheusServer, RedisServer
 from tests.controller.api_server import ApiServer
 from tests.controller.policies import NaNPolicy, Raising
-from tests.controller.support import TOKEN, make_settings, wait_for
+from tests.controller.support import TOKEN, make_settings, query, wait_for
 
 TIERS = {
     "free": {"static_rate": 100, "min_rate": 10, "max_rate": 1000},
@@ -65,6 +65,10 @@ def controller_with(redis_url: str, prometheus_url: str, candidate: Policy | Non
 
 @pytest.fixture
 def pair(redis_client: redis.Redis, redis_server_session: RedisServer, prometheus: PrometheusServer) -> Iterator[Controller]:
+    # the loop tests inject latency into `hot` on the shared exporter: wait until Prometheus's window has
+    # forgotten it, so that the only incidents are idle's stale holds
+    expr = '1000 * histogram_quantile(0.99, sum by (tier, le) (rate(ratepilot_backend_request_seconds_bucket{tier="hot"}[3s])))'
+    wait_for(lambda: all(float(s["value"][1]) < 100 for s in query(prometheus.url, expr)), timeout_s=30)
     controller = controller_with(redis_server_session.url, prometheus.url, Scale([1.2, 0.95, 1.0, 3.0]))
     yield controller
     controller.stop()
