@@ -307,7 +307,10 @@ class Guard:
         route = self._routes.get(key)
         if route is None:
             route = self._route(key)
-        cost = self._cost(method, path, content_length)
+        return self._submit(route, self._cost(method, path, content_length), started)
+
+    def _submit(self, route: Route, cost: float, started: float) -> Verdict | asyncio.Future[Verdict]:
+        """A route's check of `cost`: decided in process (local mode, a failure), or sent to the Redis bucket."""
         try:
             prepared = route.prepared.get(cost)
             if prepared is None:
@@ -345,22 +348,7 @@ class Guard:
             if len(self._routes) >= TIER_CACHE_LIMIT:
                 self._routes.clear()
             self._routes[tier, client] = route
-        try:
-            prepared = route.prepared.get(cost) or self._prepare(route, cost)
-            if route.tier.local:  # mode: local, as in start()
-                verdict = self.nodes.decide(prepared.context, started)
-                if verdict is not None:
-                    return verdict
-            bucket = self.redis_bucket
-            if bucket is None:
-                raise ConnectionError("no Redis bucket configured")
-            future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
-            bucket.submit_to(prepared.check, future, self._resolve, (prepared.context, started))
-        except BucketError as exc:
-            return self._refuse_cost(route.tier, client, cost, exc, started)
-        except Exception as exc:  # Redis down, hung or refusing: the tier's failure policy decides
-            return self._fall_back(route.tier, client, route.keys, cost, exc, started)
-        return future
+        return self._submit(route, cost, started)
 
     @staticmethod
     def _prepare(route: Route, cost: float) -> PreparedCheck:
