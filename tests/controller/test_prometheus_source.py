@@ -21,7 +21,10 @@ def source(url: str, **kw: object) -> PrometheusSource:
 
 
 def test_values_per_tier_match_what_the_exporter_serves(prometheus: PrometheusServer, exporter: SyntheticExporter) -> None:
-    reading = source(prometheus.url).read(np.array([100.0, 400.0, 200.0, 50.0]))
+    rates = np.array([100.0, 400.0, 200.0, 50.0])
+    # other tests set throttling on the shared exporter and reset it: wait until the 3 s window is past it
+    wait_for(lambda: source(prometheus.url).read(rates).metrics.throttled_rps[:2].tolist() == [0.0, 0.0], timeout_s=30)
+    reading = source(prometheus.url).read(rates)
     m = reading.metrics
     assert reading.errors == {}
     # 20 ms requests fall in the (10, 25] ms bucket: p99 interpolates to 10 + 0.99 * 15 ms
@@ -51,7 +54,8 @@ def test_recording_rules_answer_the_default_queries_like_the_raw_promql(promethe
 
     def settled() -> bool:  # the 5 s rule group has run over a full 15 s window
         reading = recorded.read(np.ones(4))
-        return reading.fallbacks == () and bool(np.allclose(reading.metrics.admitted_rps[:2], 50.0, rtol=0.05))
+        return (reading.fallbacks == () and bool(np.allclose(reading.metrics.admitted_rps[:2], 50.0, rtol=0.05))
+                and reading.metrics.throttled_rps[:2].tolist() == [0.0, 0.0])  # past other tests' throttling too
 
     wait_for(settled, timeout_s=40, step_s=1.0)
     a, b = recorded.read(np.ones(4)), raw.read(np.ones(4))

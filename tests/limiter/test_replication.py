@@ -52,6 +52,20 @@ def wait_for_link(replica: redis.Redis) -> None:
         time.sleep(0.05)
 
 
+def wait_for_sync(source: redis.Redis, replica: redis.Redis) -> None:
+    """After WAIT: the replica linked, not in a (re)sync (a syncing replica serves its stale data set), and
+    holding as many keys as the primary, within 30 s (the key states themselves are compared after)."""
+    deadline = time.monotonic() + 30
+    while True:
+        info = replica.info("replication")
+        if info.get("master_link_status") == "up" and not info.get("master_sync_in_progress") and (
+            replica.dbsize() == source.dbsize()
+        ):
+            return
+        assert time.monotonic() < deadline, f"the replica did not catch up within 30 s: {info}"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def primary(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server with an AOF fsynced on every write."""
@@ -101,6 +115,7 @@ def test_replica_and_aof_restarted_primary_hold_the_primarys_bucket_state(tmp_pa
         refused = load(primary.url)
         assert refused >= 100  # buckets really ran dry: states of every shape, not only full ones
         assert source.wait(1, 10_000) == 1  # the replica has acknowledged every write
+        wait_for_sync(source, replica)
         on_primary, on_replica = snapshot(source), snapshot(replica)
         assert len(on_primary) >= CLIENTS
         same_state(on_primary, on_replica, ttl_slack_ms=1000)
@@ -140,6 +155,7 @@ def test_replica_and_aof_restarted_primary_hold_the_primarys_bucket_state(tmp_pa
         # and the replica, resynced from the restarted primary, holds that state again
         wait_for_link(replica)
         assert source.wait(1, 10_000) == 1
+        wait_for_sync(source, replica)
         same_state(snapshot(source), snapshot(replica), ttl_slack_ms=1000)
     finally:
         source.close()
