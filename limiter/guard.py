@@ -27,7 +27,6 @@ from limiter.check_encoding import (
     EncodedCheck,
     RawOutcome,
     check_template,
-    decisions_from_tokens,
     keys_resp,
 )
 from limiter.config import LimiterConfig
@@ -37,7 +36,7 @@ from limiter.local_mode import NodeShare, local_fraction
 from limiter.metrics import ALLOWED, ALLOWED_REDIS, LimiterMetrics
 from limiter.pending_checks import Resolver
 from limiter.rate_reader import TierRates, static_rates
-from limiter.verdict import FieldParts, Verdict
+from limiter.verdict import FieldParts, Verdict, refused
 
 log = logging.getLogger("ratepilot.guard")
 _new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
@@ -380,10 +379,7 @@ class Guard:
                 Verdict, (True, tier, client, cost, "redis", None, None, tokens, buckets, tier.policy_header, parts)
             )
         else:
-            counters.count("throttled", "redis", cost)
-            client_d, tier_d = decisions = decisions_from_tokens(False, tokens, buckets)
-            limited_by = "client" if client_d.retry_after_s >= tier_d.retry_after_s else "tier"
-            verdict = Verdict(False, tier, client, cost, "redis", decisions, limited_by, tokens, buckets, parts)
+            verdict = refused(tier, client, cost, "redis", tokens, buckets, parts)
         latency = self._latency  # LatencyHistogram.observe, inlined
         latency.counts[bisect_left(latency.bounds, now - started)] += 1
         latency.total += now - started

@@ -13,12 +13,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from limiter.bucket import MICRO
-from limiter.check_encoding import decisions_from_tokens
 from limiter.config import LimiterConfig
 from limiter.leases import ALLOW, ASK, LeaseTable, SyncItem
 from limiter.membership import share_of
 from limiter.metrics import ALLOWED, ALLOWED_LEASE, LatencyHistogram
-from limiter.verdict import Verdict
+from limiter.verdict import Verdict, refused
 
 if TYPE_CHECKING:
     from limiter.guard import TierRuntime
@@ -58,10 +57,7 @@ class NodeShare:
                 Verdict, (True, tier, client, cost, "lease", None, None, tokens, buckets, tier.policy_header, parts)
             )
         else:
-            counters.count("throttled", "lease", cost)
-            client_d, tier_d = decisions = decisions_from_tokens(False, tokens, buckets)
-            limited_by = "client" if client_d.retry_after_s >= tier_d.retry_after_s else "tier"
-            verdict = Verdict(False, tier, client, cost, "lease", decisions, limited_by, tokens, buckets, parts)
+            verdict = refused(tier, client, cost, "lease", tokens, buckets, parts)
         self._latency.observe(self._clock() - started)
         return verdict
 

@@ -144,3 +144,12 @@ def describe(verdict: Verdict) -> dict[str, Any]:
         "tier_bucket": {"remaining": tier_d.remaining, "limit": tier_d.limit, "reset_after_s": tier_d.reset_after_s},
         "retry_after_s": verdict.retry_after_s,
     }
+
+
+def refused(tier: Any, client: str, cost: float, source: str, tokens: list[int], buckets: Any, parts: Any) -> Verdict:
+    """A refusal by the buckets' tokens left (from Redis or this node's leases): counted as throttled from
+    `source`, limited by whichever bucket makes the client wait longer."""
+    tier.counters.count("throttled", source, cost)
+    client_d, tier_d = decisions = decisions_from_tokens(False, tokens, buckets)
+    limited_by = "client" if client_d.retry_after_s >= tier_d.retry_after_s else "tier"
+    return Verdict(False, tier, client, cost, source, decisions, limited_by, tokens, buckets, parts)
