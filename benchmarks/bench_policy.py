@@ -104,6 +104,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rl_over_aimd": round(med["rl"] / med["aimd"], 2) if med["aimd"] > 0 else None,
             "rl_meets_50us": med["rl"] < INFERENCE_TARGET_US,
         }
-    out["model"] = {"path": str(path), "bytes": path.stat().st_size, "features": len(policy.meta.get("features", []))}
+    out["model"] = {"path": path.name, "bytes": path.stat().st_size, "features": len(policy.meta.get("features", []))}
     out["setup"] = {"rounds": args.rounds, "ticks_1_tier": args.ticks, "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
     return out
