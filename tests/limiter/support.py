@@ -30,6 +30,16 @@ redis:
   timeout_ms: 1000
 client_header: x-api-key
 """
+# CONFIG_HEAD plus a `free` tier (anonymous and default: client burst 5, a tier bucket that never binds);
+# a test appends its own tiers under it and its own sections after them
+FREE_TIER_HEAD = CONFIG_HEAD + f"""anonymous_tier: free
+default_tier: free
+tiers:
+  free:
+    client:    {{rate: {SLOW}, burst: 5}}
+    aggregate: {{rate: {SLOW}, burst: 1000}}
+    key_prefixes: [free_]
+"""
 BASE_CONFIG = CONFIG_HEAD + f"""anonymous_tier: free
 default_tier: free
 tiers:

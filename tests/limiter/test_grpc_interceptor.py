@@ -15,16 +15,9 @@ from limiter.config import ConfigError, parse_config
 from limiter.grpc_interceptor import RateLimitInterceptor
 from limiter.rate_limiter import RateLimiter
 from ratepilot.servers import RedisServer
-from tests.limiter.support import CONFIG_HEAD, SLOW
+from tests.limiter.support import FREE_TIER_HEAD, SLOW
 
-CONFIG = CONFIG_HEAD + f"""anonymous_tier: free
-default_tier: free
-tiers:
-  free:
-    client:    {{rate: {SLOW}, burst: 5}}
-    aggregate: {{rate: {SLOW}, burst: 1000}}
-    key_prefixes: [free_]
-  internal:
+CONFIG = FREE_TIER_HEAD + f"""  internal:
     client:    {{rate: {SLOW}, burst: 50}}
     aggregate: {{rate: {SLOW}, burst: 1000}}
     failure_policy: fail_closed

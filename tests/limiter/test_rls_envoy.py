@@ -24,20 +24,13 @@ import yaml
 
 from controller.rate_store import RateStore
 from ratepilot.servers import ManagedProcess, RedisServer, free_port
-from tests.limiter.support import CONFIG_HEAD, SLOW, wait_until
+from tests.limiter.support import FREE_TIER_HEAD, SLOW, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "envoy" / "envoy.yaml"
 POLL_S = 0.5
 
-RLS_CONFIG = CONFIG_HEAD + f"""anonymous_tier: free
-default_tier: free
-tiers:
-  free:
-    client:    {{rate: {SLOW}, burst: 5}}
-    aggregate: {{rate: {SLOW}, burst: 1000}}
-    key_prefixes: [free_]
-  metered:
+RLS_CONFIG = FREE_TIER_HEAD + f"""  metered:
     client:    {{rate: 4, burst: 4}}
     aggregate: {{rate: 1000, burst: 1000}}
     key_prefixes: [metered_]
