@@ -121,7 +121,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve-noop":
-        asyncio.run(serve_noop(int(sys.argv[2])))
+        from limiter.rls.server import loop_factory
+
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:  # the event loop `ratepilot rls` runs on
+            runner.run(serve_noop(int(sys.argv[2])))
         sys.exit(0)
     from benchmarks.cli import main as bench_main
 

@@ -23,14 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from limiter.config import LimiterConfig
 from limiter.guard import Guard, Verdict
-from limiter.rls.settings import RlsConfig
 
 log = logging.getLogger("ratepilot.rls")
 
@@ -44,6 +44,8 @@ UNITS = (
     (86400, Response.RateLimit.Unit.DAY),
 )
 MAX_UINT32 = 2**32 - 1
+RESOLVED_LIMIT = 65536  # remembered (descriptor, request cost) -> (tier, client, cost)
+RESOLVED_MAX_BYTES = 512  # of a remembered descriptor (serialized): the cache stays under ~40 MB
 
 
 def rate_limit(rate: float, name: str) -> Any:
@@ -56,16 +58,34 @@ def rate_limit(rate: float, name: str) -> Any:
 
 
 class DescriptorMap:
-    """One `rls:` config compiled: descriptor entries -> (tier name, client id)."""
+    """One limiter config's `rls:` section compiled: descriptor entries -> (tier name, client id, cost).
 
-    def __init__(self, config: RlsConfig, guard: Guard):
-        self.config = config
+    A descriptor's answer depends only on its bytes, the request's cost and the config, so it is
+    remembered per (serialized descriptor, request cost): Envoy sends the same few descriptors over and
+    over. The map is rebuilt when the guard's config is replaced (`RateLimitService`)."""
+
+    def __init__(self, config: LimiterConfig, guard: Guard):
+        self.limiter_config = config
+        self.config = config.rls
         self._guard = guard
-        self._rules = [(rule.key, rule.value, rule.tier) for rule in config.rules]
+        self._rules = [(rule.key, rule.value, rule.tier) for rule in self.config.rules]
         self._warned: set[str] = set()
+        self._resolved: dict[tuple[bytes, float], tuple[str, str, float]] = {}
 
     def resolve(self, descriptor: Any, request_cost: float) -> tuple[str, str, float]:
         """(tier, client id, cost) of one descriptor."""
+        data = descriptor.SerializeToString()
+        if len(data) > RESOLVED_MAX_BYTES:  # long entries (e.g. a header's value) are not kept
+            return self._resolve(descriptor, request_cost)
+        key = (data, request_cost)
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            if len(self._resolved) >= RESOLVED_LIMIT:
+                self._resolved.clear()
+            resolved = self._resolved[key] = self._resolve(descriptor, request_cost)
+        return resolved
+
+    def _resolve(self, descriptor: Any, request_cost: float) -> tuple[str, str, float]:
         values = {entry.key: entry.value for entry in descriptor.entries}
         client = values.get(self.config.client_key, "")
         cost = self._cost(values, descriptor, request_cost)
@@ -108,11 +128,11 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):
 
     def __init__(self, guard: Guard):
         self.guard = guard
-        self._map = DescriptorMap(guard.config.rls, guard)
+        self._map = DescriptorMap(guard.config, guard)
 
     def _descriptor_map(self) -> DescriptorMap:
-        config = self.guard.config.rls
-        if config is not self._map.config:
+        config = self.guard.config
+        if config is not self._map.limiter_config:
             self._map = DescriptorMap(config, self.guard)
         return self._map
 
@@ -140,7 +160,44 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):
 # Reply parts that repeat from call to call, built once (a tier's rates change rarely).
 _limits: dict[tuple[str, float], Any] = {}  # (TIER/bucket, rate) -> RateLimit
 _policies: dict[bytes, Any] = {}  # RateLimit-Policy value -> its HeaderValue
+_replies: dict[tuple[Any, ...], Any] = {}  # a one-descriptor reply's fields -> the reply
 CACHE_LIMIT = 4096
+
+
+class StatusFields(NamedTuple):
+    """What one descriptor's status says (its binding bucket: the one that refused, else the one with
+    fewer tokens left), and how it ranks for the headers."""
+
+    code: int
+    limit_name: str  # TIER/client or TIER/tier
+    rate: float  # that bucket's refill rate (tokens/s)
+    limit_remaining: int
+    duration_s: int  # duration_until_reset
+    retry_s: float  # seconds until the cost fits in both buckets (0 when allowed)
+    rank: tuple[bool, float]  # (allowed, tokens left in the emptier bucket): the smallest is the most constrained
+
+
+def status_fields(verdict: Verdict) -> StatusFields:
+    """The status fields of one descriptor's verdict."""
+    client_d, tier_d = verdict.decisions  # built once here: Verdict.remaining / retry_after_s would rebuild them
+    retry_s = max(client_d.retry_after_s, tier_d.retry_after_s)
+    if verdict.allowed:
+        binding, name = (client_d, "client") if client_d.remaining <= tier_d.remaining else (tier_d, "tier")
+        wait_s = binding.reset_after_s
+    else:
+        binding, name = (tier_d, "tier") if verdict.limited_by == "tier" else (client_d, "client")
+        wait_s = max(1.0, retry_s)
+    tier = verdict.tier
+    rate = tier.rates.client_rate if name == "client" else tier.rates.rate
+    return StatusFields(
+        OK if verdict.allowed else OVER_LIMIT,
+        f"{tier.name}/{name}",
+        rate,
+        min(MAX_UINT32, int(binding.remaining)),
+        math.ceil(wait_s),
+        retry_s,
+        (verdict.allowed, min(client_d.remaining, tier_d.remaining)),
+    )
 
 
 def _cached_limit(name: str, rate: float) -> Any:
@@ -164,34 +221,40 @@ def _policy_header(policy: bytes) -> Any:
 def build_response(verdicts: list[Verdict]) -> Any:
     """The reply: one status per descriptor and the RateLimit fields of the most constrained one.
 
-    Built in place (`statuses.add()`, cached parts): half the cost of nested constructor calls."""
+    A one-descriptor reply (Envoy's usual request) is remembered by everything it says: a client under
+    its limit gets the same tokens left and the same headers call after call. Such a reply is shared
+    by the calls that say the same: read it, never change it (grpc only serializes it)."""
+    if len(verdicts) != 1:
+        return response_of([status_fields(verdict) for verdict in verdicts], verdicts)
+    verdict = verdicts[0]
+    fields = status_fields(verdict)
+    key = (*fields[:6], verdict.policy_header, verdict.ratelimit_field())
+    response = _replies.get(key)
+    if response is None:
+        if len(_replies) >= CACHE_LIMIT:
+            _replies.clear()
+        response = _replies[key] = response_of([fields], verdicts)
+    return response
+
+
+def response_of(statuses_fields: list[StatusFields], verdicts: list[Verdict]) -> Any:
+    """The reply of these statuses, built in place (`statuses.add()`, cached parts): half the cost of
+    nested constructor calls."""
     response = Response()
     statuses = response.statuses
     worst: Verdict | None = None
-    worst_key: tuple[bool, float] = (True, math.inf)
-    worst_retry_s = 0.0
-    for verdict in verdicts:
-        client_d, tier_d = verdict.decisions  # built once here: Verdict.remaining / retry_after_s would rebuild them
-        retry_s = max(client_d.retry_after_s, tier_d.retry_after_s)
-        if verdict.allowed:
-            binding, name = (client_d, "client") if client_d.remaining <= tier_d.remaining else (tier_d, "tier")
-            wait_s = binding.reset_after_s
-        else:
-            binding, name = (tier_d, "tier") if verdict.limited_by == "tier" else (client_d, "client")
-            wait_s = max(1.0, retry_s)
-        tier = verdict.tier
-        rate = tier.rates.client_rate if name == "client" else tier.rates.rate
-        status = statuses.add(code=OK if verdict.allowed else OVER_LIMIT, limit_remaining=min(MAX_UINT32, int(binding.remaining)))
-        status.current_limit.CopyFrom(_cached_limit(f"{tier.name}/{name}", rate))
-        status.duration_until_reset.seconds = math.ceil(wait_s)
-        key = (verdict.allowed, min(client_d.remaining, tier_d.remaining))
-        if key < worst_key:
-            worst, worst_key, worst_retry_s = verdict, key, retry_s
-    response.overall_code = OK if worst_key[0] else OVER_LIMIT
-    if worst is not None:
+    worst_fields: StatusFields | None = None
+    for fields, verdict in zip(statuses_fields, verdicts, strict=True):
+        status = statuses.add(code=fields.code, limit_remaining=fields.limit_remaining)
+        status.current_limit.CopyFrom(_cached_limit(fields.limit_name, fields.rate))
+        status.duration_until_reset.seconds = fields.duration_s
+        if worst_fields is None or fields.rank < worst_fields.rank:
+            worst, worst_fields = verdict, fields
+    response.overall_code = OK if worst_fields is None or worst_fields.rank[0] else OVER_LIMIT
+    if worst is not None and worst_fields is not None:
         headers = response.response_headers_to_add
         headers.append(_policy_header(worst.policy_header))
         headers.add(key="ratelimit", value=worst.ratelimit_field().decode())
         if not worst.allowed:
-            headers.add(key="retry-after", value=str(max(1, math.ceil(worst_retry_s))))
+            headers.add(key="retry-after", value=str(max(1, math.ceil(worst_fields.retry_s))))
     return response

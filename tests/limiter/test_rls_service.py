@@ -14,12 +14,24 @@ import grpc
 import pytest
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from limiter.config import ConfigError, load_config, parse_config
+from limiter.guard import Guard, Verdict
+from limiter.local_bucket import LocalBucket
+from limiter.metrics import LimiterMetrics
 from limiter.rate_limiter import RateLimiter
 from limiter.redis_bucket import RedisBucket
 from limiter.rls.server import main, serve
-from limiter.rls.service import OK, OVER_LIMIT, RateLimitService, rate_limit
+from limiter.rls.service import (
+    OK,
+    OVER_LIMIT,
+    RateLimitService,
+    build_response,
+    rate_limit,
+    response_of,
+    status_fields,
+)
 from ratepilot.servers import RedisServer, free_port
 from tests.limiter.support import CONFIG_HEAD, SLOW
 
@@ -158,6 +170,49 @@ def test_an_edited_rls_section_applies_without_a_restart(redis_server: RedisServ
     before, after = run(redis_server.url, scenario, config_path=path)
     assert before.overall_code == OK and before.statuses[0].limit_remaining == 0  # shop was ours: counted
     assert after.overall_code == OK and not after.statuses[0].HasField("current_limit")  # now another domain
+
+
+def test_a_descriptor_follows_the_clients_table_after_a_reload(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Descriptors are remembered per config: a client moved to another tier is charged there at once."""
+    path = tmp_path / "limiter.yaml"
+    path.write_text(textwrap.dedent(CONFIG).replace("REDIS_URL", redis_server.url))
+
+    async def scenario(stub: Any, runtime: RateLimiter) -> tuple[Any, Any]:
+        before = await stub.ShouldRateLimit(request(descriptor(client_id="vip")))  # no prefix: the default tier
+        path.write_text(path.read_text() + "clients: {vip: pro}\n")
+        deadline = asyncio.get_running_loop().time() + 10
+        while not runtime.guard.config.clients and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        after = await stub.ShouldRateLimit(request(descriptor(client_id="vip")))
+        return before, after
+
+    before, after = run(redis_server.url, scenario, config_path=path)
+    assert (before.statuses[0].current_limit.name, before.statuses[0].limit_remaining) == ("free/client", 2)
+    assert (after.statuses[0].current_limit.name, after.statuses[0].limit_remaining) == ("pro/client", 5)
+
+
+def test_a_remembered_reply_equals_the_reply_built_afresh() -> None:
+    """One-descriptor replies are remembered by what they say: each equals the one built from its verdict."""
+    config = parse_config(textwrap.dedent(CONFIG).replace("REDIS_URL", "redis://127.0.0.1:1"))
+    guard = Guard(config, None, LocalBucket(), LimiterMetrics(CollectorRegistry()))  # no Redis: the local guard decides
+
+    async def verdicts() -> list[Verdict]:
+        return [guard.start_in(tier, client, cost) for tier, client, cost in CHECKS]  # type: ignore[misc]
+
+    decided = asyncio.run(verdicts())
+    assert [v.allowed for v in decided] == [True, True, False, True, True, False, True]
+    for verdict in decided + decided:  # the second pass answers from the remembered replies
+        assert build_response([verdict]) == build_reply_afresh(verdict)
+    assert len({build_response([v]).SerializeToString() for v in decided}) == len(decided)  # nothing mixed up
+
+
+# (tier, client, cost): the free client bucket holds 3 (its local-guard share here: 3), pro holds 6
+CHECKS = [("free", "a", 1.0), ("free", "a", 1.0), ("free", "a", 2.0), ("pro", "a", 2.0), ("pro", "b", 6.0), ("pro", "b", 1.0), ("free", "b", 3.0)]
+
+
+def build_reply_afresh(verdict: Verdict) -> Any:
+    """The reply of one verdict as the service built it before replies were remembered."""
+    return response_of([status_fields(verdict)], [verdict])
 
 
 def test_too_many_descriptors_is_invalid_argument(redis_server: RedisServer) -> None:
