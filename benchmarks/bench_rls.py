@@ -6,7 +6,8 @@ How it measures (all processes local, on this machine's cores):
 - `ratepilot rls` itself (the CLI, in its own process, metrics on a side port) with one tier whose
   rates are so high that nothing is refused: every call runs the Lua check-and-consume on Redis;
 - a no-op RateLimitService servicer on the same stack (grpc.aio server, default options, own
-  process) that answers OK with one status per descriptor without looking at anything;
+  process, on the event loop `ratepilot rls` runs on: uvloop when installed) that answers OK with one
+  status per descriptor without looking at anything;
 - the load generator, a grpc.aio client in a third process (`benchmarks.grpc_load`): one descriptor
   per call (`client_id` from 100 keys in rotation). Saturation: `concurrency` calls kept in flight
   for `duration` seconds, calls/s counted. Latency: OPEN-LOOP at `rate` calls/s (arrivals on a fixed
