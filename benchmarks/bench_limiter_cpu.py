@@ -94,9 +94,8 @@ async def _serve(mode: str, redis_url: str, requests: int) -> dict[str, Any]:
     async def run(count: int) -> None:
         nonlocal served
         for start in range(0, count, CONCURRENCY):
-            if sync_client is not None and served % SYNC_EVERY == 0:
-                if not await lease_sync.sync_once():
-                    raise RuntimeError("a lease sync failed")
+            if sync_client is not None and served % SYNC_EVERY == 0 and not await lease_sync.sync_once():
+                raise RuntimeError("a lease sync failed")
             await asyncio.gather(*[app(_scope(i), receive, send) for i in range(start, start + CONCURRENCY)])
             served += CONCURRENCY
 
