@@ -1,6 +1,6 @@
 """The limiter's own CPU cost per request, in process: the edge app without and with the limiter.
 
-`python -m benchmarks.bench_limiter_cpu [--requests N] [--callgrind] [--json FILE]`
+`python -m benchmarks.bench_limiter_cpu [--requests N] [--callgrind] [--mode limited|local] [--json FILE]`
 
 No sockets for HTTP and no load generator: the edge's ASGI app (`--backend echo`) is called
 directly, 32 requests at a time (one event-loop turn, as on a loaded edge: the limited run sends
