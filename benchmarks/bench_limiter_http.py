@@ -14,7 +14,9 @@ How it measures (all processes local, on this machine's cores):
   turn's size: the design before chunked sends), so the gain of `chunk` is measured side by side
   (`http_chunked_over_one_batch_per_turn`); and, at saturation, a fourth time with the tier in
   `mode: local` (decided in process from token leases synced every 0.1 s: `http_local_rps`,
-  `http_local_over_bare`, with the share of decisions made in process, `http_local_lease_decision_share`);
+  `http_local_over_bare`, with the share of decisions made in process, `http_local_lease_decision_share`,
+  counted after wrk's warm-up: an edge idle while the others are measured gives its leases back after
+  `FORGET_AFTER_SYNCS` syncs, so each of its rounds starts with a sync interval or two of Redis checks);
 - the load generator in a third process. Saturation: `wrk` (C, one thread, 64 connections, 100 API
   keys in rotation) when installed, else a Python closed-loop raw-socket client. Latency: an
   OPEN-LOOP Python client (arrivals on a fixed 1,000 req/s schedule, independent of responses,
@@ -49,6 +51,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,13 +212,17 @@ def _run_client(kind: str, port: int, duration_s: float, cores: set[int] | None)
     return result
 
 
-def _wrk(port: int, duration_s: float, cores: set[int] | None, workdir: Path) -> dict[str, Any]:
+def _wrk(
+    port: int, duration_s: float, cores: set[int] | None, workdir: Path, after_warm_up: Callable[[], None] | None = None
+) -> dict[str, Any]:
     script = workdir / "keys.lua"
     script.write_text(WRK_SCRIPT)
     argv = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(duration_s))}s", "-s", str(script), f"http://127.0.0.1:{port}{PATH}"]
     if cores and shutil.which("taskset"):
         argv = ["taskset", "-c", ",".join(map(str, sorted(cores))), *argv]
     subprocess.run([*argv[:-4], "-d1s", *argv[-3:]], capture_output=True, check=False)  # warm-up
+    if after_warm_up is not None:
+        after_warm_up()
     output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
@@ -323,9 +330,13 @@ def run_http(duration_s: float, redis_timeout_ms: float = 100.0, pin: bool = Fal
                     if phase == "open_loop" and name in ("one_batch", "local"):
                         continue  # latency is measured for the shipped setting only
                     before = _decision_sources(edges[name].metrics()) if name != "bare" else {}
+
+                    def count_from_now(edge: EdgeProcess = edges[name], counted_from: dict[str, float] = before) -> None:
+                        counted_from.update(_decision_sources(edge.metrics()))  # wrk's warm-up is not counted
+
                     if phase == "saturation":
                         result = (
-                            _wrk(edges[name].port, round_s, load_cores, workdir)
+                            _wrk(edges[name].port, round_s, load_cores, workdir, count_from_now if name != "bare" else None)
                             if use_wrk
                             else _run_client("closed", edges[name].port, round_s, load_cores)
                         )

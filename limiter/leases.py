@@ -91,9 +91,40 @@ class LeaseTable:
 
     def decide(self, keys: Sequence[str], buckets: Sequence[Any]) -> tuple[int, list[int]]:
         """ALLOW (every lease paid), REFUSE or ASK for a request on `keys`; `buckets` carry rate,
-        capacity_ut and cost_ut per key (limiter.redis_bucket's encoded bucket arguments).
+        capacity_ut and cost_ut per key (limiter.check_encoding.BucketArgs).
 
-        Returns the outcome and the tokens µt each lease holds after it."""
+        Returns the outcome and the tokens µt each lease holds after it. The first short lease in key
+        order decides between REFUSE and ASK. A request's two buckets [client, tier] take a
+        straight-line path (the request path's; the same rules as `_decide_any`)."""
+        if len(keys) != 2:
+            return self._decide_any(keys, buckets)
+        client_key, tier_key = keys
+        client_bucket, tier_bucket = buckets
+        leases = self.leases
+        client = leases.get(client_key)
+        if client is None:
+            client = leases[client_key] = Lease(client_bucket.rate, client_bucket.capacity_ut)
+        tier = leases.get(tier_key)
+        if tier is None:
+            tier = leases[tier_key] = Lease(tier_bucket.rate, tier_bucket.capacity_ut)
+        client_cost = client_bucket.cost_ut
+        tier_cost = tier_bucket.cost_ut
+        if client.held_ut >= client_cost and tier.held_ut >= tier_cost:
+            client.held_ut -= client_cost
+            client.asked_ut += client_cost
+            tier.held_ut -= tier_cost
+            tier.asked_ut += tier_cost
+            return ALLOW, [client.held_ut, tier.held_ut]
+        short, short_cost = (client, client_cost) if client.held_ut < client_cost else (tier, tier_cost)
+        if short.drained:
+            short.asked_ut += short_cost
+            return REFUSE, [client.held_ut, tier.held_ut]
+        client.asked_ut += client_cost  # Redis decides: both buckets may pay
+        tier.asked_ut += tier_cost
+        return ASK, [client.held_ut, tier.held_ut]
+
+    def _decide_any(self, keys: Sequence[str], buckets: Sequence[Any]) -> tuple[int, list[int]]:
+        """decide() for any number of buckets."""
         leases = self.leases
         short: Lease | None = None
         held: list[Lease] = []

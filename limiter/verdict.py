@@ -93,17 +93,16 @@ class Verdict(_VerdictFields):
             return self.ratelimit_field_from_decisions()
         client_ut, tier_ut = tokens
         parts = self.field_parts
-        buckets: list[Any] = self.buckets  # type: ignore[assignment]
         if parts is None:
-            client_b, tier_b = buckets
+            client_b, tier_b = self.buckets  # type: ignore[misc]
             return _field_part(CLIENT_PART, client_ut, client_b) + _field_part(TIER_PART, tier_ut, tier_b)
         client_parts, tier_parts = parts
         client = client_parts.get(client_ut)
         if client is None:
-            client = _remember_part(client_parts, CLIENT_PART, client_ut, buckets[0])  # the client bucket's
+            client = _remember_part(client_parts, CLIENT_PART, client_ut, self.buckets[0])  # type: ignore[index]
         tier = tier_parts.get(tier_ut)
         if tier is None:
-            tier = _remember_part(tier_parts, TIER_PART, tier_ut, buckets[1])  # the tier bucket's
+            tier = _remember_part(tier_parts, TIER_PART, tier_ut, self.buckets[1])  # type: ignore[index]
         return client + tier
 
     def ratelimit_field_from_decisions(self) -> bytes:

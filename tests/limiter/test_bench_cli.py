@@ -42,15 +42,17 @@ def test_tiny_limiter_run_writes_json_and_png(tmp_path: Path) -> None:
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_cpu_bench_runs_both_apps_and_refuses_bad_sizes(tmp_path: Path) -> None:
-    """`bench_limiter_cpu` serves every request with 200 through both apps and reports both costs."""
+def test_cpu_bench_runs_all_three_apps_and_refuses_bad_sizes(tmp_path: Path) -> None:
+    """`bench_limiter_cpu` serves every request with 200 through the bare, strict and local-mode apps and
+    reports each cost; after its warm-up the local-mode app decides every request from its leases."""
     from benchmarks import bench_limiter_cpu
 
     out = tmp_path / "cpu.json"
     assert bench_limiter_cpu.main(["--requests", "64", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["cpu_us_per_request"]) == {"bare", "limited"}
+    assert set(result["cpu_us_per_request"]) == {"bare", "limited", "local"}
     assert all(value > 0 for value in result["cpu_us_per_request"].values())
+    assert result["local_lease_decision_share"] == 1.0
     with pytest.raises(SystemExit):
         bench_limiter_cpu.main(["--requests", "33"])
 

@@ -43,6 +43,24 @@ def test_a_cold_bucket_asks_redis_and_the_sync_asks_twice_the_need() -> None:
     assert plan == [SyncItem(CLIENT, 10.0, 20 * MICRO, 0, 18 * MICRO), SyncItem(TIER, 100.0, 1000 * MICRO, 0, 18 * MICRO)]
 
 
+def test_the_two_bucket_path_decides_as_the_general_one() -> None:
+    """decide()'s straight-line path for [client, tier] gives the outcomes, tokens and plans of the
+    loop over any number of buckets, through asks, drains, refusals and syncs."""
+    import random
+
+    rng = random.Random(7)
+    fast, general = LeaseTable(), LeaseTable()
+    for _ in range(40):
+        for _ in range(rng.randrange(1, 12)):
+            cost = buckets(rng.choice([1.0, 2.0, 5.0]))
+            assert fast.decide(KEYS, cost) == general._decide_any(KEYS, cost)
+        plan = fast.plan()
+        assert plan == general.plan()
+        grants = [rng.randrange(0, item.want_ut + 1) if item.want_ut else 0 for item in plan]
+        fast.granted(plan, grants)
+        general.granted(plan, grants)
+
+
 def test_a_short_grant_drains_and_refuses_in_process_until_the_next_sync() -> None:
     table = LeaseTable()
     table.decide(KEYS, buckets(5.0))
