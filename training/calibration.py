@@ -281,6 +281,8 @@ def fit_lag(reference: np.ndarray, seen: np.ndarray, step_s: float, max_lag_s: f
     ok = np.isfinite(reference) & np.isfinite(seen)
     if ok.sum() < MIN_WINDOWS:
         raise CalibrationError(f"lag: only {int(ok.sum())} steps with both admitted-rate series (need {MIN_WINDOWS})")
+    if np.ptp(reference[ok]) == 0:
+        raise CalibrationError("lag: the admitted rate never changes in the recording; nothing to line up")
     lags = np.arange(0, min(int(max_lag_s / step_s), int(ok.sum()) - MIN_WINDOWS) + 1)
     mse = np.full(lags.size, np.inf)
     for i, lag in enumerate(lags):
