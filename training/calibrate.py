@@ -3,11 +3,14 @@
     ratepilot calibrate --prometheus-url http://127.0.0.1:9090 --start now-15m --end now --out calibration.json
     ratepilot train --calibration calibration.json ...      # train on worlds with this backend
     ratepilot evaluate --calibration calibration.json ...   # evaluate on them
+    ratepilot calibrate --prometheus-url URL --start T --end T --check calibration.json   # replay another recording
 
 Reads the edge's series (`training.history`), fits capacity, the latency-vs-load curve, the error
 onset and the metric lag (`training.calibration`), writes the versioned calibration file, a PNG of
 the fits beside it, and replays the recorded window in the calibrated simulator
-(`training.replay`): the goodput within SLO and p99 it predicts for the recording.
+(`training.replay`): the goodput within SLO and p99 it predicts for the recording. `--check FILE`
+fits nothing and writes nothing: it replays the recording with an existing calibration (out of
+sample: calibrate on one run, check on another).
 """
 
 from __future__ import annotations
@@ -60,11 +63,18 @@ def replay_recording(calibration: Calibration, recording: Recording, burst_s: fl
     h = recording.history
     if h.step_s != 1.0 or not np.isfinite(recording.rate_tps).any():
         return None
-    rate = recording.rate_tps.copy()
-    rate[~np.isfinite(rate)] = np.nanmedian(rate)
-    demand = np.nan_to_num(recording.offered_tps, nan=0.0)
-    capacity = capacity_series(h, calibration.capacity_tps)
-    return replay(calibration, demand, rate, capacity, burst_s=burst_s)
+    busy = np.flatnonzero(np.nan_to_num(recording.offered_tps) > 0)  # the seconds with traffic
+    if busy.size == 0:
+        return None
+    span = slice(int(busy[0]), int(busy[-1]) + 1)
+    rate = recording.rate_tps[span].copy()
+    rate[~np.isfinite(rate)] = np.nanmedian(recording.rate_tps)
+    demand = np.nan_to_num(recording.offered_tps[span], nan=0.0)
+    capacity = capacity_series(h, calibration.capacity_tps)[span]
+    try:
+        return replay(calibration, demand, rate, capacity, burst_s=burst_s)
+    except ValueError:  # shorter than two intervals of traffic
+        return None
 
 
 def plot_fit(path: Path, calibration: Calibration, history: History) -> Path:
@@ -133,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--view-window", default="10s", help="the controller's rate window, whose lag is measured (default 10s)")
     parser.add_argument("--burst-s", type=float, default=1.0, help="the limiter's burst, seconds of the rate, for the replay (default 1)")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="seconds to wait for each Prometheus answer (default 10)")
+    parser.add_argument("--check", type=Path, metavar="FILE", help="replay the recording with this calibration instead of fitting (writes nothing)")
     return parser
 
 
@@ -142,7 +153,9 @@ def main(argv: list[str]) -> int:
     console = Console()
     plot_path = args.plot or args.out.with_suffix(".png")
     try:
-        check_outputs(files={"--out": args.out, "--plot": plot_path})
+        checked = load_calibration(args.check) if args.check else None
+        if checked is None:
+            check_outputs(files={"--out": args.out, "--plot": plot_path})
         start, end = parse_time(args.start, "--start"), parse_time(args.end, "--end")
         for option, value, top in (("--slo-ms", args.slo_ms, 1e6), ("--burst-s", args.burst_s, 3600), ("--timeout-s", args.timeout_s, 600)):
             if not (math.isfinite(value) and 0 < value <= top):
@@ -154,11 +167,16 @@ def main(argv: list[str]) -> int:
             )
         source = {"prometheus_url": args.prometheus_url, "start": args.start, "end": args.end, "start_unix": f"{start:.3f}",
                   "end_unix": f"{end:.3f}", "window": args.window, "view_window": args.view_window}  # fmt: skip
-        calibration = fit_calibration(recording.history, args.slo_ms, instant_s, source)
+        calibration = checked or fit_calibration(recording.history, args.slo_ms, instant_s, source)
         predicted = replay_recording(calibration, recording, args.burst_s)
+        if checked is not None and predicted is None:
+            raise HistoryError("--check: the recording has no rate in force (ratepilot_refill_rate) or fewer than 10 s of traffic at --step 1")
     except (HistoryError, CalibrationError, OutputPathError) as exc:
         print(f"ratepilot calibrate: {exc}", file=sys.stderr)
         return 2
+    if checked is not None:
+        console.print(summary_table(calibration, predicted))
+        return 0
     out = write_calibration(calibration, args.out)
     png = plot_fit(plot_path, calibration, recording.history)
     console.print(summary_table(calibration, predicted))

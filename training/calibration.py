@@ -8,13 +8,13 @@ service model. What is fitted, from which series, and how:
 |-----------------------------|----------------------------------------|--------------------------------------------------|
 | capacity_tps                | served work (admitted x ok share), CPU | served = capacity x CPU: median regression        |
 |                             |                                        | through 0 (`QuantileRegressor`, robust to cuts)   |
-| base_latency_ms, knee_a/k   | p99 vs utilisation (CPU)               | p99 = base (1 + a rho^k / (1 - rho)): for each k  |
+| base_latency_ms, knee_a/k   | p99 of the answers pooled per CPU bin  | p99 = base (1 + a rho^k / (1 - rho)): for each k  |
 |                             |                                        | of a grid a non-negative `LinearRegression` in    |
 |                             |                                        | relative error; the k that fits best              |
 | base_error_rate             | error share at utilisation < 0.7       | errors / finished                                 |
 | error_onset_util/_slope     | error share vs offered utilisation     | binomial `LogisticRegression`; onset = 50 % point |
 | timeout_s                   | p99 of windows past the error budget   | median: how long the backend lets a request wait  |
-| saturation_p99_ms           | p99 of windows at CPU >= 0.97          | median: where the latency curve stops rising      |
+| saturation_p99_ms           | answers of the steps at CPU >= 0.97    | their p99: where the latency curve stops rising   |
 | collapse                    | served / capacity, saturated and       | 1 - median: capacity a thrashing backend loses    |
 |                             | failing                                |                                                   |
 | lag_s                       | admitted rate, finest vs as the        | lag of the peak of their cross-correlation, less  |
@@ -42,12 +42,14 @@ SCHEMA = "ratepilot.calibration"
 VERSION = 1
 KNEE_GRID = np.arange(1.0, 40.5, 0.5)  # knee sharpness k tried by the latency-curve fit
 MIN_WINDOWS = 8  # steps with traffic a fit needs at least
+MIN_LEVELS = 5  # load levels (utilisation bins) the latency curve needs at least
 MIN_CPU = 0.1  # windows below this CPU say little about the capacity (served / CPU is noise)
 CURVE_MAX_RHO = 0.97  # the curve is fitted below saturation; the queue model answers above it
 MIN_PEAK_RHO = 0.5  # the recording must load the backend at least this much to show its curve
 LOW_LOAD_RHO = 0.7  # below this utilisation, errors are the base error rate
 ERROR_BUDGET = 0.01  # a window past this error share shows how long the backend lets requests wait
 MAX_LAG_S = 30.0  # the lag fit looks this far
+CPU_BIN = 0.05  # width of the utilisation bins whose answers are pooled for the latency curve
 SATURATED_CPU = 0.97  # steps at or above this CPU show the saturated p99
 OPTIONAL = ("timeout_s", "saturation_p99_ms")  # model fields a recording may not show (null in the file)
 
@@ -68,6 +70,8 @@ class History(NamedTuple):
     cpu: np.ndarray  # busy share of the backend (0..1)
     instant_tps: np.ndarray  # admitted tokens/s over the shortest window: the lag fit's reference
     seen_tps: np.ndarray  # admitted tokens/s as the controller's query sees it (its window)
+    bucket_bounds_s: np.ndarray | None = None  # the latency histogram's finite upper bounds (s)
+    bucket_rates: np.ndarray | None = None  # (steps, bounds + 1) cumulative answers/s per bucket, +Inf last
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,59 @@ class Calibration:
         return {f"calibration.{k}": ("none" if v is None else round(v, 6)) for k, v in self.to_dict()["model"].items()}
 
 
+def p99_from_buckets(bounds_s: np.ndarray, cumulative: np.ndarray, q: float = 0.99) -> np.ndarray:
+    """The q-quantile (ms) per row of cumulative bucket counts (rows, buckets) at finite upper bounds `bounds_s`.
+
+    Within the bucket that holds the quantile the survival function is interpolated log-linearly,
+    which is exact for an exponential tail; Prometheus' histogram_quantile interpolates linearly,
+    which overstates the p99 of an exponential service time by up to ~45 % with the default buckets.
+    Past the last finite bound the answer is that bound (as histogram_quantile does); NaN without requests.
+    """
+    total = cumulative[:, -1]  # the +Inf bucket: every request
+    out = np.full(total.shape, np.nan)
+    edges = np.concatenate([[0.0], bounds_s])
+    target = 1.0 - q
+    for i in np.flatnonzero(np.isfinite(total) & (total > 0)):
+        survival = np.concatenate([[1.0], 1.0 - cumulative[i, :-1] / total[i]])  # P(latency > edge)
+        above = np.flatnonzero(survival <= target)
+        if above.size == 0:
+            out[i] = edges[-1] * 1000.0
+            continue
+        j = int(above[0])  # the first edge whose survival is at or below the target: the quantile is below it
+        if j == 0:
+            out[i] = 0.0
+            continue
+        s_lo, s_hi = survival[j - 1], max(survival[j], 1e-12)
+        share = np.log(s_lo / target) / np.log(s_lo / s_hi) if s_lo > s_hi else 1.0
+        out[i] = (edges[j - 1] + share * (edges[j] - edges[j - 1])) * 1000.0
+    return out
+
+
+def pooled_p99(history: History, rho: np.ndarray, bin_width: float = CPU_BIN) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(utilisation, p99 ms, answers) per utilisation bin: the p99 of every answer of the bin's steps together.
+
+    A load level's p99 is the p99 of all the requests served at it, bursts included, which is what a
+    run's p99 adds up; the p99 of each step alone, averaged, would understate a bursty backend's tail.
+    Without buckets in the history: the steps' own p99s.
+    """
+    h = history
+    if h.bucket_rates is None or h.bucket_bounds_s is None:
+        return rho, h.p99_ms, np.nan_to_num(h.finished_rps)
+    ok = np.isfinite(rho) & np.all(np.isfinite(h.bucket_rates), axis=1)
+    bins = np.floor(rho / bin_width).astype(np.int64)
+    centres, rows, counts = [], [], []
+    for b in np.unique(bins[ok]):
+        members = ok & (bins == b)
+        pooled = h.bucket_rates[members].sum(axis=0)
+        answers = h.bucket_rates[members, -1]
+        centres.append(float(np.average(rho[members], weights=answers)) if answers.sum() > 0 else float(rho[members].mean()))
+        rows.append(pooled)
+        counts.append(pooled[-1] * h.step_s)
+    if not rows:
+        return np.empty(0), np.empty(0), np.empty(0)
+    return np.array(centres), p99_from_buckets(h.bucket_bounds_s, np.array(rows)), np.array(counts)
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -219,8 +276,10 @@ def fit_latency_curve(rho: np.ndarray, p99_ms: np.ndarray, weight: np.ndarray | 
     """
     weight = np.ones_like(rho) if weight is None else weight
     ok = np.isfinite(rho) & np.isfinite(p99_ms) & np.isfinite(weight) & (rho >= 0) & (rho < CURVE_MAX_RHO) & (p99_ms > 0) & (weight > 0)
-    if ok.sum() < MIN_WINDOWS:
-        raise CalibrationError(f"latency curve: only {int(ok.sum())} steps with a p99 below saturation (need {MIN_WINDOWS})")
+    if ok.sum() < MIN_LEVELS:
+        raise CalibrationError(
+            f"latency curve: only {int(ok.sum())} load levels with a p99 below saturation (need {MIN_LEVELS}); record a wider range of load"
+        )
     x, y = rho[ok], p99_ms[ok]
     if x.max() < MIN_PEAK_RHO:
         raise CalibrationError(
@@ -337,14 +396,18 @@ def fit_calibration(
     served = served_tps(h)
     capacity = fit_capacity(served, h.cpu)
     clean = error_share <= ERROR_BUDGET
-    curve = fit_latency_curve(np.where(clean, h.cpu, np.nan), h.p99_ms, np.nan_to_num(h.finished_rps))
+    rho, p99, answers = pooled_p99(h, np.where(clean, h.cpu, np.nan))
+    curve = fit_latency_curve(rho, p99, answers)
     # offered utilisation against the capacity of its time (the capacity may have moved): what a replay uses
     capacity_now = capacity_series(h, capacity.capacity_tps)
     onset = fit_error_onset(h.admitted_tps / capacity_now, h.finished_rps * h.step_s, h.error_rps * h.step_s)
     overloaded = (error_share > ERROR_BUDGET) & np.isfinite(h.p99_ms)
     timeout_s = float(np.median(h.p99_ms[overloaded]) / 1000.0) if overloaded.sum() >= 3 else None
     saturated = (h.cpu >= SATURATED_CPU) & np.isfinite(h.p99_ms)
-    saturation_p99 = float(np.median(h.p99_ms[saturated])) if saturated.sum() >= 3 else None
+    saturation_p99 = None
+    if saturated.sum() >= 3:  # all the answers of the saturated steps together, as for the curve
+        _, pooled, _ = pooled_p99(h, np.where(saturated, 1.0, np.nan), bin_width=2.0)
+        saturation_p99 = float(pooled[0]) if h.bucket_rates is not None else float(np.median(h.p99_ms[saturated]))
     # a backend that thrashes serves less than its capacity when saturated and refusing work
     overloaded_saturated = overloaded & (h.cpu >= SATURATED_CPU)
     collapse = 0.0

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from training.calibration import History
+from training.calibration import History, p99_from_buckets
 
 MAX_POINTS = 11_000  # Prometheus refuses a range query of more points than this
 DURATION = re.compile(r"^[1-9][0-9]*(ms|s|m|h)$")
@@ -111,36 +111,8 @@ def check_range(start_s: float, end_s: float, step_s: float) -> int:
     return points
 
 
-def p99_from_buckets(bounds_s: np.ndarray, cumulative: np.ndarray, q: float = 0.99) -> np.ndarray:
-    """The q-quantile (ms) per step from cumulative bucket rates (steps, buckets) at finite upper bounds `bounds_s`.
-
-    Within the bucket that holds the quantile the survival function is interpolated log-linearly,
-    which is exact for an exponential tail; Prometheus' histogram_quantile interpolates linearly,
-    which overstates the p99 of an exponential service time by up to ~45 % with the default buckets.
-    Past the last finite bound the answer is that bound (as histogram_quantile does); NaN without requests.
-    """
-    total = cumulative[:, -1]  # the +Inf bucket: every request
-    out = np.full(total.shape, np.nan)
-    edges = np.concatenate([[0.0], bounds_s])
-    for i in np.flatnonzero(np.isfinite(total) & (total > 0)):
-        survival = np.concatenate([[1.0], 1.0 - cumulative[i, :-1] / total[i]])  # P(latency > edge)
-        target = 1.0 - q
-        above = np.flatnonzero(survival <= target)
-        if above.size == 0:
-            out[i] = edges[-1] * 1000.0
-            continue
-        j = int(above[0])  # first edge whose survival is at or below the target; the quantile is in (edges[j-1], edges[j]]
-        if j == 0:
-            out[i] = 0.0
-            continue
-        s_lo, s_hi = survival[j - 1], max(survival[j], 1e-12)
-        share = np.log(s_lo / target) / np.log(s_lo / s_hi) if s_lo > s_hi else 1.0
-        out[i] = (edges[j - 1] + share * (edges[j] - edges[j - 1])) * 1000.0
-    return out
-
-
-def _bucket_p99(name: str, answer: Any, start_s: float, step_s: float, points: int) -> np.ndarray | None:
-    """The p99 (ms) per step of a `sum by (le)` range answer; None when it has no series."""
+def _buckets(name: str, answer: Any, start_s: float, step_s: float, points: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(finite bounds, cumulative rates per step and bucket, +Inf last) of a `sum by (le)` range answer; None without series."""
     try:
         result = answer["data"]["result"]
         if not result:
@@ -157,7 +129,7 @@ def _bucket_p99(name: str, answer: Any, start_s: float, step_s: float, points: i
         values = _values(name, "", one, start_s, step_s, points)
         if values is not None:
             cumulative[:, column] = values
-    return p99_from_buckets(np.array(bounds[:-1]), cumulative)
+    return np.array(bounds[:-1]), cumulative
 
 
 def _values(name: str, expr: str, answer: Any, start_s: float, step_s: float, points: int) -> np.ndarray | None:
@@ -191,6 +163,7 @@ def read_history(
     for option, text in (("--window", window), ("--instant-window", instant_window), ("--view-window", view_window)):
         parse_duration_s(text, option)
     series: dict[str, np.ndarray] = {}
+    buckets: tuple[np.ndarray, np.ndarray] | None = None
     with httpx.Client(base_url=base, timeout=timeout_s) as client:
         for name, (expr, required) in queries(window, instant_window, view_window).items():
             params = {"query": expr, "start": f"{start_s:.3f}", "end": f"{end_s:.3f}", "step": f"{step_s:g}"}
@@ -206,7 +179,8 @@ def read_history(
                 reason = answer.get("error") if isinstance(answer, dict) else None
                 raise HistoryError(f"Prometheus refused {name} (HTTP {response.status_code}): {reason or response.text[:200]}")
             if name == "p99_ms":
-                values = _bucket_p99(name, answer, start_s, step_s, points)
+                buckets = _buckets(name, answer, start_s, step_s, points)
+                values = None if buckets is None else p99_from_buckets(*buckets)
             else:
                 values = _values(name, expr, answer, start_s, step_s, points)
             if values is None:
@@ -222,7 +196,10 @@ def read_history(
     has_traffic = np.isfinite(series["finished_rps"])
     series["throttled_tps"] = np.where(np.isnan(series["throttled_tps"]), 0.0, series["throttled_tps"])
     series["error_rps"] = np.where(np.isnan(series["error_rps"]) & has_traffic, 0.0, series["error_rps"])
-    history = History(step_s=step_s, **{k: series[k] for k in History._fields if k != "step_s"})
+    assert buckets is not None  # p99_ms is required
+    history = History(
+        step_s=step_s, **{k: series[k] for k in History._fields if k in series}, bucket_bounds_s=buckets[0], bucket_rates=buckets[1]
+    )
     return Recording(history, series["offered_tps"], series["rate_tps"], start_s)
 
 

@@ -23,7 +23,8 @@ from ratepilot.demo.supervisor import Supervisor
 from ratepilot.servers import free_port
 from training.calibrate import load_calibration
 from training.calibrate import main as calibrate_main
-from training.history import HistoryError, p99_from_buckets, parse_time, read_history
+from training.calibration import p99_from_buckets
+from training.history import HistoryError, parse_time, read_history
 from training.replay import replay
 
 CAPACITY_RPS = 60.0  # the synthetic backend's capacity, and the static limiter's rate (the demo's static comparison)
