@@ -19,6 +19,8 @@ from training.calibration import (
     fit_error_onset,
     fit_lag,
     fit_latency_curve,
+    p99_from_buckets,
+    pooled_p99,
 )
 from training.latency import service_p99_ms
 from training.scenarios import calibrated_worlds, make_episode
@@ -115,6 +117,20 @@ def test_fit_calibration_puts_the_fits_together() -> None:
     assert 0.5 < calibration.rho_cap() < 0.995
 
 
+def test_the_curve_sees_the_p99_of_all_answers_at_a_load_not_of_each_step() -> None:
+    """Two steps at one load: a calm one and a burst with a long tail; together their p99 is the burst's tail."""
+    bounds = np.array([0.05, 0.1, 0.25, 0.5, 1.0])
+    calm = np.array([80.0, 99.5, 100.0, 100.0, 100.0, 100.0])  # cumulative answers/s per bucket, +Inf last
+    burst = np.array([40.0, 70.0, 90.0, 96.0, 100.0, 100.0])
+    h = synthetic_history(12)._replace(bucket_bounds_s=bounds, bucket_rates=np.array([calm, burst] * 6))
+    rho = np.array([0.51, 0.52] * 6)
+    centres, pooled, answers = pooled_p99(h, rho)
+    assert centres == pytest.approx([0.515]) and answers == pytest.approx([1200.0])
+    alone = p99_from_buckets(bounds, np.array([calm, burst]))
+    assert pooled[0] == pytest.approx(p99_from_buckets(bounds, (calm + burst)[None, :])[0])
+    assert alone[0] < pooled[0] < alone[1] and pooled[0] > np.mean(alone)
+
+
 # -- bad recordings ------------------------------------------------------------------------------
 def test_a_recording_that_never_loads_the_backend_is_refused() -> None:
     h = synthetic_history()
@@ -125,7 +141,7 @@ def test_a_recording_that_never_loads_the_backend_is_refused() -> None:
 
 def test_too_short_or_empty_recordings_are_refused() -> None:
     h = synthetic_history()
-    short = History(h.step_s, *(np.asarray(getattr(h, f))[:5] for f in History._fields[1:]))
+    short = h._replace(**{f: getattr(h, f)[:5] for f in History._fields[1:] if getattr(h, f) is not None})
     with pytest.raises(CalibrationError, match="need at least"):
         fit_calibration(short, 300.0, 0.0)
     no_cpu = h._replace(cpu=np.full(h.cpu.size, np.nan))
