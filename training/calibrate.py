@@ -26,7 +26,14 @@ from rich.console import Console
 from rich.table import Table
 
 from limiter.paths import OutputPathError, check_outputs
-from training.calibration import Calibration, CalibrationError, History, capacity_series, fit_calibration
+from training.calibration import (
+    Calibration,
+    CalibrationError,
+    History,
+    capacity_series,
+    fit_calibration,
+    pooled_p99,
+)
 from training.history import HistoryError, Recording, parse_duration_s, parse_time, read_history
 from training.latency import service_p99_ms
 from training.replay import ReplayResult, replay
@@ -86,7 +93,9 @@ def plot_fit(path: Path, calibration: Calibration, history: History) -> Path:
 
     c = calibration
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    left.scatter(history.cpu, history.p99_ms, s=8, alpha=0.5, label="recorded (step)")
+    left.scatter(history.cpu, history.p99_ms, s=8, alpha=0.4, label="recorded (step)")
+    rho_bins, p99_bins, _ = pooled_p99(history, history.cpu)
+    left.scatter(rho_bins, p99_bins, s=30, marker="D", color="tab:orange", label="answers pooled per CPU bin (fitted)")
     rho = np.linspace(0.0, 0.97, 200)
     left.plot(rho, service_p99_ms(rho, c.base_latency_ms, c.knee_a, c.knee_k), color="black", label="fitted curve")
     left.axhline(c.slo_ms, color="red", ls=":", label="SLO")
@@ -95,14 +104,14 @@ def plot_fit(path: Path, calibration: Calibration, history: History) -> Path:
     left.set_title(f"base {c.base_latency_ms:.0f} ms, knee a={c.knee_a:.2g} k={c.knee_k:g}")
     left.legend(fontsize=8)
     with np.errstate(invalid="ignore", divide="ignore"):
-        util = history.admitted_tps / c.capacity_tps
+        util = history.admitted_tps / capacity_series(history, c.capacity_tps)
         share = np.nan_to_num(history.error_rps) / history.finished_rps
     right.scatter(util, share, s=8, alpha=0.5, label="recorded (step)")
     u = np.linspace(0.0, max(1.5, float(np.nanmax(util)) if np.isfinite(util).any() else 1.5), 200)
     if c.error_onset_slope > 0:
         onset = 1.0 / (1.0 + np.exp(-np.clip(c.error_onset_slope * (u - c.error_onset_util), -50, 50)))
         right.plot(u, np.maximum(onset, c.base_error_rate), color="black", label="fitted onset")
-    right.set_xlabel(f"offered utilisation (admitted / {c.capacity_tps:.0f} tokens/s)")
+    right.set_xlabel("offered utilisation (admitted / capacity at the time)")
     right.set_ylabel("error share")
     right.set_title(f"capacity {c.capacity_tps:.1f} tokens/s, lag {c.lag_s:.1f} s")
     right.legend(fontsize=8)
