@@ -47,6 +47,8 @@ Physics of one 100 ms sub-step, per world, in this order (`BatchSim._simulate_in
                 over UTIL_TAU_S
     latency   = min latency + queue wait + Exp(service tail): the share within the SLO and the share
                 past the timeout (errors; those clients are booked to retry after retry_delay_s)
+    onset     = a calibrated backend (`training.calibration`) fails at least its fitted share at this
+                utilisation (logistic; off unless error_onset_slope > 0)
 
 Each sub-step writes one row of the record (`ADMITTED_TOKENS` … `GOOD_TOKENS`); the observation
 and the true figures of an interval are sums and quantiles over those rows.
