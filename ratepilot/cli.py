@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "controller": ("controller.service", "run the control loop and its admin API"),
     "train": ("training.train", "train the RL policy offline in the simulator"),
     "evaluate": ("training.evaluate", "evaluate policies on scenarios and traces"),
+    "calibrate": ("training.calibrate", "fit the simulator's backend model to a history in Prometheus"),
     "promote": ("training.promote", "move the champion alias to the candidate model if it is as good"),
     "demo": ("ratepilot.demo", "the whole closed loop locally on real Redis and Prometheus"),
     "loadtest": ("ratepilot.loadtest.cli", "play a load scenario open-loop against an HTTP endpoint, or export it for k6"),

@@ -8,6 +8,8 @@ is tuned per run: a grid of factors of the reference rate, the best mean goodput
 factor as `static_factor`). Every policy runs on the same worlds with the same random numbers, all
 in one vectorised batch; the same seeds give the same numbers.
 
+`--calibration FILE` evaluates in worlds with a calibrated backend (`ratepilot calibrate`).
+
 From Python (the trainer logs this to MLflow): `evaluate({"aimd": make_policy("aimd"), ...})`.
 """
 
@@ -30,8 +32,16 @@ from rich.table import Table
 from limiter.paths import check_outputs
 from policy.base import Policy
 from policy.registry import UnknownPolicyError, make_policy, policy_names
+from training.calibrate import load_calibration
 from training.metrics import METRICS, episode_metrics, mean_metrics, to_json_safe
-from training.scenarios import DEFAULT_STEPS, SUITES, make_episodes, scenario_names, trace_episode
+from training.scenarios import (
+    DEFAULT_STEPS,
+    SUITES,
+    calibrated_worlds,
+    make_episodes,
+    scenario_names,
+    trace_episode,
+)
 from training.sim import BatchSim, Episode, take_rows
 from training.traces import TraceError, load_trace
 
@@ -317,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plots", default=None, metavar="DIR", help="PNG per scenario (default: OUT's folder/<OUT stem>_plots)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--markdown", default=None, metavar="MD", help="also write the scenario-by-scenario Markdown table here (needs rl and oracle)")
+    parser.add_argument("--calibration", default=None, metavar="FILE", help="worlds with this calibrated backend (`ratepilot calibrate`)")
     return parser
 
 
@@ -363,13 +374,15 @@ def main(argv: list[str]) -> int:
         suite = args.suite if args.suite is not None else (None if args.trace else "default")
         if suite is not None:
             scenario_names(suite)
+        calibration = load_calibration(args.calibration) if args.calibration else None
         specs = _policy_specs(names, args.model)
         if args.markdown and not {"rl", "oracle"} <= set(names):
             raise ValueError("--markdown needs the policies rl and oracle")
-        report = evaluate(
-            specs, suite=suite, seeds=args.seeds, traces=args.trace, steps=args.steps,
-            randomize=not args.nominal, plots_dir=plots, progress=True,
-        )  # fmt: skip
+        with calibrated_worlds(calibration):
+            report = evaluate(
+                specs, suite=suite, seeds=args.seeds, traces=args.trace, steps=args.steps,
+                randomize=not args.nominal, plots_dir=plots, progress=True,
+            )  # fmt: skip
     except (ValueError, KeyError, TraceError, UnknownPolicyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"ratepilot evaluate: {message}", file=sys.stderr)

@@ -2,9 +2,11 @@
 
 p99 of the service time at utilisation rho (0..1) is
 
-    base * (1 + KNEE_A * rho**KNEE_K / (1 - rho)),
+    base * (1 + a * rho**k / (1 - rho)),
 
-flat until ~80 % and steep near saturation, like a pool of workers (M/M/c) rather than one server.
+with the knee's height a and sharpness k: by default KNEE_A and KNEE_K, flat until ~80 % and steep
+near saturation, like a pool of many workers (M/M/c) rather than one server. A calibration
+(`training.calibration`) fits a and k of a measured backend; a pool of few workers bends earlier.
 """
 
 from __future__ import annotations
@@ -29,16 +31,28 @@ def knee_power(r: np.ndarray) -> np.ndarray:
     return r16 * r4
 
 
-def service_p99_ms(rho: Any, base_latency_ms: Any) -> Any:
+def knee(rho: np.ndarray, knee_k: Any = KNEE_K) -> np.ndarray:
+    """rho ** knee_k: by squaring when every k is the default KNEE_K, else np.power (per-world k broadcasts)."""
+    if np.all(np.asarray(knee_k) == KNEE_K):
+        return knee_power(rho)
+    return np.power(rho, knee_k)
+
+
+def service_p99_ms(rho: Any, base_latency_ms: Any, knee_a: Any = KNEE_A, knee_k: Any = KNEE_K) -> Any:
     """p99 service latency (ms) at utilisation rho, without queueing behind a backlog."""
-    r = np.minimum(np.maximum(rho, 0.0), RHO_CAP)
-    return base_latency_ms * (1.0 + KNEE_A * knee_power(np.asarray(r, dtype=np.float64)) / (1.0 - r))
+    r = np.asarray(np.minimum(np.maximum(rho, 0.0), RHO_CAP), dtype=np.float64)
+    return base_latency_ms * (1.0 + knee_a * knee(r, knee_k) / (1.0 - r))
 
 
-def slo_utilisation(slo_ms: np.ndarray, base_latency_ms: np.ndarray) -> np.ndarray:
+def slo_utilisation(
+    slo_ms: np.ndarray, base_latency_ms: np.ndarray, knee_a: Any = KNEE_A, knee_k: Any = KNEE_K
+) -> np.ndarray:
     """The largest utilisation whose p99 stays within ORACLE_SLO_MARGIN * SLO (per world)."""
     grid = np.linspace(0.05, RHO_CAP, 400)
-    p99 = service_p99_ms(grid[None, :], base_latency_ms[:, None])
+    shape = np.shape(base_latency_ms)
+    a = np.broadcast_to(np.asarray(knee_a, dtype=np.float64), shape)[:, None]
+    k = np.broadcast_to(np.asarray(knee_k, dtype=np.float64), shape)[:, None]
+    p99 = service_p99_ms(grid[None, :], base_latency_ms[:, None], a, k)
     fits = p99 <= ORACLE_SLO_MARGIN * slo_ms[:, None]
     best = np.where(fits, grid[None, :], 0.0).max(axis=1)
     return np.maximum(best, grid[0])

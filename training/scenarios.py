@@ -23,11 +23,13 @@ any capacity dynamics, every parameter drawn broadly.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
 
+from training.calibration import Calibration
 from training.sim import INTERVAL_S, Episode, WorldParams, mean_cost
 from training.traces import PACKAGED_TRACES, TRAIN_SHARE, Trace, packaged_trace
 from training.unseen import UNSEEN
@@ -310,6 +312,35 @@ SUITES["all"] = SUITES["default"] + SUITES["traces"]
 TRAINABLE_SUITES = ("default", "traces", "all")  # `unseen` measures generalisation: never trained on
 
 
+_CALIBRATION: list[Calibration] = []  # the calibration in force (`calibrated_worlds`), at most one
+
+
+@contextmanager
+def calibrated_worlds(calibration: Calibration | None) -> Iterator[None]:
+    """Inside, every episode made here has the calibrated backend's service model (None: unchanged).
+
+    Training and evaluation build their episodes through this module, so one `with` around a run
+    (`ratepilot train --calibration`, `ratepilot evaluate --calibration`) calibrates all its worlds.
+    """
+    if calibration is None:
+        yield
+        return
+    _CALIBRATION.append(calibration)
+    try:
+        yield
+    finally:
+        _CALIBRATION.pop()
+
+
+def _calibrated(episode: Episode) -> Episode:
+    """The episode in the calibrated backend, if one is in force; demand keeps its share of the capacity."""
+    if not _CALIBRATION:
+        return episode
+    params = _CALIBRATION[-1].apply(episode.params)
+    ratio = params.capacity_tokens / episode.params.capacity_tokens
+    return replace(episode, params=params, demand_rps=episode.demand_rps * ratio)
+
+
 def train_seeds(n: int, start: int = 0) -> list[int]:
     """Seeds reserved for training (never used by evaluation, which counts from 0)."""
     return [TRAIN_SEED_OFFSET + start + i for i in range(n)]
@@ -345,13 +376,13 @@ def make_episode(
     rng = _rng(name, seed)
     params = sample_params(rng, randomize)
     if name.startswith(TRACE_PREFIX):
-        return _packaged_trace_episode(name, seed, rng, params, seconds, randomize, split)
+        return _calibrated(_packaged_trace_episode(name, seed, rng, params, seconds, randomize, split))
     if name not in GENERATORS:
         raise KeyError(f"unknown scenario {name!r}; choose from {', '.join(GENERATORS)} or trace:NAME")
     (load, capacity, heavy), overrides = GENERATORS[name](rng, seconds, randomize)
     request_heavy = overrides.pop("_requests_fixed_at", None)
     params = replace(params, **overrides) if overrides else params  # type: ignore[arg-type]
-    return _episode(name, seed, params, load, capacity, heavy, request_heavy)  # type: ignore[arg-type]
+    return _calibrated(_episode(name, seed, params, load, capacity, heavy, request_heavy))  # type: ignore[arg-type]
 
 
 def make_episodes(
@@ -420,9 +451,10 @@ def trace_episode(
         capacity_tok = capacity_rps * per_request
         nominal = float(np.median(capacity_tok)) or float(capacity_tok.max()) or 1.0
         params = replace(params, capacity_tokens=nominal, reference_rate=nominal * params.reference_rate / params.capacity_tokens)
-        return Episode(trace.name, int(seed), params, demand, capacity_tok / nominal, heavy)
+        return _calibrated(Episode(trace.name, int(seed), params, demand, capacity_tok / nominal, heavy))
     peak = float(rng.uniform(1.1, 2.0)) if randomize else 1.5
-    return Episode(trace.name, int(seed), params, _rescaled(demand, params.capacity_tokens, per_request, peak), _flat(seconds, 1.0), heavy)
+    demand = _rescaled(demand, params.capacity_tokens, per_request, peak)
+    return _calibrated(Episode(trace.name, int(seed), params, demand, _flat(seconds, 1.0), heavy))
 
 
 def describe(names: Sequence[str]) -> dict[str, str]:

@@ -47,6 +47,8 @@ Physics of one 100 ms sub-step, per world, in this order (`BatchSim._simulate_in
                 over UTIL_TAU_S
     latency   = min latency + queue wait + Exp(service tail): the share within the SLO and the share
                 past the timeout (errors; those clients are booked to retry after retry_delay_s)
+    onset     = a calibrated backend (`training.calibration`) fails at least its fitted share at this
+                utilisation (logistic; off unless error_onset_slope > 0)
 
 Each sub-step writes one row of the record (`ADMITTED_TOKENS` … `GOOD_TOKENS`); the observation
 and the true figures of an interval are sums and quantiles over those rows.
@@ -63,7 +65,7 @@ import numpy as np
 from limiter.bucket import MAX_RATE, MICRO, admit_count, refill, wait_us
 from policy.base import MIN_RATE
 from policy.observation import IntervalMetrics, Observation, ObservationBuilder
-from training.latency import KNEE_A, MIN_LATENCY_SHARE, RHO_CAP, knee_power, slo_utilisation, tail_quantile
+from training.latency import KNEE_K, MIN_LATENCY_SHARE, knee_power, slo_utilisation, tail_quantile
 from training.world import (
     HPA_SLOTS,
     INTERVAL_S,
@@ -112,6 +114,10 @@ class Backend(NamedTuple):
     tail_scale_s: np.ndarray  # idle p99 / ln 100: the mean of an exponential whose p99 is the idle p99
     collapse: np.ndarray  # share of capacity lost when the queue is full
     base_error_rate: np.ndarray  # errors at any load (share)
+    knee_a: np.ndarray  # height of the latency knee (`training.latency`)
+    rho_cap: np.ndarray  # the latency curve stops at this utilisation
+    onset_util: np.ndarray  # utilisation at which half the requests fail (the error onset); used when onset_slope > 0
+    onset_slope: np.ndarray  # steepness of the error onset, per unit of utilisation; 0: no onset beyond the queue's drops
     p_retry_throttled: np.ndarray  # share of throttled requests retried
     p_retry_error: np.ndarray  # share of failed requests retried
 
@@ -125,6 +131,10 @@ class Backend(NamedTuple):
             tail_scale_s=p["base_latency_ms"] / 1000.0 / LN100,
             collapse=p["collapse"],
             base_error_rate=p["base_error_rate"],
+            knee_a=p["knee_a"],
+            rho_cap=p["knee_rho_cap"],
+            onset_util=p["error_onset_util"],
+            onset_slope=p["error_onset_slope"],
             p_retry_throttled=p["retry_p_throttled"],
             p_retry_error=p["retry_p_error"],
         )
@@ -144,7 +154,8 @@ class Latency(NamedTuple):
 
     joined: np.ndarray  # requests that joined the queue
     p_in_slo: np.ndarray  # share of the joined requests that finish within the SLO
-    errors: np.ndarray  # requests that failed: dropped, timed out, or the base error rate
+    errors: np.ndarray  # requests that failed: dropped, timed out, the base error rate or the error onset
+    onset_share: np.ndarray | None  # share failing by the error onset at this utilisation (None: no onset)
 
 
 def retry_landing(delay_sub: np.ndarray, retries_shape: tuple[int, ...]) -> np.ndarray:
@@ -197,7 +208,9 @@ class BatchSim:
         self.heavy = np.stack([e.heavy_frac for e in episodes]).astype(np.float64)
         heavy_cost_ut = np.floor(p["heavy_cost"] * MICRO).astype(np.int64)
         self.cost_ut = np.stack([np.full(n, MICRO, dtype=np.int64), heavy_cost_ut])  # (2, N): light, heavy
-        self.rho_slo = slo_utilisation(p["slo_ms"], p["base_latency_ms"])
+        self.rho_slo = slo_utilisation(p["slo_ms"], p["base_latency_ms"], p["knee_a"], p["knee_k"])
+        self.knee_k = None if np.all(p["knee_k"] == KNEE_K) else p["knee_k"]  # None: the fast default knee
+        self.error_onset = bool(np.any(p["error_onset_slope"] > 0))
         self.lag_sub = np.clip(np.round(p["lag_s"] / SUBSTEP_S), 0, SUBSTEPS).astype(np.int64)
         self.hpa_delay = np.clip(np.round(p["hpa_delay_s"] / INTERVAL_S), 1, HPA_SLOTS - 1).astype(np.int64)
         self.client_delay_sub = np.clip(np.round(p["retry_delay_s"] / SUBSTEP_S), 1, RETRY_SLOTS - 1).astype(np.int64)
@@ -386,8 +399,9 @@ class BatchSim:
     def _service_tail(self, admitted_tokens: np.ndarray, capacity_tps: np.ndarray) -> np.ndarray:
         """Mean (s) of the exponential service tail: the utilisation curve's p99 at the smoothed utilisation."""
         self.util += UTIL_STEP * (admitted_tokens / (capacity_tps * SUBSTEP_S) - self.util)
-        rho = np.minimum(self.util, RHO_CAP)
-        return self.backend.tail_scale_s * ((1.0 - MIN_LATENCY_SHARE) + KNEE_A * knee_power(rho) / (1.0 - rho))
+        rho = np.minimum(self.util, self.backend.rho_cap)
+        rho_k = knee_power(rho) if self.knee_k is None else np.power(rho, self.knee_k)
+        return self.backend.tail_scale_s * ((1.0 - MIN_LATENCY_SHARE) + self.backend.knee_a * rho_k / (1.0 - rho))
 
     def _latency(self, admitted_requests: np.ndarray, queued: Queued, theta_s: np.ndarray) -> Latency:
         """Latency = start + Exp(theta): the share within the SLO, and the errors (dropped, timed out, base rate)."""
@@ -397,7 +411,12 @@ class BatchSim:
         p_in_slo = 1.0 - np.exp(-np.clip((backend.slo_s - queued.start_s) * inv_theta, 0.0, MAX_EXPONENT))
         p_timeout = np.exp(-np.clip((backend.timeout_s - queued.start_s) * inv_theta, 0.0, MAX_EXPONENT))
         errors = admitted_requests - joined * (1.0 - np.minimum(p_timeout + backend.base_error_rate, 1.0))
-        return Latency(joined, p_in_slo, errors)
+        onset_share = None
+        if self.error_onset:  # a calibrated backend fails at least this share near its onset (the queue's drops count toward it)
+            exponent = np.clip(-backend.onset_slope * (self.util - backend.onset_util), -MAX_EXPONENT, MAX_EXPONENT)
+            onset_share = np.where(backend.onset_slope > 0, 1.0 / (1.0 + np.exp(exponent)), 0.0)
+            errors = np.maximum(errors, admitted_requests * onset_share)
+        return Latency(joined, p_in_slo, errors, onset_share)
 
     def _record(
         self,
@@ -420,7 +439,10 @@ class BatchSim:
         record[THETA_S, k] = theta_s
         record[CPU, k] = queued.served_tokens / (queued.capacity_tps * SUBSTEP_S)
         no_error = 1.0 - self.backend.base_error_rate
-        record[GOOD_TOKENS, k] = admitted_tokens * queued.joined_share * latency.p_in_slo * no_error
+        good_share = queued.joined_share * latency.p_in_slo * no_error
+        if latency.onset_share is not None:
+            good_share = np.minimum(good_share, 1.0 - latency.onset_share)
+        record[GOOD_TOKENS, k] = admitted_tokens * good_share
 
     def _autoscale(self) -> None:
         """HPA-like scaling: desired replicas from this interval's CPU take effect hpa_delay intervals later."""

@@ -3,6 +3,7 @@
     ratepilot train                          # the default run (<= 15 min on 2 cores), writes policy/models/default_policy.npz
     ratepilot train --iterations 5 --out /tmp/p.npz --no-mlflow
     ratepilot train --resume runs/NAME/checkpoint.json
+    ratepilot train --calibration calibration.json   # worlds with a measured backend (`ratepilot calibrate`)
 
 Steps: DAgger imitation of the oracle initialises a linear policy over normalised observation
 features; ARS V2-t (`training/ars.py`, run on the simulator by `training/trainer.py`) improves it
@@ -11,6 +12,8 @@ validation episodes (training seeds) become the policy. It is then evaluated by 
 against every baseline on held-out evaluation seeds (and on the held-out part of the traces),
 and everything is logged to MLflow: params, learning curve, evaluation tables, plots, the
 environment spec and the policy as a pyfunc model, registered with the alias `candidate`.
+With `--calibration` every training and evaluation world has the calibrated backend's service
+model (`training.calibration`); the file is logged with the run (artifact and `calibration.*` params).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from limiter.paths import check_outputs
 from policy.observation import OBS_SCHEMA
 from policy.rl import DEFAULT_MODEL_PATH, RLPolicy, make_meta, save
+from training.calibrate import load_calibration
+from training.scenarios import calibrated_worlds
 from training.trainer import Args, Trainer
 
 ENV_ID = "ratepilot/Traffic-v0"
@@ -71,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (nor register the model)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the project store)")
     parser.add_argument("--json", type=Path, help="write the run summary (validation and evaluation) as JSON here")
+    parser.add_argument("--calibration", type=Path, help="train and evaluate in worlds with this calibrated backend (`ratepilot calibrate`; give it again on --resume)")
     return parser
 
 
@@ -221,6 +227,7 @@ def main(argv: list[str]) -> int:
     console = Console(stderr=True)
     try:
         check_outputs(files={"--out": ns.out, "--json": ns.json}, dirs={"--run-dir": ns.run_dir})
+        calibration = load_calibration(ns.calibration) if ns.calibration else None
         if ns.resume:
             trainer = Trainer.from_state(json.loads(ns.resume.read_text()))
             run_name = ns.resume.parent.name
@@ -238,7 +245,7 @@ def main(argv: list[str]) -> int:
         unknown = [s for s in suites if s not in SUITES]
         if unknown:
             raise ValueError(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
-    except (ValueError, OSError, json.JSONDecodeError) as exc:
+    except (ValueError, OSError, json.JSONDecodeError) as exc:  # a bad calibration file is a ValueError too
         print(f"ratepilot train: {exc}", file=sys.stderr)
         return 2
     from training import registry
@@ -258,51 +265,57 @@ def main(argv: list[str]) -> int:
         mlflow_run = mlflow.start_run(run_name=run_name)
         registry.log_args(args)
         mlflow.set_tags({"env_id": ENV_ID, "algorithm": "ARS-V2t", "resumed": str(bool(ns.resume))})
+        if calibration is not None:
+            mlflow.log_params(calibration.mlflow_params())
+            mlflow.log_artifact(str(ns.calibration), "calibration")
     try:
-        if trainer is None:
-            with console.status("DAgger initialisation (imitating the oracle)"):
-                trainer = Trainer.start(args)
-        run_training(trainer, run_dir, log, console)
-        network = trainer.best_network()
-        training_info = {
-            "iterations": trainer.ars.iteration, "env_steps": trainer.env_steps, "elapsed_s": round(trainer.elapsed_s, 1),
-            "seed": args.seed, "best_iteration": trainer.best["iteration"], "run_name": run_name,
-            "run_id": mlflow_run.info.run_id if mlflow_run else None,
-            "validation": {k: v for k, v in trainer.best.items() if isinstance(v, float)},
-        }  # fmt: skip
-        if args.init_model:  # provenance: what the carried-over weights were trained as
-            with np.load(args.init_model, allow_pickle=False) as data:
-                training_info["init_model"] = {"path": args.init_model, "meta": json.loads(str(data["meta"]))}
-        start = f"warm-started from {Path(args.init_model).name}" if args.init_model else "DAgger-initialised"
-        meta = make_meta(network, f"ARS-V2t (Mania et al. 2018), {start}", training_info)
-        meta["version"] = POLICY_VERSION
-        policy = RLPolicy(network, meta)
-        out = save(policy, ns.out)
-        console.print(f"policy written to {out} ({out.stat().st_size} bytes)")
-        curve_png = plot_curve(trainer.curve, run_dir / "learning_curve.png")
-        reports = final_evaluation(policy, suites, ns.eval_seeds, None if ns.no_eval_plots else run_dir / "plots")
-        from training.evaluate import goodput_table, public_report, summary_table
-
-        for suite, report in reports.items():
-            console.print(f"suite {suite}: held-out seeds 0..{ns.eval_seeds - 1}", goodput_table(report), summary_table(report))
-        summary = {"run_name": run_name, "policy": str(out), "training": training_info, "curve": trainer.curve,
-                   "evaluation": {s: public_report(r)["summary"] for s, r in reports.items()}}  # fmt: skip
-        if log.enabled:
-            import mlflow
+        with calibrated_worlds(calibration):
+            if trainer is None:
+                with console.status("DAgger initialisation (imitating the oracle)"):
+                    trainer = Trainer.start(args)
+            run_training(trainer, run_dir, log, console)
+            network = trainer.best_network()
+            training_info = {
+                "iterations": trainer.ars.iteration, "env_steps": trainer.env_steps, "elapsed_s": round(trainer.elapsed_s, 1),
+                "seed": args.seed, "best_iteration": trainer.best["iteration"], "run_name": run_name,
+                "run_id": mlflow_run.info.run_id if mlflow_run else None,
+                "validation": {k: v for k, v in trainer.best.items() if isinstance(v, float)},
+            }  # fmt: skip
+            if calibration is not None:  # provenance: the backend the worlds were calibrated to
+                training_info["calibration"] = {"path": str(ns.calibration), **calibration.to_dict()["model"]}
+            if args.init_model:  # provenance: what the carried-over weights were trained as
+                with np.load(args.init_model, allow_pickle=False) as data:
+                    training_info["init_model"] = {"path": args.init_model, "meta": json.loads(str(data["meta"]))}
+            start = f"warm-started from {Path(args.init_model).name}" if args.init_model else "DAgger-initialised"
+            meta = make_meta(network, f"ARS-V2t (Mania et al. 2018), {start}", training_info)
+            meta["version"] = POLICY_VERSION
+            policy = RLPolicy(network, meta)
+            out = save(policy, ns.out)
+            console.print(f"policy written to {out} ({out.stat().st_size} bytes)")
+            curve_png = plot_curve(trainer.curve, run_dir / "learning_curve.png")
+            reports = final_evaluation(policy, suites, ns.eval_seeds, None if ns.no_eval_plots else run_dir / "plots")
+            from training.evaluate import goodput_table, public_report, summary_table
 
             for suite, report in reports.items():
-                registry.log_evaluation(public_report(report), prefix=f"eval_{suite}")
-            mlflow.log_artifact(str(curve_png), "plots")
-            if (run_dir / "plots").is_dir():
-                mlflow.log_artifacts(str(run_dir / "plots"), "plots")
-            registry.log_json(env_spec(args), "env_spec.json")
-            registry.log_json(trainer.curve, "learning_curve.json")
-            mlflow.log_artifact(str(out), "policy_file")
-            version = registry.register_candidate(registry.log_policy(out), {"run_name": str(run_name)})
-            summary["registered_version"] = version.version
-            console.print(f"registered {registry.REGISTERED_MODEL} version {version.version} as '{registry.CANDIDATE}'")
-        if ns.json:
-            write_json(ns.json, json.loads(json.dumps(summary, default=float)))
+                console.print(f"suite {suite}: held-out seeds 0..{ns.eval_seeds - 1}", goodput_table(report), summary_table(report))
+            summary = {"run_name": run_name, "policy": str(out), "training": training_info, "curve": trainer.curve,
+                       "evaluation": {s: public_report(r)["summary"] for s, r in reports.items()}}  # fmt: skip
+            if log.enabled:
+                import mlflow
+
+                for suite, report in reports.items():
+                    registry.log_evaluation(public_report(report), prefix=f"eval_{suite}")
+                mlflow.log_artifact(str(curve_png), "plots")
+                if (run_dir / "plots").is_dir():
+                    mlflow.log_artifacts(str(run_dir / "plots"), "plots")
+                registry.log_json(env_spec(args), "env_spec.json")
+                registry.log_json(trainer.curve, "learning_curve.json")
+                mlflow.log_artifact(str(out), "policy_file")
+                version = registry.register_candidate(registry.log_policy(out), {"run_name": str(run_name)})
+                summary["registered_version"] = version.version
+                console.print(f"registered {registry.REGISTERED_MODEL} version {version.version} as '{registry.CANDIDATE}'")
+            if ns.json:
+                write_json(ns.json, json.loads(json.dumps(summary, default=float)))
     finally:
         if mlflow_run is not None:
             import mlflow

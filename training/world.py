@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from limiter.bucket import MICRO
+from training.latency import KNEE_A, KNEE_K, RHO_CAP
 
 INTERVAL_S = 5.0  # seconds per control interval (one env step)
 SUBSTEP_S = 0.1  # seconds per physics sub-step
@@ -70,6 +71,11 @@ class WorldParams:
     max_replicas: int = 16
     hpa_target_cpu: float = 0.7  # the HPA scales to bring CPU to this
     hpa_delay_s: float = 60.0  # seconds from the HPA's decision until new replicas serve
+    knee_a: float = KNEE_A  # latency knee: p99 = base_latency * (1 + knee_a * rho**knee_k / (1 - rho))
+    knee_k: float = KNEE_K  # sharpness of the knee (the default is the fast path of `training.latency.knee_power`)
+    knee_rho_cap: float = RHO_CAP  # the curve stops at this utilisation (a calibrated backend's saturated p99)
+    error_onset_util: float = 1.0  # utilisation at which half the admitted requests fail (when error_onset_slope > 0)
+    error_onset_slope: float = 0.0  # 0: errors come only from the queue (drops, timeouts) and base_error_rate
 
     def __post_init__(self) -> None:
         positive = ("capacity_tokens", "slo_ms", "timeout_s", "base_latency_ms", "burst_s", "reference_rate")
@@ -79,6 +85,12 @@ class WorldParams:
                 raise ValueError(f"{name} must be finite and positive, got {value!r}")
         if not self.heavy_cost >= 1:
             raise ValueError(f"heavy_cost must be >= 1 token, got {self.heavy_cost!r}")
+        if not (np.isfinite(self.knee_a) and self.knee_a >= 0 and np.isfinite(self.knee_k) and 1 <= self.knee_k <= 64):
+            raise ValueError(f"need knee_a >= 0 and 1 <= knee_k <= 64, got {self.knee_a!r}, {self.knee_k!r}")
+        if not 0 < self.knee_rho_cap <= RHO_CAP:
+            raise ValueError(f"knee_rho_cap must be in (0, {RHO_CAP}], got {self.knee_rho_cap!r}")
+        if not (np.isfinite(self.error_onset_slope) and self.error_onset_slope >= 0 and np.isfinite(self.error_onset_util)):
+            raise ValueError("error_onset_slope must be finite and >= 0 and error_onset_util finite")
         if not 1 <= self.replicas <= self.max_replicas:
             raise ValueError("need 1 <= replicas <= max_replicas")
 

@@ -14,6 +14,7 @@ FAST_EVALUATE = ["--policies", "static", "--seeds", "1", "--steps", "5"]
 FAST_TRAIN = ["--no-mlflow", "--iterations", "1", "--time-budget-s", "1", "--dagger-rounds", "1", "--dagger-episodes", "2",
               "--episodes-per-iteration", "2", "--validation-episodes", "2", "--eval-seeds", "1", "--no-eval-plots"]  # fmt: skip
 FAST_DEMO = ["--duration", "4", "--no-compare"]
+NO_PROMETHEUS = ["--prometheus-url", "http://127.0.0.1:9", "--start", "now-1m", "--end", "now"]
 NO_SERVERS = ["--redis-url", "redis://127.0.0.1:1/0", "--prometheus-url", "http://127.0.0.1:9"]
 
 
@@ -34,10 +35,12 @@ def cases(tmp: Path) -> list[tuple[list[str], str, Path]]:
         (["demo", *FAST_DEMO, "--out", str(demo), "--json", str(blocker / "d.json")], "--json", demo),
         (["demo", *FAST_DEMO, "--out", str(blocker / "demo")], "--out", tmp / "never"),
         (["bench", "sim", "--envs", "2", "--steps", "10", "--rounds", "1", "--json", str(blocker / "b.json")], "--json", tmp / "never"),
+        (["calibrate", *NO_PROMETHEUS, "--out", str(blocker / "c.json")], "--out", tmp / "never"),
+        (["calibrate", *NO_PROMETHEUS, "--out", str(tmp / "c.json"), "--plot", str(blocker / "c.png")], "--plot", tmp / "c.json"),
     ]
 
 
-@pytest.mark.parametrize("index", range(11), ids=lambda i: f"case{i}")
+@pytest.mark.parametrize("index", range(13), ids=lambda i: f"case{i}")
 def test_an_unwritable_output_path_fails_before_any_work(index: int, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)  # the demo's default folder and any stray output land here
