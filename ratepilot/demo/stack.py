@@ -90,7 +90,9 @@ def controller_config(redis_url: str, prometheus_url: str, port: int, settings: 
             tiers[tier].update(backend=BACKEND, priority=PRIORITY[tier], max_rate=settings.nominal_capacity_rps * 2)
     return {
         "redis": {"url": redis_url},
-        "prometheus": {"url": prometheus_url, "window": "10s"},
+        # the rate() window is one tick, as in the simulator the policy learned in: each observation is
+        # the interval just ended, not a blend with the one before (the 1 s scrapes give it 5 samples)
+        "prometheus": {"url": prometheus_url, "window": f"{round(settings.tick_interval_s * 1000)}ms"},
         "loop": {"tick_interval_s": settings.tick_interval_s, "rate_ttl_s": max(30.0, 3 * settings.tick_interval_s)},
         "lease": {"enabled": True},
         "policy": {"name": settings.policy, "model": None},
@@ -115,6 +117,7 @@ class Stack:
         self.edge: HttpPart | None = None
         self.controller: HttpPart | None = None
         self.prometheus: PrometheusServer | None = None
+        self.redis: RedisServer | None = None
 
     def start(self) -> None:
         """redis -> edge -> Prometheus -> controller; PartFailed (everything stopped) if one fails."""
@@ -123,6 +126,7 @@ class Stack:
         redis_server = RedisServer(workdir=self.workdir / "redis")
         redis_server.name = "redis-server"
         self.supervisor.start(redis_server)
+        self.redis = redis_server
 
         limiter_yaml = self.workdir / "limiter.yaml"
         limiter_yaml.write_text(yaml.safe_dump(limiter_config(redis_server.url, s), sort_keys=False))
