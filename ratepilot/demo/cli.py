@@ -10,7 +10,8 @@ open-loop load generator while a live view shows the loop (a load scenario of
 arrivals against a static limiter and prints the side-by-side table and the plot's path.
 
 Two tiers share the backend: the scenario's `gold_` keys are the top-priority tier `gold`, the
-`demo_` keys the tier `demo` (`--one-tier`: a single tier for all keys). A second table and
+`demo_` keys the tier `demo` (`--one-tier`, a trace or a scenario without `gold_` keys: a single
+tier for all keys, so no idle tier holds a share of the rate). A second table and
 `demo-tiers.png` show each tier's share of requests served within the SLO, whole run and during the
 lowest-capacity phase.
 """
@@ -46,11 +47,11 @@ from ratepilot.demo.schedule import (
     trace_scenario,
 )
 from ratepilot.demo.simulated import Simulated, comparison_plot, read_decisions, simulate_demo
-from ratepilot.demo.stack import PRIORITY, TIER, StackSettings, tier_prefixes
+from ratepilot.demo.stack import PRIORITY, TIER, TOP_PREFIX, StackSettings, tier_prefixes
 from ratepilot.demo.supervisor import PartFailed, log_tail
 from ratepilot.demo.tiers import request_tiers, tier_plot, tier_reports, tier_table
 from ratepilot.loadtest.plan import request_plan
-from ratepilot.loadtest.scenario import load_scenario, scenario_names
+from ratepilot.loadtest.scenario import Scenario, load_scenario, scenario_names
 from ratepilot.servers import ServerError, find_binary
 from training.traces import TraceError
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slo-ms", type=positive_number(float), default=300.0, help="p99 latency SLO (default 300)")
     parser.add_argument("--tick-interval", type=positive_number(float), default=5.0, help="controller tick, s (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the backend's service times")
-    parser.add_argument("--one-tier", action="store_true", help="one tier for every key (default: gold above demo, by priority)")
+    parser.add_argument("--one-tier", action="store_true", help="one tier for every key (default: gold above demo, by priority, when the scenario has gold_ keys)")
     return parser
 
 
@@ -115,7 +116,7 @@ def build_schedule(args: argparse.Namespace, cores: int) -> tuple[LoadSchedule, 
 
 def simulated_beside(console: Console, adaptive: RunResult, schedule: LoadSchedule, settings: StackSettings, out: Path) -> Simulated:
     """The same schedule, policy and safety engine in the simulator: its figures, and its ticks beside the real loop's."""
-    simulated = simulate_demo(schedule, settings, MEAN_SERVICE_S)
+    simulated = simulate_demo(schedule, settings)
     recovery = "not within the run" if math.isnan(simulated.recovery_s) else f"{simulated.recovery_s:.0f} s"
     console.print(
         f"simulator, same schedule, policy and safety engine: goodput / upper bound {simulated.goodput_ratio:.3f}, "
@@ -128,6 +129,11 @@ def simulated_beside(console: Console, adaptive: RunResult, schedule: LoadSchedu
         png = comparison_plot(out / "sim-vs-real.png", {f"real loop (tier {TIER})": real, "simulator": simulated.ticks}, schedule)
         console.print(f"observations, real loop vs simulator, tick by tick: {png}", highlight=False)
     return simulated
+
+
+def sends_top_tier(scenario: Scenario | None) -> bool:
+    """Whether the scenario has `gold_` clients (a trace has no scenario: every request is the bottom tier's)."""
+    return scenario is not None and any(group.prefix == TOP_PREFIX for group in scenario.clients)
 
 
 def _terminate(signum: int, _frame: FrameType | None) -> None:
@@ -168,7 +174,7 @@ def main(argv: list[str]) -> int:
         policy=args.policy,
         model=str(Path(args.model).resolve()) if args.model else None,  # the parts run in their own folders
         seed=args.seed,
-        two_tiers=not args.one_tier,
+        two_tiers=not args.one_tier and sends_top_tier(schedule.scenario),
     )
     # absolute: the parts run with their own folder as working directory and get paths into `out`
     out = (args.out or Path("demo-output") / time.strftime("run-%Y%m%d-%H%M%S")).resolve()

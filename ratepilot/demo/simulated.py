@@ -120,9 +120,10 @@ def simulate(episode: Episode, policy: Policy, limits: SafetyLimits) -> Simulate
     return Simulated(ticks, goodput / bound if bound > 0 else math.nan, float(np.mean(violated)), recovery)
 
 
-def simulate_demo(schedule: LoadSchedule, settings: StackSettings, mean_service_s: float) -> Simulated:
+def simulate_demo(schedule: LoadSchedule, settings: StackSettings) -> Simulated:
     """The demo's schedule in the simulator with the demo's policy and one tier's safety limits (the controller's defaults)."""
     capacity = settings.nominal_capacity_rps
+    mean_service_s = settings.workers / capacity  # the synthetic backend's pool serves `capacity` with `workers`
     params = demo_world(capacity, settings.slo_ms, mean_service_s, settings.backend_timeout_s, settings.burst_s)
     policy = make_policy("rl", spec=settings.model) if settings.policy == "rl" else make_policy(settings.policy)
     s = SafetySettings()

@@ -17,7 +17,14 @@ from policy.observation import OBS_DIM, IntervalMetrics, ObservationBuilder
 from policy.safety import SafetyEngine, SafetyLimits
 from ratepilot.demo.run import save_decisions
 from ratepilot.demo.schedule import LoadSchedule, default_scenario
-from ratepilot.demo.simulated import comparison_plot, demo_episode, demo_world, read_decisions, simulate, simulate_demo
+from ratepilot.demo.simulated import (
+    comparison_plot,
+    demo_episode,
+    demo_world,
+    read_decisions,
+    simulate,
+    simulate_demo,
+)
 from ratepilot.demo.stack import StackSettings
 from ratepilot.servers import RedisServer
 
@@ -63,7 +70,7 @@ def test_overload_at_a_static_rate_above_capacity_violates_the_slo() -> None:
 
 def test_simulate_demo_runs_the_default_schedule_with_a_baseline() -> None:
     schedule = default_scenario(duration_s=60, scale=0.5)
-    run = simulate_demo(schedule, StackSettings(nominal_capacity_rps=50.0, policy="aimd"), 0.025)
+    run = simulate_demo(schedule, StackSettings(nominal_capacity_rps=50.0, policy="aimd", workers=2))
     assert 0 < run.goodput_ratio <= 1.1 and 0 <= run.slo_violation_frac <= 1
     assert set(run.to_dict()) == {"goodput_ratio", "slo_violation_frac", "recovery_s"}
 
