@@ -201,6 +201,7 @@ def play(
         if stack.adaptive and stack.redis is not None:
             save_decisions(stack.redis.url, workdir / DECISIONS_FILE)
     bound = upper_bound_rps(schedule.demand_rps, schedule.capacity_rps)
-    recovery = recovery_seconds(np.array(samples.second), np.array(samples.rate), schedule.capacity_rps)
+    # a static limiter's rate never moves: "recovered" would say nothing about it
+    recovery = recovery_seconds(np.array(samples.second), np.array(samples.rate), schedule.capacity_rps) if stack.adaptive else math.nan
     summary = summarize(record, float(schedule.duration_s), settings.slo_ms, ERROR_BUDGET, bound, recovery)
     return RunResult(mode, record, summary, samples, workdir)

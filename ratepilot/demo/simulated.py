@@ -7,18 +7,23 @@ policy inside the same safety engine the demo's controller runs, and returns eve
 observation vector next to the true figures. `read_decisions` reads what the real controller saw
 and did (the run's `decisions.jsonl`, `controller/decisions.py`). `comparison_plot` draws the
 observation columns of both, tick by tick, so one sees which column parts (scale, lag, smoothing).
+
+What the simulated world does not copy (docs/evaluation.md, "The real loop"): the synthetic backend
+slows every request when its capacity drops, where the simulator keeps the latency and lowers the
+throughput, and its small worker pool's p99 climbs from about half load, where the simulator's
+latency curve stays flat to ~85 %.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import orjson
 
-from controller.settings import SafetySettings
+from controller.settings import settings_from_mapping
 from policy.base import Policy
 from policy.observation import (
     ADMITTED_OVER_RATE,
@@ -32,7 +37,7 @@ from policy.observation import (
 from policy.registry import make_policy
 from policy.safety import SafePolicy, SafetyEngine, SafetyLimits
 from ratepilot.demo.schedule import LoadSchedule
-from ratepilot.demo.stack import StackSettings
+from ratepilot.demo.stack import StackSettings, controller_config
 from ratepilot.demo.summary import recovery_seconds
 from training.sim import BatchSim
 from training.world import INTERVAL_S, PROFILE_PER_INTERVAL, Episode, WorldParams
@@ -121,17 +126,14 @@ def simulate(episode: Episode, policy: Policy, limits: SafetyLimits) -> Simulate
 
 
 def simulate_demo(schedule: LoadSchedule, settings: StackSettings) -> Simulated:
-    """The demo's schedule in the simulator with the demo's policy and one tier's safety limits (the controller's defaults)."""
+    """The demo's schedule in the simulator with the demo's policy and the safety limits of its controller's config."""
     capacity = settings.nominal_capacity_rps
     mean_service_s = settings.workers / capacity  # the synthetic backend's pool serves `capacity` with `workers`
     params = demo_world(capacity, settings.slo_ms, mean_service_s, settings.backend_timeout_s, settings.burst_s)
     policy = make_policy("rl", spec=settings.model) if settings.policy == "rl" else make_policy(settings.policy)
-    s = SafetySettings()
-    limits = SafetyLimits(
-        min_rate=capacity / 10, max_rate=capacity * 2, static_rate=capacity, max_up=s.max_up, max_down=s.max_down,
-        brake_p99_over_slo=s.brake_p99_over_slo, brake_error_rate=s.brake_error_rate, brake_ratio=s.brake_ratio,
-        stale_hold_ticks=s.stale_hold_ticks, stale_decay=s.stale_decay,
-    )  # fmt: skip
+    # the safety limits of the demo controller's own config, with one tier (the simulated world is one)
+    config = controller_config("redis://127.0.0.1:6379/0", "http://127.0.0.1:9090", 1, replace(settings, two_tiers=False))
+    limits = settings_from_mapping(config, env={}).safety_limits()
     return simulate(demo_episode(schedule, params, settings.seed), policy, limits)
 
 

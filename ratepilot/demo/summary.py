@@ -13,8 +13,8 @@ Client-side definitions (what the callers of the API experienced):
   compared on the same measure (NaN when the bound is unknown or zero);
 * recovery_s: after the schedule's largest capacity cut (`capacity_cut`), seconds until the rate in
   force (all tiers, sampled once a second) is back at RECOVERY_SHARE of the new capacity, having
-  dipped below it (0 when it never dipped; NaN without a cut, or when it is not back before the
-  capacity changes again or the run ends).
+  dipped below it (0 when it never dipped; NaN without a cut, when it is not back before the
+  capacity changes again or the run ends, and for the static limiter, whose rate never moves).
 """
 
 from __future__ import annotations
