@@ -29,7 +29,7 @@ from ratepilot.demo.supervisor import Supervisor
 from ratepilot.demo.view import LiveView, Sample
 
 DECISIONS_FILE = "decisions.jsonl"  # the controller's decisions of an adaptive run, oldest first (controller/decisions.py)
-MAX_DECISIONS = 100_000
+MAX_DECISIONS = 100_000  # read back at most (a 180 s run with two tiers writes ~80)
 CLIENTS = 50  # API keys the load is spread over (each client bucket is far from binding)
 ERROR_BUDGET = 0.01  # an interval with more errors than this violates the SLO
 PROMQL = (

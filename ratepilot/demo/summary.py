@@ -78,7 +78,8 @@ def capacity_cut(capacity_rps: np.ndarray) -> tuple[int, int] | None:
         return None
     start = int(np.argmax(drop)) + 1
     changes = np.flatnonzero(capacity[start + 1 :] != capacity[start])
-    return start, start + 1 + int(changes[0]) if changes.size else int(capacity.size)
+    end = start + 1 + int(changes[0]) if changes.size else int(capacity.size)
+    return start, end
 
 
 def recovery_seconds(seconds: np.ndarray, rate: np.ndarray, capacity_rps: np.ndarray, share: float = RECOVERY_SHARE) -> float:
