@@ -102,6 +102,9 @@ RECORDED_ERROR_RATIO = "tier:ratepilot_backend_error_ratio:zero_filled_rate{wind
 RECORDED_TOKENS = "tier_outcome:ratepilot_decision_tokens:rate{window}"
 
 
+CPU_OVER_WINDOW = "max(avg_over_time(ratepilot_backend_cpu_utilization[{window}]))"
+
+
 def raw_queries() -> dict[str, str]:
     """The raw PromQL of each per-tier input (what the recording rules precompute)."""
     tokens = "sum by ({tier_label}) (rate(ratepilot_decision_tokens_total{outcome=\"%s\"}[{window}]))"
@@ -123,7 +126,8 @@ def _default_queries() -> dict[str, QuerySettings]:
     return {
         "p99_latency_ms": QuerySettings(expr=RECORDED_P99, fallback=raw["p99_latency_ms"]),
         "error_rate": QuerySettings(expr=RECORDED_ERROR_RATIO, fallback=raw["error_rate"]),
-        "cpu": QuerySettings(expr="max(ratepilot_backend_cpu_utilization)", per_tier=False),
+        # averaged over the window like the other inputs: one scrape's gauge is one second of a few workers
+        "cpu": QuerySettings(expr=CPU_OVER_WINDOW, per_tier=False),
         "admitted_rps": QuerySettings(expr=RECORDED_TOKENS + '{outcome="allowed"}', fill=0.0, fallback=raw["admitted_rps"]),
         "throttled_rps": QuerySettings(expr=RECORDED_TOKENS + '{outcome="throttled"}', fill=0.0, fallback=raw["throttled_rps"]),
     }

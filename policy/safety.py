@@ -12,7 +12,8 @@ concurrency-limits' base limit that clamps to min/max, applied as a decorator):
 | 3     | step_limit     | the change exceeds max_up/max_down per tick | moves only as far as allowed          |
 | 4     | stale_hold     | metrics missing for <= hold_ticks ticks     | keeps the rate in force               |
 | 5     | stale_decay    | metrics missing for longer                  | moves a share of the way to static    |
-| 6     | emergency_brake| p99 or error rate far over the SLO          | cuts to brake_ratio x rate in force   |
+| 6     | emergency_brake| p99 or error rate far over the SLO          | cuts to brake_ratio x the rate that   |
+|       |                |                                             | loaded the backend (see `brake`)      |
 | 7     | tier_bounds    | outside the tier's [min, max]               | clamps                                |
 | 8     | override_caps  | outside an operator's [min, max]            | clamps (operator caps replace tier's) |
 | 9     | pinned         | an operator pinned the rate                 | sets it                               |
@@ -104,11 +105,21 @@ def brake(
     p99_limit: float,
     error_limit: float,
     ratio: float,
+    previous_in_force: np.ndarray | None = None,
 ) -> Rule:
-    """emergency_brake: p99 > p99_limit x SLO or error rate > error_limit cuts to ratio x the rate in force."""
+    """emergency_brake: p99 > p99_limit x SLO or error rate > error_limit caps the rate at ratio x the rate that loaded the backend.
+
+    That rate is the larger of the rate in force and the one in force a tick earlier (`previous_in_force`,
+    None: unknown). A backlog built under the earlier rate keeps the p99 of the interval after a cut high
+    while the cut drains it; measured against the rate in force alone, the brake would cut again for
+    the same backlog, tick after tick (a 1/2 x 1/2 x 1/2 spiral far below the capacity). So a cut of at
+    least `ratio` already in force holds the rate there instead, and the brake cuts again only if the
+    next interval, run wholly under the cut rate, is still far over the SLO. It never raises a rate.
+    """
     with np.errstate(invalid="ignore"):
         firing = (np.nan_to_num(p99_over_slo, nan=0.0) > p99_limit) | (np.nan_to_num(error_rate, nan=0.0) > error_limit)
-    cut = np.minimum(proposed, in_force * ratio)
+    loaded = in_force if previous_in_force is None else np.fmax(in_force, previous_in_force)
+    cut = np.minimum(proposed, loaded * ratio)
     return np.where(firing, cut, proposed), firing
 
 
@@ -217,6 +228,7 @@ class SafetyResult:
     fired: dict[str, np.ndarray]  # rule -> mask of tiers where it fired
     stale_ticks: np.ndarray  # pass back in on the next tick
     before_caps: np.ndarray | None = None  # after rules 1-6, before the per-tier caps (policy.priority divides these)
+    in_force: np.ndarray | None = None  # the rate in force the result was decided from; pass back in on the next tick
 
     @property
     def deciding_rule(self) -> list[str]:
@@ -249,8 +261,12 @@ class SafetyEngine:
         proposed: np.ndarray | None,
         caps: OperatorCaps | None = None,
         stale_ticks: np.ndarray | None = None,
+        previous_in_force: np.ndarray | None = None,
     ) -> SafetyResult:
-        """Clamp `proposed` (None when the policy failed) given the observation and operator caps."""
+        """Clamp `proposed` (None when the policy failed) given the observation and operator caps.
+
+        `stale_ticks` and `previous_in_force` are the last result's `stale_ticks` and `in_force` (None on the first tick).
+        """
         limits = self.limits
         n = limits.n_tiers
         if observation.n_tiers != n:
@@ -283,9 +299,12 @@ class SafetyEngine:
             limits.brake_p99_over_slo,
             limits.brake_error_rate,
             limits.brake_ratio,
+            None if previous_in_force is None else np.asarray(previous_in_force, dtype=np.float64),
         )
         capped_rates, capped = apply_caps(rates, limits, caps)
-        return SafetyResult(rates=capped_rates, proposed=raw, fired={**fired, **capped}, stale_ticks=stale, before_caps=rates)
+        return SafetyResult(
+            rates=capped_rates, proposed=raw, fired={**fired, **capped}, stale_ticks=stale, before_caps=rates, in_force=in_force
+        )
 
 
 def apply_caps(rates: np.ndarray, limits: SafetyLimits, caps: OperatorCaps) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -341,6 +360,7 @@ class SafePolicy(Policy):
     def decide(self, observation: Observation) -> SafetyResult:
         """`act` with the whole result: rates, the proposal, the rules that fired (also kept as `last_result`)."""
         proposed, self.last_error = propose(self.inner, observation)
-        stale = None if self.last_result is None else self.last_result.stale_ticks
-        self.last_result = self.engine.apply(observation, proposed, self.caps, stale)
+        last = self.last_result
+        stale, in_force = (None, None) if last is None else (last.stale_ticks, last.in_force)
+        self.last_result = self.engine.apply(observation, proposed, self.caps, stale, in_force)
         return self.last_result

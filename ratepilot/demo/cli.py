@@ -10,7 +10,8 @@ open-loop load generator while a live view shows the loop (a load scenario of
 arrivals against a static limiter and prints the side-by-side table and the plot's path.
 
 Two tiers share the backend: the scenario's `gold_` keys are the top-priority tier `gold`, the
-`demo_` keys the tier `demo` (`--one-tier`: a single tier for all keys). A second table and
+`demo_` keys the tier `demo` (`--one-tier`, a trace or a scenario without `gold_` keys: a single
+tier for all keys, so no idle tier holds a share of the rate). A second table and
 `demo-tiers.png` show each tier's share of requests served within the SLO, whole run and during the
 lowest-capacity phase.
 """
@@ -33,7 +34,7 @@ from rich.console import Console
 
 from limiter.paths import check_outputs
 from ratepilot.demo.report import comparison_table, plot, write_json
-from ratepilot.demo.run import ERROR_BUDGET, RunResult, play
+from ratepilot.demo.run import DECISIONS_FILE, ERROR_BUDGET, RunResult, play
 from ratepilot.demo.schedule import (
     DEFAULT_DURATION_S,
     DEFAULT_SCENARIO,
@@ -45,11 +46,12 @@ from ratepilot.demo.schedule import (
     scenario_schedule,
     trace_scenario,
 )
-from ratepilot.demo.stack import PRIORITY, TIER, StackSettings, tier_prefixes
+from ratepilot.demo.simulated import Simulated, comparison_plot, read_decisions, simulate_demo
+from ratepilot.demo.stack import PRIORITY, TIER, TOP_PREFIX, StackSettings, tier_prefixes
 from ratepilot.demo.supervisor import PartFailed, log_tail
 from ratepilot.demo.tiers import request_tiers, tier_plot, tier_reports, tier_table
 from ratepilot.loadtest.plan import request_plan
-from ratepilot.loadtest.scenario import load_scenario, scenario_names
+from ratepilot.loadtest.scenario import Scenario, load_scenario, scenario_names
 from ratepilot.servers import ServerError, find_binary
 from training.traces import TraceError
 
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slo-ms", type=positive_number(float), default=300.0, help="p99 latency SLO (default 300)")
     parser.add_argument("--tick-interval", type=positive_number(float), default=5.0, help="controller tick, s (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the backend's service times")
-    parser.add_argument("--one-tier", action="store_true", help="one tier for every key (default: gold above demo, by priority)")
+    parser.add_argument("--one-tier", action="store_true", help="one tier for every key (default: gold above demo, by priority, when the scenario has gold_ keys)")
     return parser
 
 
@@ -110,6 +112,28 @@ def build_schedule(args: argparse.Namespace, cores: int) -> tuple[LoadSchedule, 
     if args.scale is None and schedule.peak_demand_rps > peak_budget_rps(cores) * 1.001:
         schedule = clip_demand(schedule, peak_budget_rps(cores))
     return schedule, scale
+
+
+def simulated_beside(console: Console, adaptive: RunResult, schedule: LoadSchedule, settings: StackSettings, out: Path) -> Simulated:
+    """The same schedule, policy and safety engine in the simulator: its figures, and its ticks beside the real loop's."""
+    simulated = simulate_demo(schedule, settings)
+    recovery = "not within the run" if math.isnan(simulated.recovery_s) else f"{simulated.recovery_s:.0f} s"
+    console.print(
+        f"simulator, same schedule, policy and safety engine: goodput / upper bound {simulated.goodput_ratio:.3f}, "
+        f"SLO-violating intervals {simulated.slo_violation_frac:.0%}, back to 90 % of capacity after the cut: {recovery}",
+        highlight=False,
+    )
+    decisions = adaptive.workdir / DECISIONS_FILE
+    if decisions.is_file():
+        real = read_decisions(decisions, TIER, adaptive.samples.load_started_s)
+        png = comparison_plot(out / "sim-vs-real.png", {f"real loop (tier {TIER})": real, "simulator": simulated.ticks}, schedule)
+        console.print(f"observations, real loop vs simulator, tick by tick: {png}", highlight=False)
+    return simulated
+
+
+def sends_top_tier(scenario: Scenario | None) -> bool:
+    """Whether the scenario has `gold_` clients (a trace has no scenario: every request is the bottom tier's)."""
+    return scenario is not None and any(group.prefix == TOP_PREFIX for group in scenario.clients)
 
 
 def _terminate(signum: int, _frame: FrameType | None) -> None:
@@ -150,7 +174,7 @@ def main(argv: list[str]) -> int:
         policy=args.policy,
         model=str(Path(args.model).resolve()) if args.model else None,  # the parts run in their own folders
         seed=args.seed,
-        two_tiers=not args.one_tier,
+        two_tiers=not args.one_tier and sends_top_tier(schedule.scenario),
     )
     # absolute: the parts run with their own folder as working directory and get paths into `out`
     out = (args.out or Path("demo-output") / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
@@ -187,6 +211,7 @@ def main(argv: list[str]) -> int:
     console.print(comparison_table([(r.mode, r.summary) for r in results], settings.slo_ms))
     png = plot(out / "demo.png", results, schedule, settings.slo_ms)
     console.print(f"plot: {png}", highlight=False)
+    simulated = simulated_beside(console, results[0], schedule, settings, out)
     tiers = request_tiers(plan, arrivals.size, tier_prefixes(settings), TIER)
     by_tier = {r.mode: tier_reports(r, tiers, schedule, settings.slo_ms, ERROR_BUDGET) for r in results}
     console.print(tier_table(by_tier, schedule, PRIORITY if settings.two_tiers else {}))
@@ -195,7 +220,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         meta = {"scenario": schedule.name, "duration_s": schedule.duration_s, "scale": scale,
                 "nominal_capacity_rps": capacity, "slo_ms": settings.slo_ms, "plot": str(png), "logs": str(out),
-                "tier_plot": str(tiers_png)}  # fmt: skip
+                "tier_plot": str(tiers_png), "simulated": simulated.to_dict()}  # fmt: skip
         tier_json = {mode: {tier: report.to_dict() for tier, report in reports.items()} for mode, reports in by_tier.items()}
         write_json(args.json, results, {"meta": meta, "tiers": tier_json})
         console.print(f"json: {args.json}", highlight=False)

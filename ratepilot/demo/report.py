@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ratepilot.demo.run import RunResult
 from ratepilot.demo.schedule import LoadSchedule
-from ratepilot.demo.summary import RunSummary, per_second
+from ratepilot.demo.summary import RECOVERY_SHARE, RunSummary, per_second
 
 COLUMNS = (
     ("goodput within SLO", "goodput_rps", "{:.1f} req/s"),
@@ -21,6 +21,7 @@ COLUMNS = (
     ("throttled", "throttle_frac", "{:.1%}"),
     ("errors", "error_frac", "{:.2%}"),
     ("SLO-violating intervals", "slo_violation_frac", "{:.0%}"),
+    (f"back to {RECOVERY_SHARE:.0%} of capacity after the cut", "recovery_s", "{:.0f} s"),
 )
 
 
@@ -69,7 +70,8 @@ def plot(path: Path, results: list[RunResult], schedule: LoadSchedule, slo_ms: f
         top.plot(t, series.errors, color="tab:red", lw=1, label="errors")
         top.step(t, schedule.capacity_rps, where="post", color="black", ls="--", lw=1, label="backend capacity")
         rate = np.asarray(result.samples.rate, dtype=float)
-        top.step(np.arange(1, rate.size + 1), rate, where="post", color="tab:blue", lw=1.5, label="rate in force")
+        taken = np.asarray(result.samples.second, dtype=float) if result.samples.second else np.arange(rate.size)
+        top.step(taken + 1, rate, where="post", color="tab:blue", lw=1.5, label="rate in force")
         top.set_ylabel("requests/s")
         top.set_yscale("symlog", linthresh=max(1.0, schedule.nominal_capacity_rps / 10))
         top.set_title(f"{result.mode}: goodput {result.summary.goodput_rps:.1f} req/s, p99 {result.summary.p99_latency_ms:.0f} ms")

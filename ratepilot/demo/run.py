@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
+import redis
 from rich.console import Console
 
+from controller.decisions import DecisionLog
 from ratepilot.demo.loadgen import LoadGenerator, RequestPlan, RunRecord
 from ratepilot.demo.schedule import LoadSchedule
 from ratepilot.demo.stack import KEY_PREFIX, TIER, Stack, StackSettings, static_rates
-from ratepilot.demo.summary import RunSummary, summarize, upper_bound_rps, window_stats
+from ratepilot.demo.summary import RunSummary, recovery_seconds, summarize, upper_bound_rps, window_stats
 from ratepilot.demo.supervisor import Supervisor
 from ratepilot.demo.view import LiveView, Sample
 
+DECISIONS_FILE = "decisions.jsonl"  # the controller's decisions of an adaptive run, oldest first (controller/decisions.py)
+MAX_DECISIONS = 100_000  # read back at most (a 180 s run with two tiers writes ~80)
 CLIENTS = 50  # API keys the load is spread over (each client bucket is far from binding)
 ERROR_BUDGET = 0.01  # an interval with more errors than this violates the SLO
 PROMQL = (
@@ -35,11 +41,13 @@ PROMQL = (
 class Samples:
     """Per-second samples of the loop's state during a run (for the plot)."""
 
+    second: list[int] = field(default_factory=list)  # the schedule's second each sample was taken in
     rate: list[float] = field(default_factory=list)
     capacity: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     rule: list[str] = field(default_factory=list)
     tier_rate: dict[str, list[float]] = field(default_factory=dict)  # per tier, the rate in force each second
+    load_started_s: float = math.nan  # unix time the load generator started (second 0 of the schedule)
 
 
 @dataclass
@@ -130,6 +138,7 @@ async def _drive(
             for tier in static_rates(stack.settings):
                 samples.tier_rate.setdefault(tier, []).append(rates.get(tier, math.nan))
             rate = float(sum(rates.get(tier, math.nan) for tier in static_rates(stack.settings)))  # all tiers' rates
+            samples.second.append(second)
             samples.rate.append(rate)
             samples.capacity.append(capacity_now[0])
             samples.cpu.append(cpu)
@@ -154,12 +163,24 @@ async def _drive(
                 sampler.add(task)
                 task.add_done_callback(sampler.discard)
 
+        samples.load_started_s = time.time()
         record = await generator.run(arrivals, on_second=on_second, stop=stop, plan=plan)
         if sampler:
             await asyncio.wait(sampler, timeout=2)
     if failure:
         raise failure[0]
     return record, samples
+
+
+def save_decisions(redis_url: str, path: Path) -> int:
+    """Write the controller's decisions stream (one JSON per tier per tick, oldest first) to `path`; returns how many."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        decisions = DecisionLog(client).recent(limit=MAX_DECISIONS)
+    finally:
+        client.close()
+    path.write_bytes(b"".join(orjson.dumps(decision) + b"\n" for decision in reversed(decisions)))
+    return len(decisions)
 
 
 def play(
@@ -177,6 +198,10 @@ def play(
         stack.start()
         with LiveView(console, f"ratepilot demo: {mode} run") as view:
             record, samples = asyncio.run(_drive(stack, supervisor, schedule, arrivals, view, settings.slo_ms, plan))
+        if stack.adaptive and stack.redis is not None:
+            save_decisions(stack.redis.url, workdir / DECISIONS_FILE)
     bound = upper_bound_rps(schedule.demand_rps, schedule.capacity_rps)
-    summary = summarize(record, float(schedule.duration_s), settings.slo_ms, ERROR_BUDGET, bound)
+    # a static limiter's rate never moves: "recovered" would say nothing about it
+    recovery = recovery_seconds(np.array(samples.second), np.array(samples.rate), schedule.capacity_rps) if stack.adaptive else math.nan
+    summary = summarize(record, float(schedule.duration_s), settings.slo_ms, ERROR_BUDGET, bound, recovery)
     return RunResult(mode, record, summary, samples, workdir)

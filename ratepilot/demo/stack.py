@@ -24,6 +24,7 @@ KEY_PREFIX = "demo_"
 TOP_TIER, TOP_PREFIX = "gold", "gold_"  # two-tier stacks: the top-priority tier and its keys
 TOP_SHARE = 0.25  # the gold tier's static rate, share of the nominal capacity (its share of the demo's traffic)
 PRIORITY = {TOP_TIER: 2, TIER: 1}
+SCRAPE_INTERVAL_S = 1.0  # Prometheus scrapes the edge and the controller this often
 BACKEND = "demo-backend"  # the backend group both tiers share in the controller's config
 
 
@@ -90,13 +91,19 @@ def controller_config(redis_url: str, prometheus_url: str, port: int, settings: 
             tiers[tier].update(backend=BACKEND, priority=PRIORITY[tier], max_rate=settings.nominal_capacity_rps * 2)
     return {
         "redis": {"url": redis_url},
-        "prometheus": {"url": prometheus_url, "window": "10s"},
+        "prometheus": {"url": prometheus_url, "window": rate_window(settings)},
         "loop": {"tick_interval_s": settings.tick_interval_s, "rate_ttl_s": max(30.0, 3 * settings.tick_interval_s)},
         "lease": {"enabled": True},
         "policy": {"name": settings.policy, "model": None},
         "tiers": tiers,
         "admin": {"enabled": True, "host": "127.0.0.1", "port": port},
     }
+
+
+def rate_window(settings: StackSettings) -> str:
+    """The controller's rate() window: one tick, as in the simulator the policy learned in (each observation is
+    the interval just ended, not a blend with the one before), and never under two scrapes."""
+    return f"{round(max(settings.tick_interval_s, 2 * SCRAPE_INTERVAL_S) * 1000)}ms"
 
 
 def ratepilot_argv(*args: str) -> list[str]:
@@ -115,6 +122,7 @@ class Stack:
         self.edge: HttpPart | None = None
         self.controller: HttpPart | None = None
         self.prometheus: PrometheusServer | None = None
+        self.redis: RedisServer | None = None
 
     def start(self) -> None:
         """redis -> edge -> Prometheus -> controller; PartFailed (everything stopped) if one fails."""
@@ -123,6 +131,7 @@ class Stack:
         redis_server = RedisServer(workdir=self.workdir / "redis")
         redis_server.name = "redis-server"
         self.supervisor.start(redis_server)
+        self.redis = redis_server
 
         limiter_yaml = self.workdir / "limiter.yaml"
         limiter_yaml.write_text(yaml.safe_dump(limiter_config(redis_server.url, s), sort_keys=False))
@@ -138,7 +147,7 @@ class Stack:
 
         controller_port = free_port()
         targets = [f"127.0.0.1:{edge_port}"] + ([f"127.0.0.1:{controller_port}"] if self.adaptive else [])
-        self.prometheus = PrometheusServer(targets, workdir=self.workdir / "prometheus", scrape_interval_s=1.0)
+        self.prometheus = PrometheusServer(targets, workdir=self.workdir / "prometheus", scrape_interval_s=SCRAPE_INTERVAL_S)
         self.supervisor.start(self.prometheus)
 
         if self.adaptive:

@@ -10,7 +10,11 @@ Client-side definitions (what the callers of the API experienced):
 * upper_bound_rps: mean over the run's seconds of min(scheduled demand, backend capacity), the most
   any limiter could have served within SLO (the simulator's `goodput_ratio` bound, `training.metrics`);
 * goodput_ratio: goodput_rps / upper_bound_rps, so the real loop and `ratepilot evaluate` are
-  compared on the same measure (NaN when the bound is unknown or zero).
+  compared on the same measure (NaN when the bound is unknown or zero);
+* recovery_s: after the schedule's largest capacity cut (`capacity_cut`), seconds until the rate in
+  force (all tiers, sampled once a second) is back at RECOVERY_SHARE of the new capacity, having
+  dipped below it (0 when it never dipped; NaN without a cut, when it is not back before the
+  capacity changes again or the run ends, and for the static limiter, whose rate never moves).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 from ratepilot.demo.loadgen import RunRecord
 
 THROTTLED = 429
+RECOVERY_SHARE = 0.9  # recovered: the rate in force is back at this share of the capacity after the cut
+MIN_CUT = 0.1  # a capacity drop of at least this share in one second counts as a cut
 INTERVAL_S = 5  # the controller's tick, the unit of slo_violation_frac
 
 
@@ -40,6 +46,7 @@ class RunSummary:
     generator_lag_p99_ms: float
     upper_bound_rps: float
     goodput_ratio: float
+    recovery_s: float = math.nan
 
     def to_dict(self) -> dict[str, float | None]:
         """Plain floats and ints for JSON (NaN, which JSON lacks, as null)."""
@@ -59,6 +66,42 @@ def upper_bound_rps(demand_rps: np.ndarray, capacity_rps: np.ndarray) -> float:
     return float(np.minimum(demand, capacity).mean())
 
 
+def capacity_cut(capacity_rps: np.ndarray) -> tuple[int, int] | None:
+    """(first second, end second) of the phase after the largest one-second capacity drop of >= MIN_CUT; None without one."""
+    capacity = np.asarray(capacity_rps, dtype=float)
+    if capacity.size < 2:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drop = 1.0 - capacity[1:] / capacity[:-1]
+    drop = np.where(np.isfinite(drop), drop, 0.0)
+    if drop.max() < MIN_CUT:
+        return None
+    start = int(np.argmax(drop)) + 1
+    changes = np.flatnonzero(capacity[start + 1 :] != capacity[start])
+    end = start + 1 + int(changes[0]) if changes.size else int(capacity.size)
+    return start, end
+
+
+def recovery_seconds(seconds: np.ndarray, rate: np.ndarray, capacity_rps: np.ndarray, share: float = RECOVERY_SHARE) -> float:
+    """Seconds from the largest capacity cut until the rate in force is back at `share` of the new capacity (module docstring).
+
+    `seconds` and `rate` are the run's samples (the second of the schedule each was taken in, the rate then).
+    """
+    cut = capacity_cut(capacity_rps)
+    if cut is None:
+        return math.nan
+    start, end = cut
+    target = share * float(np.asarray(capacity_rps, dtype=float)[start])
+    seconds, rate = np.asarray(seconds, dtype=float), np.asarray(rate, dtype=float)
+    phase = (seconds >= start) & (seconds < end) & np.isfinite(rate)
+    t, r = seconds[phase], rate[phase]
+    below = np.flatnonzero(r < target)
+    if below.size == 0:
+        return 0.0 if t.size else math.nan
+    back = np.flatnonzero(r[below[0] :] >= target)
+    return float(t[below[0] + back[0]] - start) if back.size else math.nan
+
+
 def outcome_masks(status: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ok, throttled, error) masks of completed requests."""
     done = status >= 0
@@ -72,9 +115,10 @@ def _p99_ms(latency_s: np.ndarray) -> float:
 
 
 def summarize(
-    record: RunRecord, duration_s: float, slo_ms: float, error_budget: float, upper_bound: float = float("nan")
-) -> RunSummary:
-    """The comparison metrics of one run; `upper_bound` is the schedule's `upper_bound_rps` (NaN: unknown)."""
+    record: RunRecord, duration_s: float, slo_ms: float, error_budget: float, upper_bound: float = float("nan"),
+    recovery_s: float = math.nan,
+) -> RunSummary:  # fmt: skip
+    """The comparison metrics of one run; `upper_bound` is the schedule's `upper_bound_rps`, `recovery_s` its `recovery_seconds` (NaN: unknown)."""
     if not duration_s > 0:
         raise ValueError("duration_s must be positive")
     if upper_bound < 0:
@@ -110,6 +154,7 @@ def summarize(
         generator_lag_p99_ms=_p99_ms(lag),
         upper_bound_rps=float(upper_bound),
         goodput_ratio=goodput_rps / upper_bound if upper_bound > 0 else float("nan"),
+        recovery_s=float(recovery_s),
     )
 
 

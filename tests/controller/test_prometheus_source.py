@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
+from prometheus_client import CollectorRegistry, start_http_server
 
 from benchmarks.synthetic_exporter import SyntheticExporter
 from controller.prometheus_source import PrometheusSource
 from controller.settings import PrometheusSettings, QuerySettings, raw_queries
+from limiter.metrics import BackendMetrics
 from ratepilot.servers import PrometheusServer, free_port
-from tests.controller.support import wait_for
+from tests.controller.support import query, wait_for
 
 TIERS = ["free", "pro", "idle", "unknown"]
 
@@ -97,3 +100,58 @@ def test_nan_inf_and_bad_promql_become_missing(prometheus: PrometheusServer) -> 
     assert np.isnan(reading.metrics.error_rate).all()
     assert np.isnan(reading.metrics.cpu).all() and "400" in reading.errors["cpu"]
     assert set(reading.errors) == {"cpu"}
+
+
+class FlickeringCpu(SyntheticExporter):
+    """A backend whose CPU gauge reads 0.2 and 0.8 on alternate scrapes (one second of a few workers is that noisy)."""
+
+    def render_bytes(self) -> bytes:
+        self.cpu = 0.8 if self.scrapes % 2 else 0.2
+        return super().render_bytes()
+
+
+def test_cpu_is_the_mean_over_the_window_not_one_scrape(tmp_path: Path) -> None:
+    exporter = FlickeringCpu(["free"]).start()
+    server = PrometheusServer([exporter.target], workdir=tmp_path / "prom", scrape_interval_s=1.0)
+    server.start()
+    try:
+        cpu = PrometheusSource(PrometheusSettings(url=server.url, window="6s"), ["free"])
+
+        def window_filled() -> bool:
+            series = query(server.url, "ratepilot_backend_cpu_utilization[6s]")
+            return bool(series) and len(series[0]["values"]) >= 5
+
+        wait_for(window_filled, timeout_s=30)
+        readings = []
+        for _ in range(3):
+            readings.append(float(cpu.read(np.ones(1)).metrics.cpu[0]))
+            time.sleep(1.0)
+        # one scrape would say 0.2 or 0.8; five or six of them average to 0.5 +- 0.06
+        assert all(0.43 <= value <= 0.57 for value in readings), readings
+        cpu.close()
+    finally:
+        server.stop()
+        exporter.stop()
+
+
+def test_p99_read_from_the_backend_histogram_is_within_ten_percent_of_the_true_p99(tmp_path: Path) -> None:
+    # exponential service times of mean 25 ms (the demo backend idle): true p99 = 25 ms x ln 100 = 115 ms
+    registry = CollectorRegistry()
+    histogram = BackendMetrics(registry).request_seconds
+    true_p99 = 0.025 * math.log(100.0)
+    for q in (np.arange(20_000) + 0.5) / 20_000:  # the exact quantiles: no sampling noise
+        histogram.labels("free").observe(-0.025 * math.log1p(-q))
+    port = free_port()
+    httpd, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    server = PrometheusServer([f"127.0.0.1:{port}"], workdir=tmp_path / "prom", scrape_interval_s=1.0)
+    server.start()
+    try:
+        expr = "histogram_quantile(0.99, sum by (le) (ratepilot_backend_request_seconds_bucket))"
+        wait_for(lambda: bool(query(server.url, expr)), timeout_s=30)
+        read = float(query(server.url, expr)[0]["value"][1])
+        # with the default buckets (0.1, 0.25, ...) Prometheus' linear interpolation reads ~170 ms
+        assert abs(read / true_p99 - 1) < 0.10, read
+    finally:
+        server.stop()
+        httpd.shutdown()
+        thread.join(timeout=5)

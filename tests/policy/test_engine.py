@@ -68,6 +68,18 @@ def test_brake_beats_policy_and_step_limit_but_not_tier_min() -> None:
     assert result.fired_rules(0) == ["emergency_brake", "tier_bounds"]
 
 
+def test_brake_after_a_cut_holds_then_cuts_again_only_if_still_overloaded() -> None:
+    class Raise(Policy):
+        def act(self, observation: Observation) -> np.ndarray:
+            return observation.rate * 1.4
+
+    safe = SafePolicy(Raise(), SafetyEngine(limits()))
+    assert safe.act(observe([100.0], p99=[1000.0])).tolist() == [50.0]  # the brake cuts the rate in force
+    assert safe.act(observe([50.0], p99=[1000.0])).tolist() == [50.0]  # the backlog of 100: held, not 25
+    assert safe.act(observe([50.0], p99=[1000.0])).tolist() == [25.0]  # a whole interval at 50 still over: cut
+    assert safe.act(observe([25.0], p99=[50.0])).tolist() == [35.0]  # within the SLO: the policy's raise
+
+
 def test_missing_metrics_hold_then_decay_and_nan_counts_as_missing() -> None:
     engine = SafetyEngine(limits(stale_hold_ticks=2, stale_decay=0.5, static_rate=100.0))
     stale = None

@@ -68,6 +68,25 @@ def test_brake_on_latency_or_errors_regardless_of_proposal() -> None:
     assert fired.tolist() == [True, True, True, False, False]
 
 
+def test_brake_holds_a_cut_already_in_force_instead_of_cutting_again() -> None:
+    # the interval after a cut still carries the backlog of the rate before it: the brake caps the rate at
+    # ratio x the rate that loaded the backend (the larger of the rate in force and the one before it)
+    rates, fired = safety.brake(
+        proposed=a(80, 80, 20, 500),
+        in_force=a(50, 100, 50, 30),
+        p99_over_slo=a(5.0, 5.0, 5.0, 5.0),
+        error_rate=a(0.0, 0.0, 0.0, 0.0),
+        p99_limit=3.0,
+        error_limit=0.2,
+        ratio=0.5,
+        previous_in_force=a(100, 100, 100, NAN),
+    )
+    # halved last tick: held at 50, not cut to 25; no cut last tick: cut to 50; the policy's deeper cut
+    # stands; no rate before (NaN): the rate in force is the reference
+    assert rates.tolist() == [50, 50, 20, 15]
+    assert fired.tolist() == [True, True, True, True]
+
+
 def test_clamp_between_with_missing_bounds() -> None:
     rates, fired = safety.clamp_between(a(1, 50, 900, 900), a(5, 5, 5, NAN), a(100, 100, 100, NAN))
     assert rates.tolist() == [5, 50, 100, 900]

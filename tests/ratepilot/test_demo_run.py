@@ -78,6 +78,15 @@ def test_short_demo_runs_the_closed_loop_and_stops_everything(tmp_path: Path) ->
     png = Path(data["meta"]["plot"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot: {png}" in result.stdout
+    # the run's capacity cut (second 8 of 20) and the rate's recovery from it, measured from the per-second samples
+    assert adaptive["recovery_s"] is None or 0 <= adaptive["recovery_s"] < 6
+    # the controller's decisions, read back from its stream, beside the same schedule in the simulator
+    decisions = [json.loads(line) for line in (out / "adaptive" / "decisions.jsonl").read_text().splitlines()]
+    assert {row["tier"] for row in decisions} == {"gold", "demo"} and len(decisions) >= 4
+    assert all(len(row["observation"]["vector"]) == len(decisions[0]["observation"]["vector"]) for row in decisions)
+    simulated = data["meta"]["simulated"]
+    assert set(simulated) == {"goodput_ratio", "slo_violation_frac", "recovery_s"} and 0 < simulated["goodput_ratio"] <= 1.1
+    assert (out / "sim-vs-real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for log in ("redis/redis-server.log", "edge.log", "prometheus/prometheus.log", "controller.log"):
         assert (out / "adaptive" / log).is_file(), log
     assert "(controller; " in result.stdout  # the live lines show the controller's rate in force

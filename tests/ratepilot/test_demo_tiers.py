@@ -7,6 +7,7 @@ import yaml
 
 from controller.settings import settings_from_mapping
 from limiter.config import parse_config
+from ratepilot.demo.cli import sends_top_tier
 from ratepilot.demo.loadgen import Request, RequestPlan, RunRecord
 from ratepilot.demo.schedule import arrival_times, default_scenario
 from ratepilot.demo.stack import (
@@ -15,6 +16,7 @@ from ratepilot.demo.stack import (
     StackSettings,
     controller_config,
     limiter_config,
+    rate_window,
     static_rates,
     tier_prefixes,
 )
@@ -45,6 +47,21 @@ def test_the_demo_scenarios_keys_split_into_the_two_tiers() -> None:
     share_gold = float(np.mean(tiers == TOP_TIER))
     assert abs(share_gold - 0.25) < 0.03 and set(tiers.tolist()) == {TOP_TIER, TIER}
     assert set(request_tiers(None, 5, {TOP_TIER: "gold_"}, TIER).tolist()) == {TIER}
+
+
+def test_the_controller_observes_one_tick_but_never_fewer_than_two_scrapes() -> None:
+    assert rate_window(StackSettings(80.0, tick_interval_s=5.0)) == "5000ms"
+    assert rate_window(StackSettings(80.0, tick_interval_s=1.0)) == "2000ms"
+    config = controller_config("redis://127.0.0.1:6379/0", "http://127.0.0.1:9090", 8081, StackSettings(80.0))
+    assert settings_from_mapping(config, env={}).prometheus.window == "5000ms"
+
+
+def test_two_tiers_only_when_the_scenario_sends_gold_keys() -> None:
+    # a trace (no scenario) or a scenario without gold_ clients sends every request to the bottom tier:
+    # a second, idle tier would only hold a quarter of the rate and count it as "in force"
+    assert sends_top_tier(load_scenario("demo"))
+    assert not sends_top_tier(load_scenario("retry_storm"))
+    assert not sends_top_tier(None)
 
 
 def test_served_within_slo_counts_2xx_within_the_slo_in_the_window() -> None:

@@ -13,7 +13,7 @@ from ratepilot.demo.loadgen import RunRecord
 from ratepilot.demo.report import comparison_table, write_json
 from ratepilot.demo.run import RunResult, Samples
 from ratepilot.demo.schedule import default_scenario
-from ratepilot.demo.summary import summarize, upper_bound_rps
+from ratepilot.demo.summary import capacity_cut, recovery_seconds, summarize, upper_bound_rps
 
 
 def record_of(status: list[int], latency_s: list[float], offsets_s: list[float]) -> RunRecord:
@@ -82,3 +82,25 @@ def test_json_and_table_report_the_bound_and_the_ratio_of_every_run(tmp_path: Pa
     row = labels.index("goodput / upper bound")
     assert list(table.columns[1].cells)[row] == "0.600" and list(table.columns[2].cells)[row] == "0.600"
     assert list(table.columns[1].cells)[labels.index("upper bound: mean min(demand, capacity)")] == "2.5 req/s"
+
+
+def test_capacity_cut_is_the_largest_one_second_drop_and_runs_to_the_next_change() -> None:
+    capacity = np.array([100, 100, 80, 80, 40, 40, 40, 100, 100], dtype=float)
+    assert capacity_cut(capacity) == (4, 7)  # -50 % at second 4 beats -20 % at second 2; back up at 7
+    assert capacity_cut(np.array([100, 100, 40, 40], dtype=float)) == (2, 4)  # the cut lasts to the end
+    assert capacity_cut(np.array([100, 95, 91, 100], dtype=float)) is None  # drops under 10 %: no cut
+    assert capacity_cut(np.array([100.0])) is None
+
+
+def test_recovery_counts_from_the_cut_to_the_rate_back_at_90_percent_after_its_dip() -> None:
+    capacity = np.array([100] * 3 + [50] * 6 + [100] * 2, dtype=float)  # cut at second 3, target 45 req/s
+    seconds = np.arange(11)
+    rate = np.array([100, 100, 100, 100, 20, 30, 44, 46, 50, 100, 100], dtype=float)
+    assert recovery_seconds(seconds, rate, capacity) == 4.0  # dipped at 4, first >= 45 at second 7
+    never_dips = np.array([100, 100, 100, 60, 55, 50, 50, 50, 50, 100, 100], dtype=float)
+    assert recovery_seconds(seconds, never_dips, capacity) == 0.0
+    stays_low = np.array([100, 100, 100, 20, 20, 20, 20, 20, 20, 100, 100], dtype=float)
+    assert math.isnan(recovery_seconds(seconds, stays_low, capacity))  # the capacity came back first
+    assert math.isnan(recovery_seconds(seconds, rate, np.full(11, 100.0)))  # no cut
+    # a sample skipped (the sampler was busy) keeps its second: the seconds, not the positions, count
+    assert recovery_seconds(np.array([3, 4, 8]), np.array([100.0, 20.0, 50.0]), capacity) == 5.0
