@@ -39,7 +39,7 @@ from training.trainer import Args, Trainer
 ENV_ID = "ratepilot/Traffic-v0"
 ALGORITHM = "ars"
 BASELINES = ("static", "threshold", "aimd", "gradient", "pid", "oracle")
-POLICY_VERSION = 3  # 2: the asymmetric action space (cut 4x, raise 2x); 3: the capacity estimate features (obs v2); bump when the meaning of the weights changes
+POLICY_VERSION = 4  # 2: the asymmetric action space (cut 4x, raise 2x); 3: the capacity estimate features (obs v2); 4: the capacity-anchored action space; bump when the meaning of the weights changes
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -90,6 +90,7 @@ def args_from(ns: argparse.Namespace) -> Args:
     if args.suite not in TRAINABLE_SUITES:
         raise ValueError(f"--suite {args.suite!r} is not trained on (it measures generalisation); choose from {', '.join(TRAINABLE_SUITES)}")
     checks["curriculum"] = 0 <= args.curriculum <= 1
+    args.space  # noqa: B018 - validates the action space's name
     if args.init_model and not Path(args.init_model).is_file():
         raise ValueError(f"--init-model {args.init_model}: no such file")
     bad = [name for name, ok in checks.items() if not ok]
@@ -274,7 +275,7 @@ def main(argv: list[str]) -> int:
             with np.load(args.init_model, allow_pickle=False) as data:
                 training_info["init_model"] = {"path": args.init_model, "meta": json.loads(str(data["meta"]))}
         start = f"warm-started from {Path(args.init_model).name}" if args.init_model else "DAgger-initialised"
-        meta = make_meta(network, f"ARS-V2t (Mania et al. 2018), {start}", training_info)
+        meta = make_meta(network, f"ARS-V2t (Mania et al. 2018), {start}", training_info, args.space)
         meta["version"] = POLICY_VERSION
         policy = RLPolicy(network, meta)
         out = save(policy, ns.out)
