@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from limiter.paths import check_outputs
+from policy.base import ACTION_SPACE_NAMES
 from policy.observation import OBS_SCHEMA
 from policy.rl import DEFAULT_MODEL_PATH, RLPolicy, make_meta, save
 from training.trainer import Args, Trainer
@@ -84,13 +85,14 @@ def args_from(ns: argparse.Namespace) -> Args:
         "trace_share": 0 <= args.trace_share <= 1, "dagger_rounds": args.dagger_rounds >= 0,
         "dagger_episodes": args.dagger_episodes >= 1, "validation_episodes": args.validation_episodes >= 1,
         "eval_every": args.eval_every >= 1, "ridge_alpha": args.ridge_alpha > 0,
+        "dagger_margin": 0 < args.dagger_margin <= 2,
     }  # fmt: skip
     from training.scenarios import TRAINABLE_SUITES
 
     if args.suite not in TRAINABLE_SUITES:
         raise ValueError(f"--suite {args.suite!r} is not trained on (it measures generalisation); choose from {', '.join(TRAINABLE_SUITES)}")
     checks["curriculum"] = 0 <= args.curriculum <= 1
-    args.space  # noqa: B018 - validates the action space's name
+    checks["action_space"] = args.action_space in ACTION_SPACE_NAMES
     if args.init_model and not Path(args.init_model).is_file():
         raise ValueError(f"--init-model {args.init_model}: no such file")
     bad = [name for name, ok in checks.items() if not ok]

@@ -49,6 +49,8 @@ class Args(ARSConfig):
     """rounds of DAgger imitation of the oracle that initialise the policy (0 = start from zeros)"""
     dagger_episodes: int = 36
     """episodes per DAgger round"""
+    dagger_margin: float = 1.0
+    """the imitation target is the oracle's rate times this (below 1: the margin a policy that cannot see the next interval needs)"""
     ridge_alpha: float = 1.0
     """L2 regularisation of the imitation fit (scikit-learn Ridge)"""
     validation_episodes: int = 42
@@ -63,8 +65,8 @@ class Args(ARSConfig):
     """weight of the rate tracking error (clipped at 2) in the objective"""
     curriculum: float = 0.5
     """share of episode draws weighted toward scenarios where a baseline beats the policy most (GENET); 0 = uniform"""
-    action_space: str = "anchored"
-    """what an action is relative to: `anchored` (the fresh capacity estimate, else the rate in force) or `relative` (the rate in force)"""
+    action_space: str = "relative"
+    """what an action is relative to: `relative` (the rate in force) or `anchored` (the fresh capacity estimate, else the rate in force; measured worse, docs/evaluation.md)"""
     init_model: str = ""
     """start ARS from this linear policy file instead of DAgger (an older feature set too: its features keep their weights, new ones start at 0)"""
 
@@ -238,7 +240,7 @@ def dagger_init(args: Args, rng: np.random.Generator) -> tuple[np.ndarray, Runni
             assert obs.capacity_tokens is not None  # the simulator always knows the optimum
             xs.append(feats)
             anchor = action_anchor(obs.rate, obs.vector) if args.action_space == "anchored" else obs.rate
-            ys.append(rate_to_action(anchor, obs.capacity_tokens))
+            ys.append(rate_to_action(anchor, args.dagger_margin * obs.capacity_tokens))
             if round_ == 0:
                 rate = obs.capacity_tokens * 2.0 ** rng.normal(0.0, 0.5, obs.rate.shape)
             else:
