@@ -60,7 +60,7 @@ train: setup
 	$(BIN)/ratepilot train $(ARGS)
 
 evaluate: setup
-	$(BIN)/ratepilot evaluate --suite default --policies rl,static,threshold,aimd,gradient,pid,oracle --seeds 5 --json benchmarks/results/evaluate.json $(ARGS)
+	$(BIN)/ratepilot evaluate --suite default --policies rl,static,threshold,aimd,gradient,pid,oracle,oracle_late --seeds 5 --json benchmarks/results/evaluate.json $(ARGS)
 
 # wrk (C, Debian package) loads the HTTP benchmark; without it a Python client is used, which takes
 # more of the shared cores from the edge under test

@@ -254,3 +254,30 @@ class Oracle(Policy):
         if observation.capacity_tokens is None:
             raise ValueError("the oracle needs Observation.capacity_tokens, which only the simulator knows")
         return np.maximum(self.margin * np.asarray(observation.capacity_tokens, dtype=np.float64), MIN_RATE)
+
+
+class LateOracle(Oracle):
+    """The oracle one interval late: sets the rate the oracle set for the interval just observed.
+
+    What a perfect capacity estimator could reach: interval metrics can tell where the backend was
+    during the interval they describe, not where it will be during the next one, which the oracle
+    knows. Its score bounds what a policy that infers capacity from the metrics can expect on the
+    same worlds (its `rate_tracking_error` above 0 is the price of not seeing the future). Simulator only.
+    """
+
+    name: ClassVar[str] = "oracle_late"
+
+    def __init__(self, margin: float = 1.0) -> None:
+        super().__init__(margin)
+        self.last: np.ndarray | None = None
+
+    def reset(self) -> None:
+        """Forget the last interval (a new episode)."""
+        self.last = None
+
+    def act(self, observation: Observation) -> np.ndarray:
+        """The oracle's rate of the previous observation (of this one, at the first)."""
+        now = super().act(observation)
+        rates = now if self.last is None else self.last
+        self.last = now
+        return rates

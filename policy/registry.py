@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from policy.base import Policy
-from policy.baselines import AIMD, PID, Gradient, NoLimit, Oracle, Static, Threshold
+from policy.baselines import AIMD, PID, Gradient, LateOracle, NoLimit, Oracle, Static, Threshold
 
 PolicyFactory = Callable[..., Policy]
 
@@ -30,6 +30,7 @@ POLICIES: dict[str, PolicyFactory] = {
     "gradient": Gradient,
     "pid": PID,
     "oracle": Oracle,
+    "oracle_late": LateOracle,
     "rl": lazy("policy.rl", "load_file"),  # spec= a policy file, else the committed default (MLflow: training.registry)
 }
 

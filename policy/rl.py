@@ -13,7 +13,11 @@ Decision for one tier, x = `Observation.vector[i]`:
     z   = clip((phi - obs_mean) / obs_std, -Z_CLIP, Z_CLIP) ++ [1]
     a   = clip(z @ W, -1, 1)                  # linear (hidden = 0)
     a   = clip(tanh(z @ W0) ++ [1]) @ W1      # MLP    (hidden = H)
-    new rate = action_to_rate(rate, a)        # rate * 4 ** a if a < 0 else rate * 2 ** a
+    new rate = apply_action(space, rate, x, a)  # anchor * 4 ** a if a < 0 else anchor * 2 ** a
+
+The anchor is the rate in force (action space `policy.base.RELATIVE`) or, for a model trained in
+`policy.base.ANCHORED`, the capacity estimate when it was refreshed this interval (else the rate in
+force); the model file names its action space and `load` reads either.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from policy.base import ACTION_SPACE, Policy, action_to_rate
+from policy.base import ACTION_SPACE, ACTION_SPACES, Policy, apply_action
 from policy.observation import (
     ADMITTED_OVER_RATE,
     BIAS,
@@ -165,23 +169,33 @@ class RLPolicy(Policy):
     network: PolicyNetwork
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def action_space(self) -> str:
+        """The action space the weights were trained in (`policy.base.ACTION_SPACES`), from `meta`."""
+        return str(self.meta.get("action_space", ACTION_SPACE))
+
     def act(self, observation: Observation) -> np.ndarray:
         """New refill rates in tokens/s, shape (n_tiers,)."""
-        return action_to_rate(observation.rate, self.network.actions(observation.vector))
+        vector = observation.vector
+        return apply_action(self.action_space, observation.rate, vector, self.network.actions(vector))
 
     def action(self, observation: Observation) -> np.ndarray:
         """The raw action in [-1, 1] per tier (what the simulator's action space takes)."""
         return self.network.actions(observation.vector)
 
 
-def make_meta(network: PolicyNetwork, algorithm: str, training: dict[str, Any] | None = None) -> dict[str, Any]:
+def make_meta(
+    network: PolicyNetwork, algorithm: str, training: dict[str, Any] | None = None, action_space: str = ACTION_SPACE
+) -> dict[str, Any]:
     """The JSON record stored next to the weights."""
+    if action_space not in ACTION_SPACES:
+        raise ValueError(f"unknown action space {action_space!r}; choose from {', '.join(ACTION_SPACES)}")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "obs_schema": OBS_SCHEMA,
         "feature_set": FEATURE_SET,
-        "action_space": ACTION_SPACE,
+        "action_space": action_space,
         "features": list(FEATURES),
         "architecture": "linear" if network.hidden == 0 else "mlp",
         "hidden": network.hidden,
@@ -195,7 +209,7 @@ def save(policy: RLPolicy, path: str | Path) -> Path:
     path = Path(path)
     meta = dict(policy.meta) or make_meta(policy.network, "unknown")
     meta.update(obs_schema=OBS_SCHEMA, feature_set=FEATURE_SET, format=FORMAT, format_version=FORMAT_VERSION)
-    meta["action_space"] = ACTION_SPACE
+    meta["action_space"] = policy.action_space
     meta["hidden"] = policy.network.hidden
     buffer = io.BytesIO()
     np.savez_compressed(
@@ -281,9 +295,9 @@ def load(path: str | Path) -> RLPolicy:
         )
     if meta.get("feature_set") != FEATURE_SET:
         raise ModelError(f"{path}: feature set {meta.get('feature_set')!r}, this build has {FEATURE_SET!r}")
-    if meta.get("action_space") != ACTION_SPACE:  # same weights, other action space: other rates
+    if meta.get("action_space") not in ACTION_SPACES:  # same weights, other action space: other rates
         raise ModelError(
-            f"{path}: trained for action space {meta.get('action_space')!r}, this build acts in {ACTION_SPACE!r}"
+            f"{path}: trained for action space {meta.get('action_space')!r}, this build acts in {' or '.join(map(repr, ACTION_SPACES))}"
         )
     try:
         network = PolicyNetwork(

@@ -286,10 +286,16 @@ def scenario_markdown(report: dict[str, Any], previous: dict[str, Any] | None = 
     goodput (and which), the oracle's, and rl against the targets of issue 18 (goodput >= 0.95x
     the oracle's; no baseline ahead by more than 0.01). With `previous` (the same suite evaluated
     with another rl model, named `label` in the header) its rl goodput and tracking error are shown beside.
+    When the report has `oracle_late` (the oracle one interval late, `policy.baselines.LateOracle`),
+    its goodput, SLO-violating share and tracking error are shown too: what knowing the last interval's
+    capacity exactly reaches.
     """
+    late = "oracle_late" in report["summary"]
     head = "| scenario | rl goodput | rl SLO-viol. | rl tracking |"
     head += f" {label} rl goodput | {label} rl tracking |" if previous else ""
-    head += " best baseline goodput | oracle goodput (SLO-viol.) | rl / oracle | baseline ahead by > 0.01 |"
+    head += " best baseline goodput | oracle goodput (SLO-viol.) |"
+    head += " oracle one interval late: goodput / SLO-viol. / tracking |" if late else ""
+    head += " rl / oracle | baseline ahead by > 0.01 |"
     lines = [head, "|" + "---|" * head.count(" |")]
     before = {s["name"]: s["results"]["rl"] for s in previous["scenarios"]} if previous else {}
     rows = [*report["scenarios"], {"name": "**mean**", "results": report["summary"]}]
@@ -305,6 +311,9 @@ def scenario_markdown(report: dict[str, Any], previous: dict[str, Any] | None = 
         best_goodput = r[best]["goodput_ratio"] if best else None
         cells.append(f"{_cell(best_goodput)} ({best})" if best else "-")
         cells.append(f"{_cell(oracle['goodput_ratio'])} ({_cell(oracle['slo_violation_frac'])})")
+        if late:
+            lo = r["oracle_late"]
+            cells.append(" / ".join(_cell(lo[k]) for k in ("goodput_ratio", "slo_violation_frac", "rate_tracking_error")))
         ratio = rl["goodput_ratio"] / oracle["goodput_ratio"] if oracle["goodput_ratio"] else None
         cells.append(_cell(ratio))
         ahead = best_goodput is not None and best_goodput - rl["goodput_ratio"] > 0.01

@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from limiter.paths import check_outputs
+from policy.base import ACTION_SPACE_NAMES
 from policy.observation import OBS_SCHEMA
 from policy.rl import DEFAULT_MODEL_PATH, RLPolicy, make_meta, save
 from training.calibrate import load_calibration
@@ -44,7 +45,7 @@ from training.trainer import Args, Trainer
 ENV_ID = "ratepilot/Traffic-v0"
 ALGORITHM = "ars"
 BASELINES = ("static", "threshold", "aimd", "gradient", "pid", "oracle")
-POLICY_VERSION = 3  # 2: the asymmetric action space (cut 4x, raise 2x); 3: the capacity estimate features (obs v2); bump when the meaning of the weights changes
+POLICY_VERSION = 4  # 2: the asymmetric action space (cut 4x, raise 2x); 3: the capacity estimate features (obs v2); 4: the capacity-anchored action space; bump when the meaning of the weights changes
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -90,12 +91,14 @@ def args_from(ns: argparse.Namespace) -> Args:
         "trace_share": 0 <= args.trace_share <= 1, "dagger_rounds": args.dagger_rounds >= 0,
         "dagger_episodes": args.dagger_episodes >= 1, "validation_episodes": args.validation_episodes >= 1,
         "eval_every": args.eval_every >= 1, "ridge_alpha": args.ridge_alpha > 0,
+        "dagger_margin": 0 < args.dagger_margin <= 2,
     }  # fmt: skip
     from training.scenarios import TRAINABLE_SUITES
 
     if args.suite not in TRAINABLE_SUITES:
         raise ValueError(f"--suite {args.suite!r} is not trained on (it measures generalisation); choose from {', '.join(TRAINABLE_SUITES)}")
     checks["curriculum"] = 0 <= args.curriculum <= 1
+    checks["action_space"] = args.action_space in ACTION_SPACE_NAMES
     if args.init_model and not Path(args.init_model).is_file():
         raise ValueError(f"--init-model {args.init_model}: no such file")
     bad = [name for name, ok in checks.items() if not ok]
@@ -287,7 +290,7 @@ def main(argv: list[str]) -> int:
                 with np.load(args.init_model, allow_pickle=False) as data:
                     training_info["init_model"] = {"path": args.init_model, "meta": json.loads(str(data["meta"]))}
             start = f"warm-started from {Path(args.init_model).name}" if args.init_model else "DAgger-initialised"
-            meta = make_meta(network, f"ARS-V2t (Mania et al. 2018), {start}", training_info)
+            meta = make_meta(network, f"ARS-V2t (Mania et al. 2018), {start}", training_info, args.space)
             meta["version"] = POLICY_VERSION
             policy = RLPolicy(network, meta)
             out = save(policy, ns.out)

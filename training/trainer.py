@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.linear_model import Ridge
 from sklearn.neural_network import MLPRegressor
 
-from policy.base import action_to_rate
+from policy.base import ACTION_SPACE_NAMES, action_anchor, apply_action, rate_to_action
 from policy.rl import FEATURES, N_FEATURES, Z_CLIP, PolicyNetwork, batch_actions, features, n_params
 from training.ars import ARS, ARSConfig, IterationStats, RunningStat
 from training.metrics import episode_metrics
@@ -49,6 +49,8 @@ class Args(ARSConfig):
     """rounds of DAgger imitation of the oracle that initialise the policy (0 = start from zeros)"""
     dagger_episodes: int = 36
     """episodes per DAgger round"""
+    dagger_margin: float = 1.0
+    """the imitation target is the oracle's rate times this (below 1: the margin a policy that cannot see the next interval needs)"""
     ridge_alpha: float = 1.0
     """L2 regularisation of the imitation fit (scikit-learn Ridge)"""
     validation_episodes: int = 42
@@ -63,8 +65,17 @@ class Args(ARSConfig):
     """weight of the rate tracking error (clipped at 2) in the objective"""
     curriculum: float = 0.5
     """share of episode draws weighted toward scenarios where a baseline beats the policy most (GENET); 0 = uniform"""
+    action_space: str = "relative"
+    """what an action is relative to: `relative` (the rate in force) or `anchored` (the fresh capacity estimate, else the rate in force; measured worse, docs/evaluation.md)"""
     init_model: str = ""
     """start ARS from this linear policy file instead of DAgger (an older feature set too: its features keep their weights, new ones start at 0)"""
+
+    @property
+    def space(self) -> str:
+        """The action space (`policy.base.ACTION_SPACES`) named by `action_space`; ValueError for an unknown name."""
+        if self.action_space not in ACTION_SPACE_NAMES:
+            raise ValueError(f"action_space must be one of {', '.join(ACTION_SPACE_NAMES)}, got {self.action_space!r}")
+        return ACTION_SPACE_NAMES[self.action_space]
 
     def ars_config(self) -> ARSConfig:
         """The ARS hyperparameters of this run (ARSConfig validates them)."""
@@ -143,7 +154,7 @@ def rollout(
         feats = features(obs.vector)
         states.append(feats)
         actions = batch_actions(thetas, feats.reshape(p, m, -1), obs_mean, obs_std, args.hidden).reshape(-1)
-        obs, reward, done, info = sim.step(action_to_rate(obs.rate, actions))
+        obs, reward, done, info = sim.step(apply_action(args.space, obs.rate, obs.vector, actions))
         infos.append(info)
         rewards.append(reward)
     stacked = {key: np.stack([i[key] for i in infos]) for key in infos[0]}
@@ -212,8 +223,9 @@ def dagger_init(args: Args, rng: np.random.Generator) -> tuple[np.ndarray, Runni
     """DAgger (Ross, Gordon & Bagnell, AISTATS 2011): imitate the oracle's rate, on the states the learner visits.
 
     Round 0 follows the oracle with random detours (so that states off its path are seen); later
-    rounds follow the current fit. Every state is labelled with the oracle's action
-    log2(optimal rate / rate), and the features also seed ARS's running normaliser.
+    rounds follow the current fit. Every state is labelled with the action that moves the run's
+    action-space anchor as close as one interval allows to the oracle's rate (`rate_to_action`),
+    and the features also seed ARS's running normaliser.
     """
     stat = RunningStat.empty(N_FEATURES)
     theta = np.zeros(n_params(args.hidden))
@@ -227,11 +239,13 @@ def dagger_init(args: Args, rng: np.random.Generator) -> tuple[np.ndarray, Runni
             feats = features(obs.vector)
             assert obs.capacity_tokens is not None  # the simulator always knows the optimum
             xs.append(feats)
-            ys.append(np.clip(np.log2(obs.capacity_tokens / obs.rate), -2.0, 2.0))
+            anchor = action_anchor(obs.rate, obs.vector) if args.action_space == "anchored" else obs.rate
+            ys.append(rate_to_action(anchor, args.dagger_margin * obs.capacity_tokens))
             if round_ == 0:
                 rate = obs.capacity_tokens * 2.0 ** rng.normal(0.0, 0.5, obs.rate.shape)
             else:
-                rate = action_to_rate(obs.rate, batch_actions(theta[None], feats[None], stat.mean, stat.std, args.hidden)[0])
+                actions = batch_actions(theta[None], feats[None], stat.mean, stat.std, args.hidden)[0]
+                rate = apply_action(args.space, obs.rate, obs.vector, actions)
             obs, _, done, _ = sim.step(rate)
         stat.update(np.concatenate(xs[-sim.steps :]))
         x, y = np.concatenate(xs), np.concatenate(ys)
@@ -270,7 +284,7 @@ def warm_start(args: Args, rng: np.random.Generator) -> tuple[np.ndarray, Runnin
     while not done:
         feats = features(obs.vector)
         states.append(feats)
-        obs, _, done, _ = sim.step(action_to_rate(obs.rate, batch_actions(theta[None], feats[None], mean, std, 0)[0]))
+        obs, _, done, _ = sim.step(apply_action(args.space, obs.rate, obs.vector, batch_actions(theta[None], feats[None], mean, std, 0)[0]))
     stat = RunningStat.empty(N_FEATURES)
     stat.update(np.concatenate(states))
     stat.mean[index] = old_mean

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from policy.base import Policy
-from policy.baselines import AIMD, PID, Gradient, NoLimit, Oracle, Static, Threshold
+from policy.baselines import AIMD, PID, Gradient, LateOracle, NoLimit, Oracle, Static, Threshold
 from policy.observation import IntervalMetrics, Observation, ObservationBuilder
 from policy.registry import POLICIES, UnknownPolicyError, make_policy, register_policy
 
@@ -116,6 +116,14 @@ def test_oracle_sets_the_simulators_capacity_and_refuses_without_it() -> None:
         Oracle().act(observe([100.0], [1.0]))
 
 
+def test_late_oracle_sets_the_oracles_rate_of_the_previous_interval() -> None:
+    late = LateOracle()
+    rates = [late.act(observe([100.0], [1.0], capacity=[c])).tolist() for c in (800.0, 400.0, 600.0)]
+    assert rates == [[800.0], [800.0], [400.0]]
+    late.reset()
+    assert late.act(observe([100.0], [1.0], capacity=[300.0])).tolist() == [300.0]
+
+
 def test_reset_forgets_state() -> None:
     policy = PID()
     policy.act(observe([240.0], [1000.0], throttled=[1.0]))
@@ -128,7 +136,7 @@ def test_reset_forgets_state() -> None:
 
 
 def test_registry_makes_every_baseline_by_name_with_params() -> None:
-    for name in ("static", "none", "threshold", "aimd", "gradient", "pid", "oracle"):
+    for name in ("static", "none", "threshold", "aimd", "gradient", "pid", "oracle", "oracle_late"):
         assert isinstance(make_policy(name), Policy)
     assert make_policy("static", factor=0.5).act(observe([1.0], [1.0])).tolist() == [500.0]
     with pytest.raises(UnknownPolicyError, match="available: static"):

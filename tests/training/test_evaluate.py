@@ -119,6 +119,11 @@ def test_scenario_markdown_marks_where_a_baseline_is_ahead_and_shows_the_previou
     assert lines[4] == "| **mean** | 0.825 | 0.000 | 0.100 | 0.600 | 0.300 | 0.825 (aimd) | 0.935 (0.000) | 0.882 | no |"
     assert len(scenario_markdown(new).splitlines()[0].split("|")) == 10  # without a previous model: two columns fewer
     assert "| candidate rl goodput | candidate rl tracking |" in scenario_markdown(new, old, label="candidate")
+    for scenario in new["scenarios"]:
+        scenario["results"]["oracle_late"] = _row(0.85, 0.05, 0.2)
+    new["summary"]["oracle_late"] = _row(0.85, 0.05, 0.2)
+    with_late = scenario_markdown(new).splitlines()
+    assert with_late[2] == "| calm | 0.950 | 0.000 | 0.100 | 0.900 (aimd) | 0.970 (0.000) | 0.850 / 0.050 / 0.200 | 0.979 | no |"
 
 
 def test_cli_writes_the_markdown_table_and_needs_rl_and_oracle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from policy.base import ANCHORED, RELATIVE
 from policy.observation import OBS_DIM, OBS_SCHEMA, IntervalMetrics, ObservationBuilder
 from policy.rl import (
     CAPACITY_SHORTFALL,
@@ -111,6 +112,17 @@ def test_save_load_round_trip_is_exact_and_small(tmp_path: Path, hidden: int) ->
     obs = observation(n_tiers=3)
     np.testing.assert_array_equal(loaded.act(obs), RLPolicy(network).act(obs))
     assert path.stat().st_size <= 50_000
+
+
+def test_an_anchored_model_keeps_its_action_space_and_acts_from_the_capacity_estimate(tmp_path: Path) -> None:
+    network = PolicyNetwork.zeros()  # action 0: the anchor itself
+    path = save(RLPolicy(network, make_meta(network, "test", action_space=ANCHORED)), tmp_path / "anchored.npz")
+    loaded = load(path)
+    assert loaded.action_space == ANCHORED and load(save(RLPolicy(network), tmp_path / "r.npz")).action_space == RELATIVE
+    np.testing.assert_allclose(loaded.act(observation(cpu=0.5, admitted=80.0)), [160.0])  # the estimate 80 / 0.5
+    np.testing.assert_allclose(loaded.act(observation(cpu=0.99, admitted=100.0)), [100.0])  # saturated: the rate
+    with pytest.raises(ValueError, match="unknown action space"):
+        make_meta(network, "test", action_space="log-multiplier:down=2,up=2")
 
 
 def write_npz(path: Path, meta: object, **arrays: np.ndarray) -> Path:

@@ -99,7 +99,8 @@ def test_train_cli_writes_a_policy_and_resumes(tmp_path: Path) -> None:
 
 def test_train_cli_refuses_bad_options(tmp_path: Path, capsys) -> None:
     bad_options = (["--n-directions", "0"], ["--top-directions", "9"], ["--trace-share", "2"], ["--eval-suites", "nope"],
-                   ["--suite", "unseen"], ["--curriculum", "1.5"], ["--init-model", str(tmp_path / "none.npz")])  # fmt: skip
+                   ["--suite", "unseen"], ["--curriculum", "1.5"], ["--init-model", str(tmp_path / "none.npz")],
+                   ["--action-space", "absolute"], ["--dagger-margin", "0"])  # fmt: skip
     for bad in bad_options:
         assert main([*bad, "--no-mlflow", "--out", str(tmp_path / "p.npz")]) == 2, bad
         err = capsys.readouterr().err.strip()
